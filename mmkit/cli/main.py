@@ -1,0 +1,39 @@
+"""The `mmkit` console script: one subcommand per thin module in `mmkit/cli/`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
+COMMANDS = {
+    "generate": ("mmkit.cli.generate", "text/image-to-video generation"),
+    "create-tiny": ("mmkit.cli.create_tiny", "write a tiny random model folder in the real HF layout"),
+    "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmkit", description="Train, convert and serve multimodal models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = importlib.import_module(args._module).run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # User-caused errors: one clear line, no traceback.
+        print(f"mmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
