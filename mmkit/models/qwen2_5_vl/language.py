@@ -1,0 +1,119 @@
+"""Qwen2 decoder with grouped-query attention and multimodal RoPE (M-RoPE).
+
+M-RoPE: each token has three positions (time, height, width). Of the head_dim/2 rotary frequency
+pairs, the first `mrope_section[0]` rotate with the time position, the next `mrope_section[1]` with
+the height and the last `mrope_section[2]` with the width. For text all three positions are equal,
+which makes it plain 1-D RoPE.
+
+KV-cache interface (the cache itself lives in `mmkit/infer/`, never here): a `cache` object passed to
+`forward` must have `update(layer_idx, k, v) -> (k_all, v_all)`, taking this step's keys/values
+(B, H_kv, S, Dh) and returning everything to attend to (B, H_kv, S_past + S, Dh).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkit.models.qwen2_5_vl.config import TextConfig
+from mmkit.models.qwen2_5_vl.vision import RMSNorm, SwiGLU, rotate_half
+
+
+class MRoPE(nn.Module):
+    """(3, B, S) positions -> cos, sin of shape (B, S, head_dim)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        # axis[i] in {0, 1, 2}: which position (t, h, w) drives frequency pair i.
+        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(cfg.mrope_section))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids[self.axis].float()  # (Dh/2, B, S)
+        freqs = pos.permute(1, 2, 0) * self.inv_freq  # (B, S, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class TextAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, Dh)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # mask None + no cache: plain causal; otherwise a bool (B, 1, S, S_k) mask, True = attend.
+        causal = mask is None and cache is None and s > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = TextAttention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings -> decoder layers -> final norm -> (selected) logits."""
+
+    def __init__(self, cfg: TextConfig, tie_word_embeddings: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = MRoPE(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache=None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """(B, S, D) embeddings + (3, B, S) positions -> logits (B, S', vocab).
+
+        `mask`: None for plain causal attention without padding, else bool (B, 1, S, S_k), True = attend.
+        `logits_to_keep`: 0 = logits at every position, n > 0 = only the last n (prefill needs 1).
+        Example: `logits = text(embeds, pos, logits_to_keep=1)`.
+        """
+        cos, sin = self.rope(position_ids, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.norm(x))

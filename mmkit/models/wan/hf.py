@@ -1,0 +1,238 @@
+"""Wan2.1 checkpoint layouts <-> mmkit, as pure state-dict maps.
+
+Two external layouts are understood:
+- diffusers (`WanTransformer3DModel`, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer);
+- the original Wan2.1 release (`WanModel`, keys like `blocks.0.self_attn.q.weight`).
+
+Each map is a table from an mmkit module to the external module(s) it is made of. Several
+external modules mean a fused projection: their tensors are concatenated along dim 0 on the
+way in and split evenly on the way out. `{i}` is the block index. Nothing here builds a model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmkit.models.wan.config import WanConfig
+
+# mmkit module -> external module(s); applied to every `.weight` / `.bias` found.
+_DIFFUSERS_TOP = {
+    "patch_embed": ["patch_embedding"],
+    "text_embed.fc1": ["condition_embedder.text_embedder.linear_1"],
+    "text_embed.fc2": ["condition_embedder.text_embedder.linear_2"],
+    "time_embed.fc1": ["condition_embedder.time_embedder.linear_1"],
+    "time_embed.fc2": ["condition_embedder.time_embedder.linear_2"],
+    "time_proj": ["condition_embedder.time_proj"],
+    "image_embed.norm1": ["condition_embedder.image_embedder.norm1"],
+    "image_embed.fc1": ["condition_embedder.image_embedder.ff.net.0.proj"],
+    "image_embed.fc2": ["condition_embedder.image_embedder.ff.net.2"],
+    "image_embed.norm2": ["condition_embedder.image_embedder.norm2"],
+    "head.proj": ["proj_out"],
+}
+_DIFFUSERS_BLOCK = {
+    "attn.qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"],
+    "attn.norm_q": ["attn1.norm_q"],
+    "attn.norm_k": ["attn1.norm_k"],
+    "attn.out": ["attn1.to_out.0"],
+    "cross.q": ["attn2.to_q"],
+    "cross.kv": ["attn2.to_k", "attn2.to_v"],
+    "cross.norm_q": ["attn2.norm_q"],
+    "cross.norm_k": ["attn2.norm_k"],
+    "cross.out": ["attn2.to_out.0"],
+    "cross.kv_img": ["attn2.add_k_proj", "attn2.add_v_proj"],
+    "cross.norm_k_img": ["attn2.norm_added_k"],
+    "norm_cross": ["norm2"],
+    "mlp.fc1": ["ffn.net.0.proj"],
+    "mlp.fc2": ["ffn.net.2"],
+}
+# bare parameters (no .weight/.bias suffix)
+_DIFFUSERS_PARAMS = {
+    "head.modulation": "scale_shift_table",
+    "image_embed.pos_embed": "condition_embedder.image_embedder.pos_embed",
+    "blocks.{i}.modulation": "blocks.{i}.scale_shift_table",
+}
+# diffusers keys that carry no weights mmkit uses (diffusers itself ignores them on load)
+_DIFFUSERS_DROP = ("norm_added_q",)
+
+_ORIGINAL_TOP = {
+    "patch_embed": ["patch_embedding"],
+    "text_embed.fc1": ["text_embedding.0"],
+    "text_embed.fc2": ["text_embedding.2"],
+    "time_embed.fc1": ["time_embedding.0"],
+    "time_embed.fc2": ["time_embedding.2"],
+    "time_proj": ["time_projection.1"],
+    "image_embed.norm1": ["img_emb.proj.0"],
+    "image_embed.fc1": ["img_emb.proj.1"],
+    "image_embed.fc2": ["img_emb.proj.3"],
+    "image_embed.norm2": ["img_emb.proj.4"],
+    "head.proj": ["head.head"],
+}
+_ORIGINAL_BLOCK = {
+    "attn.qkv": ["self_attn.q", "self_attn.k", "self_attn.v"],
+    "attn.norm_q": ["self_attn.norm_q"],
+    "attn.norm_k": ["self_attn.norm_k"],
+    "attn.out": ["self_attn.o"],
+    "cross.q": ["cross_attn.q"],
+    "cross.kv": ["cross_attn.k", "cross_attn.v"],
+    "cross.norm_q": ["cross_attn.norm_q"],
+    "cross.norm_k": ["cross_attn.norm_k"],
+    "cross.out": ["cross_attn.o"],
+    "cross.kv_img": ["cross_attn.k_img", "cross_attn.v_img"],
+    "cross.norm_k_img": ["cross_attn.norm_k_img"],
+    "norm_cross": ["norm3"],  # the original calls its norms norm1 (attn), norm3 (cross), norm2 (ffn)
+    "mlp.fc1": ["ffn.0"],
+    "mlp.fc2": ["ffn.2"],
+}
+_ORIGINAL_PARAMS = {
+    "head.modulation": "head.modulation",
+    "image_embed.pos_embed": "img_emb.emb_pos",
+    "blocks.{i}.modulation": "blocks.{i}.modulation",
+}
+
+LAYOUTS = {
+    "diffusers": (_DIFFUSERS_TOP, _DIFFUSERS_BLOCK, _DIFFUSERS_PARAMS, _DIFFUSERS_DROP),
+    "original": (_ORIGINAL_TOP, _ORIGINAL_BLOCK, _ORIGINAL_PARAMS, ()),
+}
+
+
+def _name_pairs(num_layers: int, layout: str) -> list[tuple[str, list[str]]]:
+    """Every (mmkit param, [external params]) pair a model of `num_layers` blocks can have."""
+    top, block, params, _ = LAYOUTS[layout]
+    mods = list(top.items())
+    for i in range(num_layers):
+        mods += [(f"blocks.{i}.{m}", [f"blocks.{i}.{s}" for s in srcs]) for m, srcs in block.items()]
+    pairs = [(f"{m}.{suf}", [f"{s}.{suf}" for s in srcs]) for m, srcs in mods for suf in ("weight", "bias")]
+    for m, s in params.items():
+        if "{i}" in m:
+            pairs += [(m.format(i=i), [s.format(i=i)]) for i in range(num_layers)]
+        else:
+            pairs.append((m, [s]))
+    return pairs
+
+
+def _num_layers(sd: dict, prefix: str = "blocks.") -> int:
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def detect_layout(sd: dict) -> str:
+    """'diffusers' or 'original', from the key names of a Wan DiT state dict."""
+    keys = list(sd)
+    if any(".self_attn." in k or k.startswith("text_embedding.") for k in keys):
+        return "original"
+    if any(".attn1." in k or k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    raise ValueError(
+        "not a Wan2.1 DiT checkpoint: found neither original keys (blocks.N.self_attn.*) "
+        f"nor diffusers keys (blocks.N.attn1.*); first keys: {keys[:5]}"
+    )
+
+
+def _to_mm(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    drop = LAYOUTS[layout][3]
+    out, used = {}, set()
+    for mm, srcs in _name_pairs(_num_layers(sd), layout):
+        if all(s in sd for s in srcs):
+            out[mm] = sd[srcs[0]] if len(srcs) == 1 else torch.cat([sd[s] for s in srcs], dim=0)
+            used.update(srcs)
+    unexpected = sorted(k for k in sd if k not in used and not any(d in k for d in drop))
+    if unexpected:
+        shown = ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else "")
+        raise ValueError(f"{layout} Wan checkpoint: {len(unexpected)} unexpected key(s) mmkit cannot map: {shown}")
+    return out
+
+
+def _from_mm(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for mm, srcs in _name_pairs(_num_layers(sd), layout):
+        if mm in sd:
+            parts = sd[mm].chunk(len(srcs), dim=0) if len(srcs) > 1 else [sd[mm]]
+            out.update({s: p.clone() if len(srcs) > 1 else p for s, p in zip(srcs, parts)})
+    missing = sorted(set(sd) - {mm for mm, _ in _name_pairs(_num_layers(sd), layout)})
+    if missing:
+        raise ValueError(f"mmkit Wan state dict has key(s) with no {layout} name: {', '.join(missing[:20])}")
+    return out
+
+
+def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers `WanTransformer3DModel` state dict -> mmkit `WanTransformer` state dict.
+
+    Example: `model.load_state_dict(from_hf(load_state_dict("Wan2.1-T2V-1.3B-Diffusers/transformer")))`.
+    """
+    return _to_mm(sd, "diffusers")
+
+
+def to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmkit `WanTransformer` state dict -> diffusers `WanTransformer3DModel` state dict.
+
+    Example: `save_state_dict(to_hf(model.state_dict()), "out/transformer", "diffusion_pytorch_model")`.
+    """
+    return _from_mm(sd, "diffusers")
+
+
+def from_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Wan2.1 release (`WanModel`) state dict -> mmkit. Example: `from_original(load_file(p))`."""
+    return _to_mm(sd, "original")
+
+
+def to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmkit state dict -> original Wan2.1 release key names. Example: `to_original(model.state_dict())`."""
+    return _from_mm(sd, "original")
+
+
+def config_from_original(d: dict, sd: dict | None = None) -> WanConfig:
+    """Original release config.json (`WanModel`: dim, num_heads, in_dim, model_type, ...) -> WanConfig.
+
+    The release config does not list the text/time/CLIP widths (they are fixed in its code: 4096,
+    256, 1280); when the original-layout state dict `sd` is given they are read off its shapes.
+    Example: `config_from_original({"dim": 1536, "num_heads": 12, "model_type": "t2v", ...})`.
+    """
+    needed = ("dim", "num_heads", "ffn_dim", "num_layers")
+    lacking = [k for k in needed if k not in d]
+    if lacking:
+        raise ValueError(f"original Wan config.json lacks field(s) {lacking}; expected a WanModel config")
+    model_type = d.get("model_type", "t2v")
+    image = model_type in ("i2v", "flf2v")
+    d = dict(d)
+    if sd is not None:  # widths the release config leaves implicit
+        d.setdefault("text_dim", sd["text_embedding.0.weight"].shape[1])
+        d.setdefault("freq_dim", sd["time_embedding.0.weight"].shape[1])
+        if "img_emb.proj.0.weight" in sd:
+            d.setdefault("image_dim", sd["img_emb.proj.0.weight"].shape[0])
+    return WanConfig(
+        num_attention_heads=d["num_heads"],
+        attention_head_dim=d["dim"] // d["num_heads"],
+        in_channels=d.get("in_dim", 36 if image else 16),
+        out_channels=d.get("out_dim", 16),
+        text_dim=d.get("text_dim", 4096),
+        freq_dim=d.get("freq_dim", 256),
+        ffn_dim=d["ffn_dim"],
+        num_layers=d["num_layers"],
+        cross_attn_norm=d.get("cross_attn_norm", True),
+        eps=d.get("eps", 1e-6),
+        image_dim=d.get("image_dim", 1280) if image else None,
+        added_kv_proj_dim=d["dim"] if image else None,
+        pos_embed_seq_len=2 * 257 if model_type == "flf2v" else None,
+        text_len=d.get("text_len", 512),
+    ).validate()
+
+
+def config_to_original(cfg: WanConfig) -> dict:
+    """WanConfig -> original release config.json dict."""
+    model_type = "flf2v" if cfg.pos_embed_seq_len else ("i2v" if cfg.image_dim else "t2v")
+    return {
+        "_class_name": "WanModel",
+        "model_type": model_type,
+        "dim": cfg.dim,
+        "num_heads": cfg.num_attention_heads,
+        "in_dim": cfg.in_channels,
+        "out_dim": cfg.out_channels,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": cfg.cross_attn_norm,
+        "eps": cfg.eps,
+        "text_len": cfg.text_len,
+        "patch_size": list(cfg.patch_size),
+    }

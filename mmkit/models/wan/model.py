@@ -1,0 +1,324 @@
+"""Wan2.1 diffusion transformer (text-to-video and image-to-video), single-device PyTorch.
+
+Holds the DiT only: patch embedding, time/text/image conditioning, the blocks and the head.
+It does not hold the VAE, the text/image encoders, the sampler or any parallelism; those live in
+`infer/` and `parallel/` and take this module as an argument.
+
+Numerics follow diffusers' `WanTransformer3DModel` (the reference of the parity tests): norm
+statistics, modulation and the gated residual adds run in float32; everything else runs in the
+weights' dtype. What differs is only overhead around the matmuls:
+- one fused QKV projection for self-attention and one fused KV projection for cross-attention;
+- RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid;
+- patch embedding as one matmul over unfolded patches instead of a strided Conv3d;
+- modulation as `addcmul` (one pass) instead of separate multiply and add.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmkit.models.common.attention import attention
+from mmkit.models.wan.config import WanConfig
+
+# Parameters kept in float32 when the model is cast to a low-precision dtype (as diffusers does):
+# they feed the float32 modulation path and are tiny.
+KEEP_FP32 = ("time_embed.", "time_proj.", "modulation", "norm_cross.")
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) float32 [cos | sin] embedding, frequencies 10000^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_tables(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (S, 1, head_dim) float32 for a (frames, height, width) token grid.
+
+    The head dim is split into frame/height/width parts (h = w = 2 * (head_dim // 6), frame gets
+    the rest); each part rotates interleaved channel pairs (2i, 2i+1) by pos * theta^(-2i/d).
+    `sin` carries the sign of the rotation (-sin on even channels, +sin on odd ones), so that
+    rotate(x) = x * cos + swap_pairs(x) * sin.
+    """
+    f, h, w = grid
+    dh = dw = 2 * (head_dim // 6)
+    dt = head_dim - dh - dw
+    angles = []
+    for n, d in ((f, dt), (h, dh), (w, dw)):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+        angles.append(torch.outer(torch.arange(n, dtype=torch.float64), inv))  # (n, d/2)
+    ang = torch.cat(
+        [
+            angles[0][:, None, None].expand(f, h, w, -1),
+            angles[1][None, :, None].expand(f, h, w, -1),
+            angles[2][None, None, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, head_dim // 2)  # (S, 1, Dh/2)
+    cos = ang.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack([-ang.sin(), ang.sin()], dim=-1).flatten(-2)
+    return cos.to(device, torch.float32), sin.to(device, torch.float32)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, S, H, Dh) by the tables (S, 1, Dh); returns x's dtype."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)  # RMSNorm across all heads, as Wan does
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, S, D)
+        q = apply_rope(self.norm_q(q).view(B, S, self.heads, -1), *rope)  # (B, S, H, Dh)
+        k = apply_rope(self.norm_k(k).view(B, S, self.heads, -1), *rope)
+        v = v.view(B, S, self.heads, -1)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, Dh)
+        return self.out(o.transpose(1, 2).reshape(B, S, D))
+
+
+class WanCrossAttention(nn.Module):
+    """Attention from video tokens to text tokens (and, for i2v, to CLIP image tokens)."""
+
+    def __init__(self, dim: int, heads: int, eps: float, image: bool):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.out = nn.Linear(dim, dim)
+        if image:
+            self.kv_img = nn.Linear(dim, 2 * dim)
+            self.norm_k_img = nn.RMSNorm(dim, eps=eps)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None) -> torch.Tensor:
+        B, S, D = x.shape
+        q = self._heads(self.norm_q(self.q(x)))
+        k, v = self.kv(ctx).split(D, dim=-1)
+        o = attention(q, self._heads(self.norm_k(k)), self._heads(v))  # (B, H, S, Dh)
+        if ctx_img is not None:
+            ki, vi = self.kv_img(ctx_img).split(D, dim=-1)
+            o = o + attention(q, self._heads(self.norm_k_img(ki)), self._heads(vi))
+        return self.out(o.transpose(1, 2).reshape(B, S, D))
+
+
+class WanMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift in float32, returned in x's dtype. x (B,S,D), shift/scale (B,1,D)."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return torch.addcmul(shift, normed, 1 + scale).to(x.dtype)
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate with the sum in float32 (gate is float32), returned in x's dtype."""
+    if x.dtype == torch.float32:
+        return torch.addcmul(x, y, gate)
+    return torch.addcmul(x.float(), y.float(), gate).to(x.dtype)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.attn = WanSelfAttention(dim, cfg.num_attention_heads, cfg.eps)
+        self.norm_cross = nn.LayerNorm(dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross = WanCrossAttention(dim, cfg.num_attention_heads, cfg.eps, image=cfg.added_kv_proj_dim is not None)
+        self.mlp = WanMLP(dim, cfg.ffn_dim)
+        # shift/scale/gate for self-attention, then shift/scale/gate for the MLP
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, S, D)
+        e: torch.Tensor,  # (B, 6, D) float32 time projection
+        ctx: torch.Tensor,  # (B, L, D) embedded text
+        ctx_img: torch.Tensor | None,  # (B, L_img, D) embedded CLIP tokens (i2v)
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        mod = (self.modulation.float() + e).unsqueeze(2)  # (B, 6, 1, D) float32
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+        x = _gated_add(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
+        if isinstance(self.norm_cross, nn.LayerNorm):
+            nw = self.norm_cross
+            h = F.layer_norm(x.float(), nw.normalized_shape, nw.weight.float(), nw.bias.float(), nw.eps).to(x.dtype)
+        else:
+            h = x
+        x = x + self.cross(h, ctx, ctx_img)
+        return _gated_add(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)
+
+
+class WanImageEmbedding(nn.Module):
+    """CLIP penultimate-layer tokens (B, 257, image_dim) -> (B, 257, dim): LN, Linear, GELU, Linear, LN."""
+
+    def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.fc2 = nn.Linear(image_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
+
+    @staticmethod
+    def _ln32(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # FLF2V: first and last frame tokens side by side
+            x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
+        return self._ln32(self.fc2(F.gelu(self.fc1(self._ln32(x, self.norm1)))), self.norm2)
+
+
+class WanTransformer(nn.Module):
+    """The Wan2.1 DiT: latents (B, C, T, H, W) + timestep + text context -> prediction (B, C_out, T, H, W).
+
+    Example:
+        model = WanTransformer(FLAVORS["1.3B"])
+        v = model(latents, torch.tensor([999.0]), text_context)  # text_context: (B, 512, 4096)
+    """
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        dim, pt, ph, pw = cfg.dim, *cfg.patch_size
+        # stored with Conv3d's weight shape (dim, C, pt, ph, pw) so checkpoints map 1:1; applied as a matmul
+        self.patch_embed = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embed = WanMLP(cfg.text_dim, dim, dim)
+        self.time_embed = nn.Module()
+        self.time_embed.fc1 = nn.Linear(cfg.freq_dim, dim)
+        self.time_embed.fc2 = nn.Linear(dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.image_embed = (
+            WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim is not None else None
+        )
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = nn.Module()
+        self.head.proj = nn.Linear(dim, cfg.out_channels * pt * ph * pw)
+        self.head.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self._rope_cache: dict = {}
+
+    # ---- dtype handling -------------------------------------------------------------------
+    def to_dtype(self, dtype: torch.dtype) -> WanTransformer:
+        """Cast to `dtype`, keeping the small modulation/time parameters in float32 (as diffusers does)."""
+        for name, p in self.named_parameters():
+            keep = dtype != torch.float32 and any(k in name for k in KEEP_FP32)
+            p.data = p.data.to(torch.float32 if keep else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.weight.dtype
+
+    # ---- forward stages ---------------------------------------------------------------------
+    def _rope(self, grid: tuple[int, int, int], device: torch.device):
+        key = (grid, device)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(grid, self.cfg.attention_head_dim, device)
+        return self._rope_cache[key]
+
+    def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) timesteps in [0, 1000] -> temb (B, D) and the block projection (B, 6, D), float32."""
+        w = self.time_embed.fc1.weight
+        h = F.linear(sinusoidal_embedding(timestep, self.cfg.freq_dim).to(w.dtype), w, self.time_embed.fc1.bias)
+        temb = self.time_embed.fc2(F.silu(h)).float()
+        e = F.linear(F.silu(temb).to(self.time_proj.weight.dtype), self.time_proj.weight, self.time_proj.bias)
+        return temb, e.float().unflatten(1, (6, -1))
+
+    def embed_text(self, text_context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """umT5 features -> (B, L, D). A list of (L_i, text_dim) tensors is zero-padded to `text_len`,
+        exactly as Wan2.1 and diffusers pad prompts (padding tokens are attended to, not masked)."""
+        if isinstance(text_context, (list, tuple)):
+            n = self.cfg.text_len
+            text_context = torch.stack([F.pad(u[:n], (0, 0, 0, n - min(len(u), n))) for u in text_context])
+        return self.text_embed(text_context.to(self.dtype))
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, S, D) tokens via one matmul over unfolded patches."""
+        B, C, T, H, W = latents.shape
+        pt, ph, pw = self.cfg.patch_size
+        x = latents.to(self.dtype).reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, -1, C * pt * ph * pw)  # (B, S, C*pt*ph*pw)
+        return F.linear(x, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, S, C_out*pt*ph*pw) -> (B, C_out, T, H, W)."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], -1, f * pt, h * ph, w * pw)
+
+    def check_input(self, latents: torch.Tensor, image_context: torch.Tensor | None) -> None:
+        """Clear errors for shapes the model cannot take (raised before any compute)."""
+        cfg = self.cfg
+        if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"latents: expected (B, {cfg.in_channels}, T, H, W), got {tuple(latents.shape)}"
+                + (" (i2v models take noise + mask + image latents concatenated)" if cfg.in_channels == 36 else "")
+            )
+        for n, p, name in zip(latents.shape[2:], cfg.patch_size, ("T", "H", "W")):
+            if n % p:
+                raise ValueError(f"latents: {name}={n} is not a multiple of the patch size {p}")
+        if (image_context is None) != (self.image_embed is None):
+            need = "needs" if self.image_embed is not None else "takes no"
+            raise ValueError(f"image_context: this model {need} CLIP image context (config image_dim={cfg.image_dim})")
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # (B, C_in, T, H, W)
+        timestep: torch.Tensor | float,  # scalar or (B,), in [0, 1000]
+        text_context: torch.Tensor | list[torch.Tensor],  # (B, L, text_dim) or list of (L_i, text_dim)
+        image_context: torch.Tensor | None = None,  # (B, 257, image_dim) CLIP features, i2v only
+    ) -> torch.Tensor:
+        self.check_input(latents, image_context)
+        B = latents.shape[0]
+        pt, ph, pw = self.cfg.patch_size
+        grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(B)
+
+        # 1. embeddings
+        x = self.patchify(latents)  # (B, S, D)
+        temb, e = self.embed_time(timestep)  # (B, D), (B, 6, D) float32
+        ctx = self.embed_text(text_context)  # (B, L, D)
+        ctx_img = self.image_embed(image_context.to(self.dtype)) if image_context is not None else None
+        rope = self._rope(grid, latents.device)
+
+        # 2. blocks
+        for block in self.blocks:
+            x = block(x, e, ctx, ctx_img, rope)
+
+        # 3. head: modulated norm, projection, unpatchify
+        shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
+        x = self.head.proj(_modulate(x, shift, scale, self.cfg.eps))
+        return self.unpatchify(x, grid).float()
