@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "generate": ("mmkit.cli.generate", "text/image-to-video generation"),
     "create-tiny": ("mmkit.cli.create_tiny", "write a tiny random model folder in the real HF layout"),
+    "chat": ("mmkit.cli.chat", "chat with a Qwen2.5-VL model about images and videos"),
+    "data": ("mmkit.cli.data", "dataset tools: convert LLaVA/ShareGPT data to the messages format"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
 }
 

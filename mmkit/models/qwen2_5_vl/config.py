@@ -29,7 +29,7 @@ class VisionConfig:
     window_size: int = 112  # window attention side, in pixels
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # blocks with full (per-frame) attention
     out_hidden_size: int = 3584  # merger output = LLM hidden size
-    tokens_per_second: float = 2.0  # M-RoPE time units per second of video
+    tokens_per_second: int = 2  # M-RoPE time units per second of video
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6  # fixed in the reference code
 

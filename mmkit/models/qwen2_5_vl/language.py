@@ -21,20 +21,33 @@ from mmkit.models.qwen2_5_vl.vision import RMSNorm, SwiGLU, rotate_half
 
 
 class MRoPE(nn.Module):
-    """(3, B, S) positions -> cos, sin of shape (B, S, head_dim)."""
+    """(3, B, S) positions -> cos, sin of shape (B, S, head_dim).
+
+    The inverse frequencies are kept in fp32 outside the state dict (not a buffer), so `.to(bf16)`
+    or loading on the meta device never touches them.
+    """
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        dim = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        # axis[i] in {0, 1, 2}: which position (t, h, w) drives frequency pair i.
-        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(cfg.mrope_section))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("axis", axis, persistent=False)
+        self.dim, self.theta, self.section = cfg.head_dim, cfg.rope_theta, tuple(cfg.mrope_section)
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """inv_freq (Dh/2,) fp32 and axis (Dh/2,) in {0, 1, 2}: which of (t, h, w) drives each pair."""
+        if self._tables is None or self._tables[0].device != device:
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
+            )
+            axis = torch.repeat_interleave(
+                torch.arange(3, device=device), torch.tensor(self.section, device=device)
+            )
+            self._tables = (inv_freq, axis)
+        return self._tables
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = position_ids[self.axis].float()  # (Dh/2, B, S)
-        freqs = pos.permute(1, 2, 0) * self.inv_freq  # (B, S, Dh/2)
+        inv_freq, axis = self.tables(position_ids.device)
+        pos = position_ids[axis].float()  # (Dh/2, B, S)
+        freqs = pos.permute(1, 2, 0) * inv_freq  # (B, S, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -63,8 +76,9 @@ class TextAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # mask None + no cache: plain causal; otherwise a bool (B, 1, S, S_k) mask, True = attend.
-        causal = mask is None and cache is None and s > 1
+        # mask None: causal with no earlier tokens in the cache (prefill), or one query token that may
+        # see every cached key (decode without padding). Otherwise bool (B, 1, S, S_k), True = attend.
+        causal = mask is None and s > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 

@@ -82,7 +82,15 @@ def patchify(frames: np.ndarray, patch_size: int = 14, merge_size: int = 2, temp
         f += pad
     gt, gh, gw = f // temporal_patch_size, h // patch_size, w // patch_size
     x = frames.reshape(
-        gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size
+        gt,
+        temporal_patch_size,
+        c,
+        gh // merge_size,
+        merge_size,
+        patch_size,
+        gw // merge_size,
+        merge_size,
+        patch_size,
     )
     # -> (gt, gh/m, gw/m, m, m, C, tp, p, p)
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
@@ -163,7 +171,11 @@ def sample_frame_indices(
 
 
 def load_video(
-    path: str | Path, fps: float = 2.0, max_frames: int = 768, min_frames: int = 4, temporal_patch_size: int = 2
+    path: str | Path,
+    fps: float = 2.0,
+    max_frames: int = 768,
+    min_frames: int = 4,
+    temporal_patch_size: int = 2,
 ) -> Video:
     """Decode a video file with PyAV and keep the frames sampled at `fps` frames per second.
 
@@ -296,7 +308,9 @@ class Qwen2_5_VLProcessor:
         >>> proc.batch_decode(batch["input_ids"], skip_special_tokens=True)
     """
 
-    def __init__(self, tokenizer, image_cfg: VisionConfig, video_cfg: VisionConfig, chat_template: str | None):
+    def __init__(
+        self, tokenizer, image_cfg: VisionConfig, video_cfg: VisionConfig, chat_template: str | None
+    ):
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
         self.video_cfg = video_cfg
@@ -336,7 +350,11 @@ class Qwen2_5_VLProcessor:
             raise FileNotFoundError(f"{path} has no tokenizer.json (or vocab.json + merges.txt)")
         image_cfg = VisionConfig.from_json(pre)
         vpre = path / "video_preprocessor_config.json"
-        video_cfg = VisionConfig.from_json(vpre, base=image_cfg) if vpre.is_file() else VisionConfig(**vars(image_cfg))
+        video_cfg = (
+            VisionConfig.from_json(vpre, base=image_cfg)
+            if vpre.is_file()
+            else VisionConfig(**vars(image_cfg))
+        )
         for cfg in (image_cfg, video_cfg):
             cfg.min_pixels = min_pixels or cfg.min_pixels
             cfg.max_pixels = max_pixels or cfg.max_pixels
@@ -355,7 +373,9 @@ class Qwen2_5_VLProcessor:
             >>> proc.apply_chat_template([{"role": "user", "content": "Hi"}])
         """
         if not self.chat_template:
-            raise ValueError("this tokenizer folder has no chat template (chat_template.json / tokenizer_config.json)")
+            raise ValueError(
+                "this tokenizer folder has no chat template (chat_template.json / tokenizer_config.json)"
+            )
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.chat_template,
@@ -387,31 +407,31 @@ class Qwen2_5_VLProcessor:
         Raises ValueError naming the sample when the texts hold more or fewer placeholders than
         there are images/videos. Example: `proc.expand_placeholders([prompt], [(1, 4, 6)], [])`.
         """
-        k = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
         grids = {IMAGE_TOKEN: list(image_grids), VIDEO_TOKEN: list(video_grids)}
-        out = []
-        for i, text in enumerate(texts):
-
-            def repl(m: re.Match, i=i) -> str:
-                tok = m.group(0)
-                kind = "image" if tok == IMAGE_TOKEN else "video"
-                if k[tok] >= len(grids[tok]):
-                    raise ValueError(
-                        f"sample {i}: has more {tok} placeholders than the {len(grids[tok])} {kind}(s) passed; "
-                        f"pass one {kind} per placeholder"
-                    )
-                g = grids[tok][k[tok]]
-                k[tok] += 1
-                return tok * self.num_tokens(g)
-
-            out.append(_PLACEHOLDER_RE.sub(repl, text))
         for tok, kind in ((IMAGE_TOKEN, "image"), (VIDEO_TOKEN, "video")):
-            if k[tok] != len(grids[tok]):
+            counts = [t.count(tok) for t in texts]
+            if sum(counts) != len(grids[tok]):
+                # name the first sample whose placeholders run past the media list (or the last one)
+                seen, bad = 0, len(texts) - 1
+                for i, c in enumerate(counts):
+                    seen += c
+                    if seen > len(grids[tok]):
+                        bad = i
+                        break
                 raise ValueError(
-                    f"sample {len(texts) - 1}: {len(grids[tok])} {kind}(s) passed but the text(s) hold only "
-                    f"{k[tok]} {tok} placeholder(s); add '<|vision_start|>{tok}<|vision_end|>' per {kind}"
+                    f"sample {bad}: the text(s) hold {sum(counts)} {tok} placeholder(s) (per sample {counts}) "
+                    f"but {len(grids[tok])} {kind}(s) were passed; use one "
+                    f"'<|vision_start|>{tok}<|vision_end|>' per {kind}"
                 )
-        return out
+        k = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
+
+        def repl(m: re.Match) -> str:
+            tok = m.group(0)
+            g = grids[tok][k[tok]]
+            k[tok] += 1
+            return tok * self.num_tokens(g)
+
+        return [_PLACEHOLDER_RE.sub(repl, t) for t in texts]
 
     # --------------------------------------------------------------------------------------- __call__
     def __call__(
@@ -489,7 +509,10 @@ def check_placeholders(
     `input_ids` is one sample (L,) or a batch (B, L) whose grids are listed in order. Example:
         >>> check_placeholders(ids, proc.image_token_id, proc.video_token_id, image_grid_thw=grid, name="item 7")
     """
-    for tok, grid, kind in ((image_token_id, image_grid_thw, "image"), (video_token_id, video_grid_thw, "video")):
+    for tok, grid, kind in (
+        (image_token_id, image_grid_thw, "image"),
+        (video_token_id, video_grid_thw, "video"),
+    ):
         have = int((input_ids == tok).sum())
         need = 0 if grid is None or len(grid) == 0 else int(grid.prod(-1).sum()) // merge_size**2
         if have != need:

@@ -149,9 +149,15 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, cfg.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        half = cfg.head_dim // 2  # h and w each get half of the rotary pairs
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq: torch.Tensor | None = None  # fp32, outside the state dict (see inv_freq)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """(Dh/4,) fp32 rotary inverse frequencies; h and w each get half of the Dh/2 rotary pairs."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            half = self.cfg.head_dim // 2
+            steps = torch.arange(0, half, 2, dtype=torch.float32, device=device)
+            self._inv_freq = 1.0 / (self.cfg.rope_theta ** (steps / half))
+        return self._inv_freq
 
     def _layout(self, grid_thw: list[tuple[int, int, int]], device):
         """Per-patch (h, w) rotary positions, the window permutation (over 2x2 units), and segment cuts."""
@@ -176,7 +182,8 @@ class VisionTransformer(nn.Module):
             for c in counts:
                 if c:
                     win_cu.append(win_cu[-1] + c * m * m)
-            frame_cu.extend(frame_cu[-1] + (i + 1) * h * w for i in range(t))
+            base = frame_cu[-1]
+            frame_cu.extend(base + (i + 1) * h * w for i in range(t))  # full attention is per frame
             offset += t * gh * gw
         pos = torch.cat(pos).to(device)
         order = torch.cat(order).to(device)
@@ -196,7 +203,7 @@ class VisionTransformer(nn.Module):
         # Reorder 2x2 units so that each window is contiguous; frames stay contiguous too.
         x = x.view(-1, unit, x.shape[-1])[order].reshape(n_patch, -1)
         pos = pos.view(-1, unit, 2)[order].reshape(n_patch, 2)
-        freqs = pos[..., None].float() * self.inv_freq  # (N, 2, Dh/4)
+        freqs = pos[..., None].float() * self.inv_freq(dev)  # (N, 2, Dh/4)
         freqs = freqs.flatten(1)  # (N, Dh/2): h frequencies then w frequencies
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (N, 1, Dh)
         cos, sin = emb.cos(), emb.sin()

@@ -26,7 +26,7 @@ from mmkit.models.wan.config import WanConfig
 
 # Parameters kept in float32 when the model is cast to a low-precision dtype (as diffusers does):
 # they feed the float32 modulation path and are tiny.
-KEEP_FP32 = ("time_embed.", "time_proj.", "modulation", "norm_cross.")
+KEEP_FP32 = ("time_embed.", "time_proj.", "modulation")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -38,14 +38,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_tables(
-    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, dtype: torch.dtype, theta: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (S, 1, head_dim) float32 for a (frames, height, width) token grid.
+    """cos/sin tables (S, head_dim) for a (frames, height, width) token grid.
 
     The head dim is split into frame/height/width parts (h = w = 2 * (head_dim // 6), frame gets
     the rest); each part rotates interleaved channel pairs (2i, 2i+1) by pos * theta^(-2i/d).
     `sin` carries the sign of the rotation (-sin on even channels, +sin on odd ones), so that
-    rotate(x) = x * cos + swap_pairs(x) * sin.
+    rotate(x) = x * cos + swap_pairs(x) * sin. Computed in float64, stored in `dtype`.
     """
     f, h, w = grid
     dh = dw = 2 * (head_dim // 6)
@@ -61,17 +61,43 @@ def rope_tables(
             angles[2][None, None, :].expand(f, h, w, -1),
         ],
         dim=-1,
-    ).reshape(f * h * w, 1, head_dim // 2)  # (S, 1, Dh/2)
+    ).reshape(f * h * w, head_dim // 2)  # (S, Dh/2)
     cos = ang.cos().repeat_interleave(2, dim=-1)
     sin = torch.stack([-ang.sin(), ang.sin()], dim=-1).flatten(-2)
-    return cos.to(device, torch.float32), sin.to(device, torch.float32)
+    return cos.to(device, dtype), sin.to(device, dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, Dh) by the tables (S, 1, Dh); returns x's dtype."""
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
-    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS(x) over the last dim, (..., 1), statistics in float32, returned in x's dtype."""
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_() / x.shape[-1]
+    return torch.rsqrt(ms + eps).to(x.dtype)
+
+
+def norm_to_heads(
+    x: torch.Tensor, norm: nn.RMSNorm, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """RMSNorm across heads, then optional RoPE, written as contiguous (B, H, S, Dh) heads.
+
+    x is (B, S, D), possibly a strided slice of a fused projection. The output is laid out the
+    way the attention kernel reads fastest, and the norm, rotation and layout change cost three
+    elementwise passes instead of a chain of copies.
+    """
+    B, S, D = x.shape
+    y = x * norm.weight  # (B, S, D)
+    y.mul_(rms_scale(x, norm.eps))
+    y = y.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, Dh) view
+    out = torch.empty(B, heads, S, D // heads, dtype=x.dtype, device=x.device)
+    if rope is None:
+        return out.copy_(y)
+    cos, sin = rope  # (S, Dh)
+    torch.mul(y, cos, out=out)
+    return out.addcmul_(y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2), sin)
+
+
+def to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, D) -> contiguous (B, H, S, Dh)."""
+    B, S, D = x.shape
+    return x.view(B, S, heads, D // heads).transpose(1, 2).contiguous()
 
 
 class WanSelfAttention(nn.Module):
@@ -85,11 +111,10 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, S, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, S, D)
-        q = apply_rope(self.norm_q(q).view(B, S, self.heads, -1), *rope)  # (B, S, H, Dh)
-        k = apply_rope(self.norm_k(k).view(B, S, self.heads, -1), *rope)
-        v = v.view(B, S, self.heads, -1)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, Dh)
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, S, D) strided views
+        q = norm_to_heads(q, self.norm_q, self.heads, rope)  # (B, H, S, Dh)
+        k = norm_to_heads(k, self.norm_k, self.heads, rope)
+        o = attention(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
         return self.out(o.transpose(1, 2).reshape(B, S, D))
 
 
@@ -108,17 +133,14 @@ class WanCrossAttention(nn.Module):
             self.kv_img = nn.Linear(dim, 2 * dim)
             self.norm_k_img = nn.RMSNorm(dim, eps=eps)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
-
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None) -> torch.Tensor:
         B, S, D = x.shape
-        q = self._heads(self.norm_q(self.q(x)))
-        k, v = self.kv(ctx).split(D, dim=-1)
-        o = attention(q, self._heads(self.norm_k(k)), self._heads(v))  # (B, H, S, Dh)
+        q = norm_to_heads(self.q(x), self.norm_q, self.heads)  # (B, H, S, Dh)
+        k, v = self.kv(ctx).split(D, dim=-1)  # (B, L, D) each
+        o = attention(q, norm_to_heads(k, self.norm_k, self.heads), to_heads(v, self.heads))
         if ctx_img is not None:
             ki, vi = self.kv_img(ctx_img).split(D, dim=-1)
-            o = o + attention(q, self._heads(self.norm_k_img(ki)), self._heads(vi))
+            o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
         return self.out(o.transpose(1, 2).reshape(B, S, D))
 
 
@@ -133,17 +155,13 @@ class WanMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift in float32, returned in x's dtype. x (B,S,D), shift/scale (B,1,D)."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    return torch.addcmul(shift, normed, 1 + scale).to(x.dtype)
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift. x (B, S, D); shift, 1 + scale (B, 1, D) in x's dtype.
 
-
-def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate with the sum in float32 (gate is float32), returned in x's dtype."""
-    if x.dtype == torch.float32:
-        return torch.addcmul(x, y, gate)
-    return torch.addcmul(x.float(), y.float(), gate).to(x.dtype)
+    All in x's dtype: on CPU, mixed bf16/fp32 elementwise ops run 4-7x slower than pure ones, and
+    layer_norm accumulates its statistics in float32 internally anyway.
+    """
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale1p)
 
 
 class WanBlock(nn.Module):
@@ -166,16 +184,12 @@ class WanBlock(nn.Module):
         ctx_img: torch.Tensor | None,  # (B, L_img, D) embedded CLIP tokens (i2v)
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        mod = (self.modulation.float() + e).unsqueeze(2)  # (B, 6, 1, D) float32
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        x = _gated_add(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
-        if isinstance(self.norm_cross, nn.LayerNorm):
-            nw = self.norm_cross
-            h = F.layer_norm(x.float(), nw.normalized_shape, nw.weight.float(), nw.bias.float(), nw.eps).to(x.dtype)
-        else:
-            h = x
-        x = x + self.cross(h, ctx, ctx_img)
-        return _gated_add(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)
+        mod = self.modulation.float() + e  # (B, 6, D), summed in float32
+        mod[:, [1, 4]] += 1  # 1 + scale
+        shift1, scale1p, gate1, shift2, scale2p, gate2 = mod.to(x.dtype).unsqueeze(2).unbind(1)  # (B, 1, D)
+        x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1p, self.eps), rope), gate1)
+        x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
+        return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2p, self.eps)), gate2)
 
 
 class WanImageEmbedding(nn.Module):
@@ -240,12 +254,12 @@ class WanTransformer(nn.Module):
         return self.patch_embed.weight.dtype
 
     # ---- forward stages ---------------------------------------------------------------------
-    def _rope(self, grid: tuple[int, int, int], device: torch.device):
-        key = (grid, device)
+    def _rope(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
+        key = (grid, device, dtype)
         if key not in self._rope_cache:
             if len(self._rope_cache) > 8:
                 self._rope_cache.clear()
-            self._rope_cache[key] = rope_tables(grid, self.cfg.attention_head_dim, device)
+            self._rope_cache[key] = rope_tables(grid, self.cfg.attention_head_dim, device, dtype)
         return self._rope_cache[key]
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,13 +326,15 @@ class WanTransformer(nn.Module):
         temb, e = self.embed_time(timestep)  # (B, D), (B, 6, D) float32
         ctx = self.embed_text(text_context)  # (B, L, D)
         ctx_img = self.image_embed(image_context.to(self.dtype)) if image_context is not None else None
-        rope = self._rope(grid, latents.device)
+        rope = self._rope(grid, latents.device, x.dtype)
 
         # 2. blocks
         for block in self.blocks:
             x = block(x, e, ctx, ctx_img, rope)
 
         # 3. head: modulated norm, projection, unpatchify
-        shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unsqueeze(2).unbind(1)  # (B, 1, D)
-        x = self.head.proj(_modulate(x, shift, scale, self.cfg.eps))
+        mod = self.head.modulation.float() + temb.unsqueeze(1)  # (B, 2, D)
+        mod[:, 1] += 1
+        shift, scale1p = mod.to(x.dtype).unsqueeze(2).unbind(1)  # (B, 1, D)
+        x = self.head.proj(_modulate(x, shift, scale1p, self.cfg.eps))
         return self.unpatchify(x, grid).float()

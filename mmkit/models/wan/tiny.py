@@ -158,7 +158,9 @@ def build_tokenizer():
     counts = collections.Counter(w for caption in CAPTIONS for w in caption.split())
     total = sum(counts.values())
     vocab = [(t, 0.0) for t in _SPECIAL_TOKENS] + [("▁", -2.0)]
-    vocab += [("▁" + w, math.log(c / total)) for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    vocab += [
+        ("▁" + w, math.log(c / total)) for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
     vocab += [(ch, -12.0) for ch in _ALPHABET]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.NFKC()
@@ -182,7 +184,8 @@ def create_tiny_wan(
     The transformer is saved sharded (with `diffusion_pytorch_model.safetensors.index.json`), as is the
     text encoder. Same `seed` -> byte-identical weights. `original_layout=True` also writes the same DiT
     weights in the original Wan2.1 release layout (original key names, `config.json` with `dim`, `in_dim`,
-    ..., sharded safetensors) under `outdir/original/`. An existing `outdir` is replaced.
+    ..., sharded safetensors) under `outdir/original/`. An existing pipeline folder at `outdir` is replaced;
+    any other non-empty folder is refused.
     Example: `create_tiny_wan("/tmp/wan-tiny", task="i2v", seed=0)` then
     `diffusers.WanImageToVideoPipeline.from_pretrained("/tmp/wan-tiny")`.
     """
@@ -192,9 +195,15 @@ def create_tiny_wan(
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
 
     out = Path(outdir)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        # Replace an earlier pipeline folder, but never wipe an unrelated non-empty directory.
+        if not (out / "model_index.json").is_file():
+            raise FileExistsError(
+                f"create_tiny_wan: {out} exists, is not empty and holds no model_index.json; "
+                "pass a new or empty folder (an existing pipeline folder is replaced)."
+            )
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     # Tokenizer first: the text encoder's vocabulary is its size.
     tok = build_tokenizer()

@@ -1,0 +1,145 @@
+"""Qwen2.5-VL logits parity with transformers (fp32, <= 1e-4) on a tiny random perturbed folder, and the
+transformers <-> mmkit converter round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qwen2_5_vl_helpers import left_pad, pixels, prompt
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from mmkit.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from mmkit.models.qwen2_5_vl.hf import from_hf, to_hf
+from mmkit.models.qwen2_5_vl.load import load_model
+from mmkit.models.qwen2_5_vl.rope import token_type_ids
+from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = create_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen"), seed=0)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_model(folder, device="cpu", dtype="fp32")
+    return ref, ours, folder
+
+
+def _compare(ref, ours, ids, mask=None, valid=None, **vis):
+    """Run both models; return max |logit difference| over real (non-padded) positions."""
+    cfg = ours.cfg
+    types = token_type_ids(ids, cfg.image_token_id, cfg.video_token_id)
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis).logits
+        b = ours(ids, attention_mask=mask, **vis)
+    assert a.shape == b.shape
+    assert a.abs().max() > 1.0  # logits are not degenerate: a wrong model cannot pass by accident
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    return (a - b)[keep].abs().max().item()
+
+
+def test_text_only(models):
+    ref, ours, _ = models
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert _compare(ref, ours, ids) <= TOL
+
+
+def test_one_image(models):
+    ref, ours, _ = models
+    g = torch.Generator().manual_seed(2)
+    grid = (1, 16, 12)  # 8x6 merged tokens: 4 windows of 4x4 units, two of them ragged
+    ids = torch.tensor([prompt(ours.cfg, g, [5, ("image", grid), 7])])
+    err = _compare(ref, ours, ids, pixel_values=pixels([grid], g), image_grid_thw=torch.tensor([grid]))
+    assert err <= TOL
+
+
+def test_two_images_of_different_sizes(models):
+    ref, ours, _ = models
+    g = torch.Generator().manual_seed(3)
+    grids = [(1, 8, 8), (1, 12, 20)]
+    ids = torch.tensor([prompt(ours.cfg, g, [3, ("image", grids[0]), 4, ("image", grids[1]), 6])])
+    err = _compare(ref, ours, ids, pixel_values=pixels(grids, g), image_grid_thw=torch.tensor(grids))
+    assert err <= TOL
+
+
+def test_one_video(models):
+    ref, ours, _ = models
+    g = torch.Generator().manual_seed(4)
+    grid = (3, 8, 12)  # 6 frames -> 3 temporal grids; time ids 0, 2, 4 (1 s per grid, 2 tokens/s)
+    ids = torch.tensor([prompt(ours.cfg, g, [4, ("video", grid), 5])])
+    vis = dict(
+        pixel_values_videos=pixels([grid], g),
+        video_grid_thw=torch.tensor([grid]),
+        second_per_grid_ts=torch.tensor([1.0]),
+    )
+    assert _compare(ref, ours, ids, **vis) <= TOL
+
+
+def test_left_padded_batch_of_two(models):
+    ref, ours, _ = models
+    g = torch.Generator().manual_seed(5)
+    grids = [(1, 8, 12), (1, 8, 8)]
+    rows = [
+        prompt(ours.cfg, g, [6, ("image", grids[0]), 9]),
+        prompt(ours.cfg, g, [2, ("image", grids[1]), 3]),
+    ]
+    ids, mask = left_pad(rows, pad_id=ours.cfg.pad_token_id)
+    assert mask[1, 0] == 0  # row 1 really is padded
+    err = _compare(ref, ours, ids, mask, pixel_values=pixels(grids, g), image_grid_thw=torch.tensor(grids))
+    assert err <= TOL
+
+
+def test_logits_to_keep_matches_full(models):
+    _, ours, _ = models
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full, last = ours(ids), ours(ids, logits_to_keep=1)
+    assert last.shape == (1, 1, ours.cfg.text.vocab_size)
+    torch.testing.assert_close(last[:, -1], full[:, -1])
+
+
+def test_image_token_mismatch_names_the_sample(models):
+    _, ours, _ = models
+    g = torch.Generator().manual_seed(7)
+    grid = (1, 8, 8)
+    good = prompt(ours.cfg, g, [2, ("image", grid), 2])
+    bad = good[:5] + good[6:] + [1]  # one placeholder fewer than its grid needs
+    ids, mask = left_pad([good, bad], pad_id=ours.cfg.pad_token_id)
+    with pytest.raises(ValueError, match="sample 1: 15 image placeholder tokens"):
+        ours(
+            ids,
+            attention_mask=mask,
+            pixel_values=pixels([grid, grid], g),
+            image_grid_thw=torch.tensor([grid, grid]),
+        )
+
+
+def test_converter_round_trip_is_bit_exact(models):
+    ref, ours, _ = models
+    hf_sd = ref.state_dict()
+    back = to_hf(from_hf(hf_sd, ours.cfg), ours.cfg)
+    assert back.keys() == hf_sd.keys()
+    for k, v in hf_sd.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    # and the original Qwen release layout (visual.*, model.layers.*) reads back to the same tensors
+    legacy = to_hf(from_hf(hf_sd, ours.cfg), ours.cfg, legacy=True)
+    assert any(k.startswith("visual.blocks.") for k in legacy)
+    again = to_hf(from_hf(legacy, ours.cfg), ours.cfg)
+    assert all(torch.equal(again[k], hf_sd[k]) for k in hf_sd)
+
+
+def test_converter_reports_missing_and_unexpected_keys(models):
+    ref, ours, _ = models
+    sd = dict(ref.state_dict())
+    sd.pop("model.visual.merger.ln_q.weight")
+    sd["model.visual.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing: model\.visual\.merger\.ln_q\.weight"):
+        from_hf(sd, ours.cfg)
+
+
+def test_config_written_by_transformers_reads_back(models, tmp_path):
+    ref, ours, _ = models
+    ref.config.save_pretrained(tmp_path)
+    cfg = Qwen2_5_VLConfig.from_pretrained(tmp_path)
+    assert cfg.vision == ours.cfg.vision and cfg.text == ours.cfg.text
+    assert (cfg.image_token_id, cfg.video_token_id) == (ours.cfg.image_token_id, ours.cfg.video_token_id)
