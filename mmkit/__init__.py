@@ -8,7 +8,7 @@ def load_pipeline(path, task: str = "t2v", device="auto", dtype="fp32"):
 
     Example: `pipe = mmkit.load_pipeline("Wan2.1-T2V-1.3B-Diffusers", task="t2v", dtype="bf16")`.
     """
-    from mmkit.infer.wan import load_pipeline as _load
+    from mmkit.infer.pipelines import load_pipeline as _load
 
     return _load(path, task=task, device=device, dtype=dtype)
 

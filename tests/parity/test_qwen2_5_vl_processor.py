@@ -7,10 +7,10 @@ checked frame by frame against transformers' PyAV loader and its image processor
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
+from data_helpers import make_image, write_video
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as HFProcessor
@@ -56,21 +56,6 @@ def procs(folder):
     return ours, ref
 
 
-def _image(h, w, seed, mode="RGB"):
-    rng = np.random.default_rng(seed)
-    # smooth gradient + noise, so resampling actually mixes neighbouring values
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(yy * 255 // max(h - 1, 1)), (xx * 255 // max(w - 1, 1)), ((yy + xx) * 7) % 256], -1)
-    arr = np.clip(base + rng.integers(-40, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(arr)
-    if mode == "RGBA":
-        alpha = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
-        img = Image.fromarray(np.concatenate([arr, alpha[..., None]], -1), mode="RGBA")
-    elif mode == "L":
-        img = img.convert("L")
-    return img
-
-
 ODD_SIZES = [(61, 93), (13, 201), (300, 217), (20, 30), (57, 57), (111, 29), (29, 5000 // 29)]
 
 
@@ -89,7 +74,7 @@ def test_smart_resize_matches_transformers():
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
 def test_image_pixels_match_transformers(procs, size, mode):
     ours, ref = procs
-    img = _image(*size, seed=size[0] * 1000 + size[1], mode=mode)
+    img = make_image(*size, seed=size[0] * 1000 + size[1], mode=mode)
     want = ref.image_processor(images=[img], return_tensors="pt")
     got = ours(ours.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}]), images=[img])
     assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
@@ -101,7 +86,7 @@ def test_image_pixels_match_transformers(procs, size, mode):
 
 def test_batch_matches_transformers_processor(procs):
     ours, ref = procs
-    imgs = [_image(61, 93, 1), _image(300, 217, 2), _image(20, 30, 3)]
+    imgs = [make_image(61, 93, 1), make_image(300, 217, 2), make_image(20, 30, 3)]
     conv_a = [
         {
             "role": "user",
@@ -141,21 +126,6 @@ def test_text_only_matches_transformers(procs):
         assert torch.equal(got[key], want[key]), key
 
 
-def _write_video(path, n_frames=20, fps=10, h=50, w=70):
-    """A small H.264 mp4 with moving content, written with PyAV."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"crf": "18"}
-        yy, xx = np.mgrid[0:h, 0:w]
-        for i in range(n_frames):
-            arr = np.stack([(xx * 3 + i * 12) % 256, (yy * 5) % 256, ((xx + yy + i * 20) * 2) % 256], -1)
-            for p in s.encode(av.VideoFrame.from_ndarray(arr.astype(np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
 def test_frame_sampling_rule():
     # n = total / video_fps * fps, clamped to [min_frames, total], floored to even; evenly spread
     assert sample_frame_indices(20, 10.0, fps=2.0) == [0, 5, 10, 15]  # 4 frames (min_frames)
@@ -170,7 +140,7 @@ def test_frame_sampling_rule():
 def test_video_matches_transformers_frames(procs, folder, tmp_path, fps, max_frames):
     _, ref = procs
     path = tmp_path / "clip.mp4"
-    _write_video(path)
+    write_video(path)
     vid = load_video(path, fps=fps, max_frames=max_frames)
     expect = sample_frame_indices(20, 10.0, fps=fps, max_frames=max_frames)
     assert vid.indices == expect and len(expect) % 2 == 0
@@ -202,8 +172,8 @@ def test_video_matches_transformers_frames(procs, folder, tmp_path, fps, max_fra
 def test_video_and_image_in_one_batch(procs, tmp_path):
     ours, _ = procs
     path = tmp_path / "clip.mp4"
-    _write_video(path, n_frames=9, fps=3)  # 3 s at 3 fps -> 6 frames at fps 2 -> grid_t 3
-    img = _image(40, 40, 5)
+    write_video(path, n_frames=9, fps=3)  # 3 s at 3 fps -> 6 frames at fps 2 -> grid_t 3
+    img = make_image(40, 40, 5)
     conv = [
         {"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Same?"}]}
     ]
@@ -242,7 +212,7 @@ def test_mismatched_placeholders_name_the_sample(procs):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}]
     )
     two = ours.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}])
-    img = _image(30, 30, 0)
+    img = make_image(30, 30, 0)
     with pytest.raises(ValueError, match=r"sample 1: .*3 <\|image_pad\|> placeholder.*2 image"):
         ours([one, two], images=[img, img])
     with pytest.raises(ValueError, match=r"sample 0: .*1 <\|image_pad\|> placeholder.*2 image"):

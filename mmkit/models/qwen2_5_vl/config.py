@@ -118,7 +118,7 @@ class Qwen2_5_VLConfig:
             len(t.mrope_section) == 3 and sum(t.mrope_section) * 2 == t.head_dim,
             f"rope mrope_section={list(t.mrope_section)} must have 3 entries summing to head_dim/2={t.head_dim // 2}",
         )
-        for name in ("image_token_id", "video_token_id"):
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             tok = getattr(self, name)
             need(
                 0 <= tok < t.vocab_size, f"{name}={tok} is outside the vocabulary (vocab_size={t.vocab_size})"

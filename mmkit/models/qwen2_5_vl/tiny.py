@@ -27,7 +27,12 @@ def tiny_config(token_ids: dict[str, int] | None = None, **text_overrides) -> Qw
     `token_ids` is the dict `build_tiny_tokenizer` returns (vocab size and special ids).
     Example: `cfg = tiny_config(build_tiny_tokenizer("/tmp/t"))`.
     """
-    ids = dict(token_ids or {"vocab_size": 406, "image_token_id": 396, "video_token_id": 397})
+    # Defaults: the ids `build_tiny_tokenizer()` assigns (384 BPE tokens, then the 22 added tokens).
+    default_ids = dict(vocab_size=406, bos_token_id=384, eos_token_id=386, pad_token_id=384)
+    default_ids.update(
+        vision_start_token_id=393, vision_end_token_id=394, image_token_id=396, video_token_id=397
+    )
+    ids = dict(token_ids or default_ids)
     text = dict(
         vocab_size=ids.pop("vocab_size"),
         hidden_size=64,

@@ -1,0 +1,229 @@
+"""Wan2.1 text-to-video pipeline over a diffusers-layout folder.
+
+Components come from the folder: umT5 text encoder + tokenizer (transformers), the Wan VAE
+(diffusers' AutoencoderKLWan), the scheduler config, and the DiT, which is mmkit's own
+`WanTransformer` loaded through the converter. The denoise loop is `samplers.denoise`.
+
+Same seed, same video as diffusers' `WanPipeline`: the noise is drawn on a CPU generator seeded
+with `seed`, shape (1, C, T_lat, H_lat, W_lat), float32; prompts are cleaned, tokenized to 512
+tokens, and their features zero-padded exactly as diffusers does.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmkit.device import resolve_device, resolve_dtype
+from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise, make_scheduler
+from mmkit.models.common.hf_io import read_json
+from mmkit.models.wan.load import load_transformer
+from mmkit.models.wan.model import WanTransformer
+
+OUTPUT_TYPES = ("np", "pil", "latent")
+
+
+def clean_prompt(text: str) -> str:
+    """ftfy fix (when installed), double HTML unescape, collapse whitespace: what Wan/diffusers do."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclass
+class VideoOutput:
+    """`frames`: np (B, T, H, W, 3) in [0, 1], a list of lists of PIL images, or latents (B, C, T, H, W)."""
+
+    frames: object
+    step_times: list[float] = field(default_factory=list)
+
+
+def check_components(folder: Path, required: list[str]) -> dict:
+    """Read model_index.json and make sure every required component folder has its files."""
+    index = read_json(folder / "model_index.json", "pipeline index (model_index.json)")
+    files = {
+        "transformer": ["config.json"],
+        "vae": ["config.json"],
+        "text_encoder": ["config.json"],
+        "tokenizer": [],
+        "scheduler": ["scheduler_config.json"],
+        "image_encoder": ["config.json"],
+        "image_processor": ["preprocessor_config.json"],
+    }
+    for comp in required:
+        if comp not in index:
+            raise ValueError(f"{folder / 'model_index.json'} does not list the component '{comp}'")
+        sub = folder / comp
+        if not sub.is_dir():
+            raise FileNotFoundError(f"component folder missing: {sub} (model_index.json lists '{comp}')")
+        for f in files[comp]:
+            if not (sub / f).is_file():
+                raise FileNotFoundError(f"component file missing: {sub / f}")
+    return index
+
+
+class WanT2VPipeline:
+    """Text-to-video with Wan2.1. Build with `mmkit.load_pipeline(path, task="t2v")`.
+
+    Example:
+        pipe = mmkit.load_pipeline("Wan2.1-T2V-1.3B-Diffusers", task="t2v", dtype="bf16")
+        video = pipe("a red circle moves left", height=480, width=832, num_frames=33, seed=0).frames[0]
+    """
+
+    task = "t2v"
+    components = ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
+
+    def __init__(self, transformer: WanTransformer, vae, text_encoder, tokenizer, scheduler, device, dtype):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self.device, self.dtype = device, dtype
+        self.vae_scale_t = vae.config.scale_factor_temporal
+        self.vae_scale_s = vae.config.scale_factor_spatial
+        self.max_sequence_length = 512
+
+    # ---- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device="auto", dtype="fp32"):
+        """Load every component of a diffusers-layout Wan folder. Example: `WanT2VPipeline.from_pretrained(p)`."""
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        folder = Path(path)
+        device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
+        check_components(folder, cls.components)
+        kw = cls._extra_components(folder, device, dtype)
+        return cls(
+            transformer=load_transformer(folder / "transformer", device, dtype),
+            # the VAE stays in float32: its decode is a small share of the time and bf16 costs quality
+            vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval(),
+            text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(device).eval(),
+            tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+            scheduler=UniPCMultistepScheduler.from_pretrained(folder / "scheduler"),
+            device=device,
+            dtype=dtype,
+            **kw,
+        )
+
+    @classmethod
+    def _extra_components(cls, folder: Path, device, dtype) -> dict:
+        return {}
+
+    # ---- stages ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> umT5 features (B, 512, text_dim), zero beyond each prompt's length."""
+        n = self.max_sequence_length
+        prompts = [clean_prompt(p) for p in prompts]
+        for p in prompts:
+            length = len(self.tokenizer(p, add_special_tokens=True).input_ids)
+            if length > n:
+                warnings.warn(f"prompt is {length} tokens; the text encoder reads {n}, the rest is truncated", stacklevel=3)
+        tok = self.tokenizer(
+            prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_tensors="pt"
+        )
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        feats = self.text_encoder(ids, mask).last_hidden_state  # (B, n, text_dim)
+        return feats * mask.gt(0).unsqueeze(-1).to(feats.dtype)  # zero the padding, as diffusers does
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        c = self.vae.config.z_dim
+        return (1, c, (num_frames - 1) // self.vae_scale_t + 1, height // self.vae_scale_s, width // self.vae_scale_s)
+
+    def _latent_stats(self, device, dtype=torch.float32):
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=device, dtype=dtype).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=device, dtype=dtype).view(1, cfg.z_dim, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "np"):
+        """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists."""
+        mean, std = self._latent_stats(latents.device)
+        video = self.vae.decode(latents.float() * std + mean, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
+        frames = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().float().numpy()
+        if output_type == "pil":
+            from PIL import Image
+
+            return [[Image.fromarray((f * 255).round().astype(np.uint8)) for f in clip] for clip in frames]
+        return frames
+
+    # ---- validation --------------------------------------------------------------------
+    def check_inputs(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image):
+        """Clear errors before any compute."""
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise ValueError("prompt: give a non-empty string (or a list of strings)")
+        mult = self.vae_scale_s * self.transformer.cfg.patch_size[1]
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % mult:
+                raise ValueError(f"{name}={v}: must be a positive multiple of {mult} (e.g. 480x832)")
+        k = self.vae_scale_t
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % k:
+            lo = max(1, (num_frames - 1) // k * k + 1) if isinstance(num_frames, int) else 1
+            raise ValueError(f"frames={num_frames}: must be {k}k+1 (e.g. {lo} or {lo + k})")
+        if num_inference_steps < 1:
+            raise ValueError(f"steps={num_inference_steps}: must be >= 1")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance={guidance_scale}: must be >= 0 (1 disables classifier-free guidance)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
+
+    # ---- the call ----------------------------------------------------------------------
+    def _conditioning(self, image, height, width, batch):
+        """Extra model inputs (i2v overrides): (cond kwargs, uncond kwargs extras, prepare_input)."""
+        return {}, None
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        image=None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int | None = None,
+        output_type: str = "np",
+        sampler: str = "unipc",
+        flow_shift: float | None = None,
+        progress: bool = True,
+        latents: torch.Tensor | None = None,
+    ) -> VideoOutput:
+        """Generate; arguments mirror diffusers' `WanPipeline`. Returns `VideoOutput(frames, step_times)`."""
+        self.check_inputs(prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image)
+        scheduler = make_scheduler(sampler, self.scheduler, flow_shift)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = negative_prompt if negative_prompt is not None else ""
+        negs = [negs] * len(prompts) if isinstance(negs, str) else list(negs)
+        if len(negs) != len(prompts):
+            raise ValueError(f"negative_prompt: {len(negs)} given for {len(prompts)} prompts")
+        extra, prepare = self._conditioning(image, height, width, len(prompts))  # before noise: may raise
+
+        do_cfg = guidance_scale > 1.0
+        ctx = self.encode_prompt(prompts).to(self.dtype)
+        ctx_neg = self.encode_prompt(negs).to(self.dtype) if do_cfg else None
+
+        if latents is None:
+            generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**32)
+            shape = (len(prompts), *self.latent_shape(height, width, num_frames)[1:])
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        cond = {"text_context": ctx, **extra}
+        uncond = {"text_context": ctx_neg, **extra} if do_cfg else None
+        stats = DenoiseStats()
+        velocity = cfg_velocity(self.transformer, guidance_scale, cond, uncond)
+        latents = denoise(velocity, latents, scheduler, num_inference_steps, prepare, progress, stats)
+        if output_type == "latent":
+            return VideoOutput(latents, stats.step_times)
+        return VideoOutput(self.decode(latents, output_type), stats.step_times)
