@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 _TAG_RE = re.compile(r"(<image>|<video>)")
 _ROLES = ("system", "user", "assistant")
+_RESERVED = (IMAGE_TOKEN, VIDEO_TOKEN, "<|vision_start|>", "<|vision_end|>")
 
 
 def _validate(rec) -> tuple[list[dict], list[str], list[str]]:
@@ -71,6 +72,11 @@ def _validate(rec) -> tuple[list[dict], list[str], list[str]]:
             n_vid = sum(p.get("type") == "video" for p in c)
         else:
             raise ValueError(f"message {j}: content must be a string or a list of parts")
+        text = c if isinstance(c, str) else " ".join(str(p.get("text", "")) for p in c)
+        if any(tok in text for tok in _RESERVED):
+            raise ValueError(
+                f"message {j}: contains a raw vision token; mark media with <image>/<video> instead"
+            )
         if (n_img or n_vid) and m["role"] != "user":
             raise ValueError(f"message {j}: media can only be in user messages, found in {m['role']!r}")
         counts["image"] += n_img
@@ -221,26 +227,30 @@ class SFTDataset(torch.utils.data.Dataset):
             self._skip("bad_media", name, str(e))
             return None
 
-        ids, labels = self.tokenize(messages, image_grids, video_grids)
-        check_placeholders(
-            ids,
-            proc.image_token_id,
-            proc.video_token_id,
-            item.get("image_grid_thw"),
-            item.get("video_grid_thw"),
-            proc.image_cfg.merge_size,
-            name=name,
-        )
-        pos, _ = get_rope_index(
-            ids[None],
-            item.get("image_grid_thw"),
-            item.get("video_grid_thw"),
-            item.get("second_per_grid_ts"),
-            image_token_id=proc.image_token_id,
-            video_token_id=proc.video_token_id,
-            spatial_merge_size=proc.image_cfg.merge_size,
-            tokens_per_second=self.tokens_per_second,
-        )
+        try:  # placeholders that don't match the features: skip the sample, don't stop the run
+            ids, labels = self.tokenize(messages, image_grids, video_grids)
+            check_placeholders(
+                ids,
+                proc.image_token_id,
+                proc.video_token_id,
+                item.get("image_grid_thw"),
+                item.get("video_grid_thw"),
+                proc.image_cfg.merge_size,
+                name=name,
+            )
+            pos, _ = get_rope_index(
+                ids[None],
+                item.get("image_grid_thw"),
+                item.get("video_grid_thw"),
+                item.get("second_per_grid_ts"),
+                image_token_id=proc.image_token_id,
+                video_token_id=proc.video_token_id,
+                spatial_merge_size=proc.image_cfg.merge_size,
+                tokens_per_second=self.tokens_per_second,
+            )
+        except ValueError as e:
+            self._skip("malformed", name, str(e))
+            return None
         pos = pos[:, 0]  # (3, L)
 
         if len(ids) > self.cutoff_len:

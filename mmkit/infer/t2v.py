@@ -49,7 +49,7 @@ class VideoOutput:
     step_times: list[float] = field(default_factory=list)
 
 
-def check_components(folder: Path, required: list[str]) -> dict:
+def check_components(folder: Path, required: list[str], task: str = "t2v") -> dict:
     """Read model_index.json and make sure every required component folder has its files."""
     index = read_json(folder / "model_index.json", "pipeline index (model_index.json)")
     files = {
@@ -63,7 +63,10 @@ def check_components(folder: Path, required: list[str]) -> dict:
     }
     for comp in required:
         if comp not in index:
-            raise ValueError(f"{folder / 'model_index.json'} does not list the component '{comp}'")
+            raise ValueError(
+                f"{folder / 'model_index.json'} does not list the component '{comp}' that task={task} needs"
+                + (" (is this a t2v folder? use task='t2v')" if comp.startswith("image_") else "")
+            )
         sub = folder / comp
         if not sub.is_dir():
             raise FileNotFoundError(f"component folder missing: {sub} (model_index.json lists '{comp}')")
@@ -101,7 +104,7 @@ class WanT2VPipeline:
 
         folder = Path(path)
         device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
-        check_components(folder, cls.components)
+        check_components(folder, cls.components, cls.task)
         kw = cls._extra_components(folder, device, dtype)
         return cls(
             transformer=load_transformer(folder / "transformer", device, dtype),

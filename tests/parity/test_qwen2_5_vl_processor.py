@@ -7,6 +7,7 @@ checked frame by frame against transformers' PyAV loader and its image processor
 
 from __future__ import annotations
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -237,3 +238,15 @@ def test_missing_and_bad_files(tmp_path, folder):
         load_video(bad)
     with pytest.raises(ValueError, match="min_pixels"):
         Qwen2_5_VLProcessor.from_pretrained(folder, min_pixels=10_000, max_pixels=5_000)
+
+
+def test_video_without_frame_count(tmp_path):
+    # Matroska headers carry no frame count: frames are counted by decoding, then sampled the same way
+    write_video(tmp_path / "a.mkv")
+    with av.open(str(tmp_path / "a.mkv")) as c:
+        assert c.streams.video[0].frames == 0
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    vid = load_video(tmp_path / "a.mkv", fps=4.0)
+    assert len(every) == 20 and vid.indices == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert vid.sampled_fps == 4.0
+    assert np.array_equal(vid.frames, np.stack([every[i] for i in vid.indices]))

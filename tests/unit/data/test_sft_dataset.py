@@ -191,11 +191,13 @@ def test_missing_and_corrupt_media_are_skipped_and_counted(proc, data_dir, caplo
         dict(good, images=["corrupt.png"]),  # undecodable -> None at build
         {"messages": [{"role": "user", "content": "<image>Q"}]},  # malformed (no image path, no reply)
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "<|image_pad|>?"}, {"role": "assistant", "content": "A"}]},
     ]
     with caplog.at_level(logging.WARNING, logger="mmkit.data.sft"):
         ds = SFTDataset(_write(data_dir / "d.jsonl", recs), proc, progress=False)
     assert len(ds) == 3
-    assert ds.stats["missing_media"] == 1 and ds.stats["malformed"] == 1
+    assert ds.stats["missing_media"] == 1 and ds.stats["malformed"] == 2
+    assert "raw vision token" in caplog.text
     assert "nope.png not found" in caplog.text and "d.jsonl:1" in caplog.text and "d.jsonl:3" in caplog.text
     items = [ds[i] for i in range(len(ds))]
     assert items[1] is None and ds.stats["bad_media"] == 1
