@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from mmkit.cli import data as data_cli
-from mmkit.cli.main import COMMANDS
+from mmkit.cli.main import main
 from mmkit.data.formats import convert_llava, convert_llava_file, read_records
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llava_mixed.json"
@@ -110,17 +108,9 @@ def test_media_tag_in_reply_is_malformed():
     assert out == [] and "assistant turn" in report.problems[0][1]
 
 
-def _parse(argv):
-    parser = argparse.ArgumentParser(prog="mmkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    data_cli.add_arguments(sub.add_parser("data"))
-    return parser.parse_args(argv)
-
-
 def test_cli_convert_llava(tmp_path, capsys):
-    assert COMMANDS["data"][0] == "mmkit.cli.data"
     dst = tmp_path / "sub" / "out.json"
-    rc = data_cli.run(_parse(["data", "convert", "llava", str(FIXTURE), str(dst), "--image-root", "/data"]))
+    rc = main(["data", "convert", "llava", str(FIXTURE), str(dst), "--image-root", "/data"])
     assert rc == 0
     assert json.loads(dst.read_text()) == EXPECTED
     cap = capsys.readouterr()
@@ -130,13 +120,12 @@ def test_cli_convert_llava(tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        data_cli.run(
-            _parse(["data", "convert", "llava", str(tmp_path / "missing.json"), str(tmp_path / "o.json")])
-        )
+    assert main(["data", "convert", "llava", str(tmp_path / "missing.json"), str(tmp_path / "o.json")]) == 2
+    assert "missing.json does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"conversations": []}]))
-    rc = data_cli.run(_parse(["data", "convert", "llava", str(bad), str(tmp_path / "o.json"), "--quiet"]))
-    assert rc == 1  # nothing converted
+    assert (
+        main(["data", "convert", "llava", str(bad), str(tmp_path / "o.json"), "--quiet"]) == 1
+    )  # nothing converted
     with pytest.raises(SystemExit):
-        _parse(["data", "convert", "sharegpt4v", "a", "b"])  # unknown format: argparse error
+        main(["data", "convert", "sharegpt4v", "a", "b"])  # unknown format: argparse error

@@ -1,0 +1,17 @@
+"""Run every benchmark in this folder in turn (`make bench`)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SKIP = {"run_all.py", "common.py"}
+
+if __name__ == "__main__":
+    rc = 0
+    for script in sorted(HERE.glob("*.py")):
+        if script.name in SKIP:
+            continue
+        print(f"=== {script.name}", flush=True)
+        rc |= subprocess.call([sys.executable, str(script)], cwd=HERE)
+    sys.exit(rc)
