@@ -93,11 +93,15 @@ def main() -> None:
         diff = (out["d"].float() - out["m"].float()).abs().max().item()
         err_d = (out["d"].float() - want32).abs().max().item()
         err_m = (out["m"].float() - want32).abs().max().item()
+        rms = want32.pow(2).mean().sqrt()
+        rel_d = ((out["d"].float() - want32).pow(2).mean().sqrt() / rms).item()
+        rel_m = ((out["m"].float() - want32).pow(2).mean().sqrt() / rms).item()
         print(
             f"[{name}] diffusers {best['diffusers']:.3f}s ({flops / best['diffusers'] / peak:.0%} of peak)  "
             f"mmkit {best['mmkit']:.3f}s ({flops / best['mmkit'] / peak:.0%} of peak)  "
             f"ratio {best['diffusers'] / best['mmkit']:.3f}x  max|diff| {diff:.2e}  "
-            f"err vs fp32 ref: diffusers {err_d:.2e} mmkit {err_m:.2e}  peak {peak / 1e9:.0f} GFLOP/s"
+            f"err vs fp32 ref (max abs / rel RMS): diffusers {err_d:.2e} / {rel_d:.2e}, mmkit {err_m:.2e} / {rel_m:.2e}  "
+            f"peak {peak / 1e9:.0f} GFLOP/s"
         )
 
 

@@ -89,13 +89,36 @@ def test_left_padded_batch_of_two(models):
     assert err <= TOL
 
 
-def test_logits_to_keep_matches_full(models):
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_matches_full(models, keep):
     _, ours, _ = models
-    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)
+    grids = [(1, 8, 8), (1, 8, 12)]
+    rows = [
+        prompt(ours.cfg, g, [3, ("image", grids[0]), 4]),
+        prompt(ours.cfg, g, [9, ("image", grids[1]), 6]),
+    ]
+    ids, mask = left_pad(rows, pad_id=ours.cfg.pad_token_id)
+    vis = dict(pixel_values=pixels(grids, g), image_grid_thw=torch.tensor(grids))
     with torch.no_grad():
-        full, last = ours(ids), ours(ids, logits_to_keep=1)
-    assert last.shape == (1, 1, ours.cfg.text.vocab_size)
-    torch.testing.assert_close(last[:, -1], full[:, -1])
+        for m in (mask, None):  # padded (explicit mask) and unpadded (implicit causal) paths
+            full = ours(ids, attention_mask=m, **vis)
+            last = ours(ids, attention_mask=m, logits_to_keep=keep, **vis)
+            assert last.shape == (2, keep, ours.cfg.text.vocab_size)
+            torch.testing.assert_close(last, full[:, -keep:], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_forward_tracks_fp32(models):
+    _, ours, folder = models
+    low = load_model(folder, device="cpu", dtype="bf16")
+    g = torch.Generator().manual_seed(8)
+    grid = (1, 8, 12)
+    ids = torch.tensor([prompt(ours.cfg, g, [4, ("image", grid), 4])])
+    vis = dict(pixel_values=pixels([grid], g), image_grid_thw=torch.tensor([grid]))
+    with torch.no_grad():
+        ref, got = ours(ids, **vis), low(ids, **vis)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
 def test_image_token_mismatch_names_the_sample(models):

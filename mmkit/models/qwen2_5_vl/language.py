@@ -66,21 +66,35 @@ class TextAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0):
+        """x: (B, S, D) -> (B, S_q, D), S_q = `keep` last positions if keep > 0 else S.
+
+        Keys/values are always computed for all S positions (the cache needs them); queries only for
+        the positions whose output is used, which lets the last layer skip most of its work.
+        """
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        xq = x[:, -keep:] if keep else x
+        sq = xq.shape[1]
+        q = self.q_proj(xq).view(b, sq, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Sq, Dh)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, Dh)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, Dh)
-        q = q * cos + rotate_half(q) * sin
+        q = q * cos[:, :, -sq:] + rotate_half(q) * sin[:, :, -sq:]
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # mask None: causal with no earlier tokens in the cache (prefill), or one query token that may
-        # see every cached key (decode without padding). Otherwise bool (B, 1, S, S_k), True = attend.
-        causal = mask is None and s > 1
+        # mask None: causal over the keys, queries aligned to the END of the keys (a single query sees
+        # every key). Otherwise bool (B, 1, S, S_k), True = attend; its last Sq rows are used.
+        causal = False
+        if mask is not None:
+            mask = mask[:, :, -sq:]
+        elif sq > 1 and sq == k.shape[2]:
+            causal = True  # SDPA's built-in causal mask is aligned to the start; same thing here
+        elif sq > 1:
+            n_k = k.shape[2]
+            mask = torch.ones(sq, n_k, dtype=torch.bool, device=x.device).tril(n_k - sq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, sq, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -91,8 +105,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
+        x = (x[:, -keep:] if keep else x) + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -120,14 +135,15 @@ class TextModel(nn.Module):
     ) -> torch.Tensor:
         """(B, S, D) embeddings + (3, B, S) positions -> logits (B, S', vocab).
 
-        `mask`: None for plain causal attention without padding, else bool (B, 1, S, S_k), True = attend.
+        `mask`: None for causal attention without padding (queries aligned to the end of the keys), else
+        bool (B, 1, S, S_k), True = attend.
         `logits_to_keep`: 0 = logits at every position, n > 0 = only the last n (prefill needs 1).
         Example: `logits = text(embeds, pos, logits_to_keep=1)`.
         """
         cos, sin = self.rope(position_ids, embeds.dtype)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            # The last layer only needs outputs where logits are asked for (its K/V still cover all).
+            x = layer(x, cos, sin, mask, cache, keep=logits_to_keep if i == last else 0)
         return self.lm_head(self.norm(x))

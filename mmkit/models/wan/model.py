@@ -22,11 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkit.models.common.attention import attention
+from mmkit.models.common.ops import Linear, linear
 from mmkit.models.wan.config import WanConfig
 
 # Parameters kept in float32 when the model is cast to a low-precision dtype (as diffusers does):
 # they feed the float32 modulation path and are tiny.
-KEEP_FP32 = ("time_embed.", "time_proj.", "modulation")
+KEEP_FP32 = ("time_embed.", "time_proj.", "modulation", "norm_cross.")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -104,10 +105,10 @@ class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)  # RMSNorm across all heads, as Wan does
         self.norm_k = nn.RMSNorm(dim, eps=eps)
-        self.out = nn.Linear(dim, dim)
+        self.out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, S, D = x.shape
@@ -124,13 +125,13 @@ class WanCrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float, image: bool):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
-        self.out = nn.Linear(dim, dim)
+        self.out = Linear(dim, dim)
         if image:
-            self.kv_img = nn.Linear(dim, 2 * dim)
+            self.kv_img = Linear(dim, 2 * dim)
             self.norm_k_img = nn.RMSNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None) -> torch.Tensor:
@@ -145,23 +146,30 @@ class WanCrossAttention(nn.Module):
 
 
 class WanMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, out: int | None = None, approximate: str = "tanh"):
+    """Linear, GELU (tanh approximation, fused into the first GEMM), Linear."""
+
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
-        self.approximate = approximate
+        self.fc1 = Linear(dim, hidden, act="gelu_tanh")
+        self.fc2 = Linear(hidden, out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        return self.fc2(self.fc1(x))
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift. x (B, S, D); shift, 1 + scale (B, 1, D) in x's dtype.
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift, in one layer_norm pass per sample.
 
-    All in x's dtype: on CPU, mixed bf16/fp32 elementwise ops run 4-7x slower than pure ones, and
-    layer_norm accumulates its statistics in float32 internally anyway.
+    x (B, S, D) in the activation dtype; shift/scale (B, D) float32. The modulation enters as the
+    norm's affine weight/bias, so statistics, scaling and shift run in float32 inside one kernel and
+    the result is rounded once (as diffusers' float32 path does) with no float32 copy of x.
     """
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale1p)
+    if x.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], 1 + scale[0], shift[0], eps)
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = F.layer_norm(x[i], x.shape[-1:], 1 + scale[i], shift[i], eps)
+    return out
 
 
 class WanBlock(nn.Module):
@@ -184,12 +192,11 @@ class WanBlock(nn.Module):
         ctx_img: torch.Tensor | None,  # (B, L_img, D) embedded CLIP tokens (i2v)
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        mod = self.modulation.float() + e  # (B, 6, D), summed in float32
-        mod[:, [1, 4]] += 1  # 1 + scale
-        shift1, scale1p, gate1, shift2, scale2p, gate2 = mod.to(x.dtype).unsqueeze(2).unbind(1)  # (B, 1, D)
-        x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1p, self.eps), rope), gate1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # (B, D) float32
+        gate1, gate2 = gate1[:, None].to(x.dtype), gate2[:, None].to(x.dtype)  # (B, 1, D)
+        x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
         x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
-        return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2p, self.eps)), gate2)
+        return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)
 
 
 class WanImageEmbedding(nn.Module):
@@ -198,8 +205,8 @@ class WanImageEmbedding(nn.Module):
     def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None):
         super().__init__()
         self.norm1 = nn.LayerNorm(image_dim)
-        self.fc1 = nn.Linear(image_dim, image_dim)
-        self.fc2 = nn.Linear(image_dim, dim)
+        self.fc1 = Linear(image_dim, image_dim, act="gelu")  # exact GELU here
+        self.fc2 = Linear(image_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
 
@@ -210,7 +217,7 @@ class WanImageEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:  # FLF2V: first and last frame tokens side by side
             x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
-        return self._ln32(self.fc2(F.gelu(self.fc1(self._ln32(x, self.norm1)))), self.norm2)
+        return self._ln32(self.fc2(self.fc1(self._ln32(x, self.norm1))), self.norm2)
 
 
 class WanTransformer(nn.Module):
@@ -229,15 +236,15 @@ class WanTransformer(nn.Module):
         self.patch_embed = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embed = WanMLP(cfg.text_dim, dim, dim)
         self.time_embed = nn.Module()
-        self.time_embed.fc1 = nn.Linear(cfg.freq_dim, dim)
-        self.time_embed.fc2 = nn.Linear(dim, dim)
-        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.time_embed.fc1 = Linear(cfg.freq_dim, dim)
+        self.time_embed.fc2 = Linear(dim, dim)
+        self.time_proj = Linear(dim, 6 * dim)
         self.image_embed = (
             WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim is not None else None
         )
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = nn.Module()
-        self.head.proj = nn.Linear(dim, cfg.out_channels * pt * ph * pw)
+        self.head.proj = Linear(dim, cfg.out_channels * pt * ph * pw)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self._rope_cache: dict = {}
 
@@ -284,7 +291,7 @@ class WanTransformer(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         x = latents.to(self.dtype).reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, -1, C * pt * ph * pw)  # (B, S, C*pt*ph*pw)
-        return F.linear(x, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+        return linear(x, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, S, C_out*pt*ph*pw) -> (B, C_out, T, H, W)."""
@@ -333,8 +340,6 @@ class WanTransformer(nn.Module):
             x = block(x, e, ctx, ctx_img, rope)
 
         # 3. head: modulated norm, projection, unpatchify
-        mod = self.head.modulation.float() + temb.unsqueeze(1)  # (B, 2, D)
-        mod[:, 1] += 1
-        shift, scale1p = mod.to(x.dtype).unsqueeze(2).unbind(1)  # (B, 1, D)
-        x = self.head.proj(_modulate(x, shift, scale1p, self.cfg.eps))
+        shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
+        x = self.head.proj(_modulate(x, shift, scale, self.cfg.eps))
         return self.unpatchify(x, grid).float()
