@@ -8,7 +8,9 @@ from collections.abc import Callable
 import torch
 
 
-def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+def interleaved_best(
+    fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1
+) -> dict[str, float]:
     """Run each fn `warmup` times, then `repeats` rounds of all fns in turn; best seconds per fn.
 
     Interleaving makes both sides see the same machine noise (this CPU is shared).

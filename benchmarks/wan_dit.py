@@ -34,7 +34,11 @@ def forward_flops(cfg: WanConfig, tokens: int, text: int) -> float:
         + 2 * s * d * d  # cross out
         + 4 * s * d * f  # mlp
     )
-    embed = 2 * s * cfg.in_channels * 4 * d + 2 * t * (cfg.text_dim * d + d * d) + 2 * s * d * cfg.out_channels * 4
+    embed = (
+        2 * s * cfg.in_channels * 4 * d
+        + 2 * t * (cfg.text_dim * d + d * d)
+        + 2 * s * d * cfg.out_channels * 4
+    )
     return cfg.num_layers * per_layer + embed
 
 
@@ -63,8 +67,10 @@ def main() -> None:
     ctx = torch.randn(B, 512, 4096)
     tokens = T * (H // 2) * (W // 2)
     flops = forward_flops(cfg, tokens, 512)
-    print(f"Wan DiT forward: dim {cfg.dim}, {args.layers} layers, latent {tuple(args.latent)} -> {tokens} tokens, "
-          f"{flops / 1e9:.1f} GFLOP, threads {torch.get_num_threads()}")
+    print(
+        f"Wan DiT forward: dim {cfg.dim}, {args.layers} layers, latent {tuple(args.latent)} -> {tokens} tokens, "
+        f"{flops / 1e9:.1f} GFLOP, threads {torch.get_num_threads()}"
+    )
     with torch.no_grad():
         want32 = ref(x, t, ctx, return_dict=False)[0].float()
     for name in args.dtypes:
@@ -81,11 +87,11 @@ def main() -> None:
         ours.to_dtype(dtype)
         xd, ctxd = x.to(dtype), ctx.to(dtype)
         with torch.no_grad():
-            out = {}
+            out: dict = {}
             best = interleaved_best(
                 {
-                    "diffusers": lambda: out.__setitem__("d", ref_d(xd, t, ctxd, return_dict=False)[0]),
-                    "mmkit": lambda: out.__setitem__("m", ours(xd, t, ctxd)),
+                    "diffusers": lambda: out.__setitem__("d", ref_d(xd, t, ctxd, return_dict=False)[0]),  # noqa: B023
+                    "mmkit": lambda: out.__setitem__("m", ours(xd, t, ctxd)),  # noqa: B023
                 },
                 repeats=args.repeats,
             )

@@ -37,7 +37,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("npu")
         return torch.device("cpu")
     if base == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
+        raise ValueError(
+            "--device: 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu"
+        )
     if base == "npu" and not _npu_available():
         raise ValueError("--device: 'npu' was asked for but torch_npu is not installed or sees no NPU")
     if base == "mps" and not torch.backends.mps.is_available():

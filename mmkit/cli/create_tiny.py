@@ -13,7 +13,9 @@ def add_arguments(p) -> None:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("outdir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--original-layout", action="store_true", help="wan: also write the DiT in the original Wan2.1 layout")
+    p.add_argument(
+        "--original-layout", action="store_true", help="wan: also write the DiT in the original Wan2.1 layout"
+    )
 
 
 def run(a) -> int:

@@ -33,12 +33,16 @@ def run(a) -> int:
         folder = create_tiny_wan(out / f"wan-tiny-{task}", task=task, seed=0)
         pipe = load_pipeline(folder, task=task, device="auto", dtype="fp32")
         prompt = "a red circle moves left on a black background"
-        res = pipe(prompt, image=first, height=h, width=w, num_frames=a.frames, num_inference_steps=a.steps, seed=0)
+        res = pipe(
+            prompt, image=first, height=h, width=w, num_frames=a.frames, num_inference_steps=a.steps, seed=0
+        )
         frames = res.frames[0]
         first = Image.fromarray((frames[0] * 255).round().astype("uint8"))
         for suffix in (".mp4", ".png"):
             written.append(save_video(frames, out / f"{task}{suffix}"))
-        print(f"[{task}] {len(res.step_times)} steps at {sum(res.step_times) / len(res.step_times):.3f} s/step")
+        print(
+            f"[{task}] {len(res.step_times)} steps at {sum(res.step_times) / len(res.step_times):.3f} s/step"
+        )
     print("demo outputs:")
     for p in written:
         print(f"  {p}")

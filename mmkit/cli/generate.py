@@ -25,11 +25,15 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--flow-shift", type=float, help="override the scheduler's flow shift (3.0 for 480p, 5.0 for 720p)")
+    p.add_argument(
+        "--flow-shift", type=float, help="override the scheduler's flow shift (3.0 for 480p, 5.0 for 720p)"
+    )
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
-    p.add_argument("--out", required=True, help="output .mp4 (16 fps, plus a .png grid beside it), .npy or .png")
+    p.add_argument(
+        "--out", required=True, help="output .mp4 (16 fps, plus a .png grid beside it), .npy or .png"
+    )
 
 
 def precheck(a) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmkit.infer.media import load_image
 from mmkit.infer.t2v import WanT2VPipeline
+from mmkit.models.common.hf_io import read_json
 
 
 class WanI2VPipeline(WanT2VPipeline):
@@ -34,15 +35,29 @@ class WanI2VPipeline(WanT2VPipeline):
 
     @classmethod
     def _extra_components(cls, folder: Path, device, dtype) -> dict:
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        import transformers
+        from transformers import CLIPImageProcessor
 
+        # the real folders name CLIPVisionModelWithProjection; either class gives the hidden states we use
+        name = read_json(folder / "model_index.json").get("image_encoder", [None, "CLIPVisionModel"])[1]
+        if name not in ("CLIPVisionModel", "CLIPVisionModelWithProjection"):
+            raise ValueError(
+                f"{folder}/model_index.json: image_encoder class {name!r} is not a CLIP vision model"
+            )
+        encoder_cls = getattr(transformers, name)
         return {
-            "image_encoder": CLIPVisionModel.from_pretrained(folder / "image_encoder", dtype=dtype).to(device).eval(),
+            "image_encoder": encoder_cls.from_pretrained(folder / "image_encoder", dtype=dtype)
+            .to(device)
+            .eval(),
             "image_processor": CLIPImageProcessor.from_pretrained(folder / "image_processor"),
         }
 
-    def check_inputs(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image):
-        super().check_inputs(prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image)
+    def check_inputs(
+        self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image
+    ):
+        super().check_inputs(
+            prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image
+        )
         if image is None:
             raise ValueError("image: i2v needs a first-frame image (--image PATH)")
         if self.transformer.cfg.in_channels != 2 * self.vae.config.z_dim + self.vae_scale_t:

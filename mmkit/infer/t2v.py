@@ -110,7 +110,9 @@ class WanT2VPipeline:
             transformer=load_transformer(folder / "transformer", device, dtype),
             # the VAE stays in float32: its decode is a small share of the time and bf16 costs quality
             vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval(),
-            text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(device).eval(),
+            text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+            .to(device)
+            .eval(),
             tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
             scheduler=UniPCMultistepScheduler.from_pretrained(folder / "scheduler"),
             device=device,
@@ -131,9 +133,17 @@ class WanT2VPipeline:
         for p in prompts:
             length = len(self.tokenizer(p, add_special_tokens=True).input_ids)
             if length > n:
-                warnings.warn(f"prompt is {length} tokens; the text encoder reads {n}, the rest is truncated", stacklevel=3)
+                warnings.warn(
+                    f"prompt is {length} tokens; the text encoder reads {n}, the rest is truncated",
+                    stacklevel=3,
+                )
         tok = self.tokenizer(
-            prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=n,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
         )
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         feats = self.text_encoder(ids, mask).last_hidden_state  # (B, n, text_dim)
@@ -141,7 +151,13 @@ class WanT2VPipeline:
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         c = self.vae.config.z_dim
-        return (1, c, (num_frames - 1) // self.vae_scale_t + 1, height // self.vae_scale_s, width // self.vae_scale_s)
+        return (
+            1,
+            c,
+            (num_frames - 1) // self.vae_scale_t + 1,
+            height // self.vae_scale_s,
+            width // self.vae_scale_s,
+        )
 
     def _latent_stats(self, device, dtype=torch.float32):
         cfg = self.vae.config
@@ -153,7 +169,9 @@ class WanT2VPipeline:
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
         """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists."""
         mean, std = self._latent_stats(latents.device)
-        video = self.vae.decode(latents.float() * std + mean, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
+        video = self.vae.decode(latents.float() * std + mean, return_dict=False)[
+            0
+        ]  # (B, 3, T, H, W) in [-1, 1]
         frames = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().float().numpy()
         if output_type == "pil":
             from PIL import Image
@@ -162,7 +180,9 @@ class WanT2VPipeline:
         return frames
 
     # ---- validation --------------------------------------------------------------------
-    def check_inputs(self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image):
+    def check_inputs(
+        self, prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image
+    ):
         """Clear errors before any compute."""
         if not isinstance(prompt, (str, list)) or not prompt:
             raise ValueError("prompt: give a non-empty string (or a list of strings)")
@@ -205,7 +225,9 @@ class WanT2VPipeline:
         latents: torch.Tensor | None = None,
     ) -> VideoOutput:
         """Generate; arguments mirror diffusers' `WanPipeline`. Returns `VideoOutput(frames, step_times)`."""
-        self.check_inputs(prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image)
+        self.check_inputs(
+            prompt, height, width, num_frames, num_inference_steps, guidance_scale, output_type, image
+        )
         scheduler = make_scheduler(sampler, self.scheduler, flow_shift)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if negative_prompt is not None else ""

@@ -12,7 +12,7 @@ from mmkit.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from mmkit.models.qwen2_5_vl.hf import from_hf, to_hf
 from mmkit.models.qwen2_5_vl.load import load_model
 from mmkit.models.qwen2_5_vl.rope import token_type_ids
-from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
+from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl, tiny_config
 
 TOL = 1e-4
 
@@ -166,3 +166,18 @@ def test_config_written_by_transformers_reads_back(models, tmp_path):
     cfg = Qwen2_5_VLConfig.from_pretrained(tmp_path)
     assert cfg.vision == ours.cfg.vision and cfg.text == ours.cfg.text
     assert (cfg.image_token_id, cfg.video_token_id) == (ours.cfg.image_token_id, ours.cfg.video_token_id)
+
+
+def test_tied_embeddings_folder(tmp_path):
+    cfg = tiny_config()
+    cfg.tie_word_embeddings = True  # as in the 3B checkpoint: no lm_head.weight in the files
+    folder = create_tiny_qwen2_5_vl(tmp_path, seed=2, cfg=cfg)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_model(folder, device="cpu")
+    assert ours.language.lm_head.weight is ours.language.embed_tokens.weight
+    g = torch.Generator().manual_seed(9)
+    grid = (1, 8, 8)
+    ids = torch.tensor([prompt(ours.cfg, g, [3, ("image", grid), 3])])
+    assert (
+        _compare(ref, ours, ids, pixel_values=pixels([grid], g), image_grid_thw=torch.tensor([grid])) <= TOL
+    )

@@ -31,7 +31,14 @@ def test_frames_match_diffusers(folders, task):
     ref_cls = WanPipeline if task == "t2v" else WanImageToVideoPipeline
     ref = ref_cls.from_pretrained(folders[task])
     ref.set_progress_bar_config(disable=True)
-    want = ref(prompt=PROMPT, negative_prompt=NEG, generator=torch.Generator().manual_seed(7), output_type="np", **KW, **extra).frames
+    want = ref(
+        prompt=PROMPT,
+        negative_prompt=NEG,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+        **KW,
+        **extra,
+    ).frames
     assert got.shape == want.shape == (1, 9, 32, 48, 3)
     assert want.std() > 0.05  # a real picture, not a constant
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

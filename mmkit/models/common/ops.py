@@ -41,7 +41,9 @@ def _fast_path(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
+) -> torch.Tensor:
     """act(x @ weight.T + bias). Example: `h = linear(x, fc1.weight, fc1.bias, "gelu_tanh")`."""
     post, algo, fallback = _ACTS[act]
     if _fast_path(x, weight):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from mmkit.device import resolve_device, resolve_dtype
-from mmkit.models.common.hf_io import load_state_dict
+from mmkit.models.common.hf_io import load_state_dict, read_json
 from mmkit.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from mmkit.models.qwen2_5_vl.hf import from_hf
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
@@ -26,17 +25,20 @@ def load_model(path: str | Path, device="auto", dtype="fp32") -> Qwen2_5_VLModel
     cfg = Qwen2_5_VLConfig.from_pretrained(path)
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos = read_json(gen_file, "generation config").get("eos_token_id")
         if eos is not None:
             cfg.eos_token_id = eos
     device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
     with torch.device("meta"):
         model = Qwen2_5_VLModel(cfg)
-    sd = from_hf(load_state_dict(path), cfg)
+    # Cast tensor by tensor while loading, so peak memory stays near one copy of the weights.
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in from_hf(load_state_dict(path), cfg).items()}
+    if cfg.tie_word_embeddings:
+        sd["language.lm_head.weight"] = sd["language.embed_tokens.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True replaced both tensors; re-tie them
+    if cfg.tie_word_embeddings:  # assign=True replaced the parameter objects; tie them again
         model.language.lm_head.weight = model.language.embed_tokens.weight
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
 
 
 def load_vlm(path: str | Path, device="auto", dtype="fp32"):

@@ -49,7 +49,9 @@ class WanConfig:
     def validate(self) -> WanConfig:
         """Raise a clear ValueError for impossible values; returns self."""
         if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
-            raise ValueError(f"transformer config: patch_size={self.patch_size} must be 3 positive ints, e.g. [1, 2, 2]")
+            raise ValueError(
+                f"transformer config: patch_size={self.patch_size} must be 3 positive ints, e.g. [1, 2, 2]"
+            )
         if self.attention_head_dim % 2 or self.attention_head_dim < 6:
             raise ValueError(
                 f"transformer config: attention_head_dim={self.attention_head_dim} must be even and >= 6 "
@@ -61,7 +63,9 @@ class WanConfig:
                 f"got image_dim={self.image_dim}, added_kv_proj_dim={self.added_kv_proj_dim}"
             )
         if self.qk_norm not in (None, "rms_norm_across_heads"):
-            raise ValueError(f"transformer config: qk_norm={self.qk_norm!r} unsupported; use 'rms_norm_across_heads'")
+            raise ValueError(
+                f"transformer config: qk_norm={self.qk_norm!r} unsupported; use 'rms_norm_across_heads'"
+            )
         return self
 
     @classmethod

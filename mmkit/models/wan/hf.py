@@ -138,7 +138,9 @@ def _to_mm(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     unexpected = sorted(k for k in sd if k not in used and not any(d in k for d in drop))
     if unexpected:
         shown = ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else "")
-        raise ValueError(f"{layout} Wan checkpoint: {len(unexpected)} unexpected key(s) mmkit cannot map: {shown}")
+        raise ValueError(
+            f"{layout} Wan checkpoint: {len(unexpected)} unexpected key(s) mmkit cannot map: {shown}"
+        )
     return out
 
 

@@ -46,7 +46,10 @@ def load_transformer(path: str | os.PathLike, device="cpu", dtype="fp32") -> Wan
 
 
 def save_transformer(
-    model: WanTransformer, path: str | os.PathLike, layout: str = "diffusers", max_shard_bytes: int = 5 * 1024**3
+    model: WanTransformer,
+    path: str | os.PathLike,
+    layout: str = "diffusers",
+    max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Write `model` as a diffusers `transformer/` folder or an original-release folder.
 

@@ -39,7 +39,11 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_tables(
-    grid: tuple[int, int, int], head_dim: int, device: torch.device, dtype: torch.dtype, theta: float = 10000.0
+    grid: tuple[int, int, int],
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    theta: float = 10000.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (S, head_dim) for a (frames, height, width) token grid.
 
@@ -179,7 +183,9 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         self.attn = WanSelfAttention(dim, cfg.num_attention_heads, cfg.eps)
         self.norm_cross = nn.LayerNorm(dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
-        self.cross = WanCrossAttention(dim, cfg.num_attention_heads, cfg.eps, image=cfg.added_kv_proj_dim is not None)
+        self.cross = WanCrossAttention(
+            dim, cfg.num_attention_heads, cfg.eps, image=cfg.added_kv_proj_dim is not None
+        )
         self.mlp = WanMLP(dim, cfg.ffn_dim)
         # shift/scale/gate for self-attention, then shift/scale/gate for the MLP
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -192,7 +198,9 @@ class WanBlock(nn.Module):
         ctx_img: torch.Tensor | None,  # (B, L_img, D) embedded CLIP tokens (i2v)
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # (B, D) float32
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(
+            1
+        )  # (B, D) float32
         gate1, gate2 = gate1[:, None].to(x.dtype), gate2[:, None].to(x.dtype)  # (B, 1, D)
         x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
         x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
@@ -208,11 +216,15 @@ class WanImageEmbedding(nn.Module):
         self.fc1 = Linear(image_dim, image_dim, act="gelu")  # exact GELU here
         self.fc2 = Linear(image_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
+        )
 
     @staticmethod
     def _ln32(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(
+            x.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:  # FLF2V: first and last frame tokens side by side
@@ -240,7 +252,9 @@ class WanTransformer(nn.Module):
         self.time_embed.fc2 = Linear(dim, dim)
         self.time_proj = Linear(dim, 6 * dim)
         self.image_embed = (
-            WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len) if cfg.image_dim is not None else None
+            WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len)
+            if cfg.image_dim is not None
+            else None
         )
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = nn.Module()
@@ -272,7 +286,9 @@ class WanTransformer(nn.Module):
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) timesteps in [0, 1000] -> temb (B, D) and the block projection (B, 6, D), float32."""
         w = self.time_embed.fc1.weight
-        h = F.linear(sinusoidal_embedding(timestep, self.cfg.freq_dim).to(w.dtype), w, self.time_embed.fc1.bias)
+        h = F.linear(
+            sinusoidal_embedding(timestep, self.cfg.freq_dim).to(w.dtype), w, self.time_embed.fc1.bias
+        )
         temb = self.time_embed.fc2(F.silu(h)).float()
         e = F.linear(F.silu(temb).to(self.time_proj.weight.dtype), self.time_proj.weight, self.time_proj.bias)
         return temb, e.float().unflatten(1, (6, -1))
@@ -306,14 +322,20 @@ class WanTransformer(nn.Module):
         if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"latents: expected (B, {cfg.in_channels}, T, H, W), got {tuple(latents.shape)}"
-                + (" (i2v models take noise + mask + image latents concatenated)" if cfg.in_channels == 36 else "")
+                + (
+                    " (i2v models take noise + mask + image latents concatenated)"
+                    if cfg.in_channels == 36
+                    else ""
+                )
             )
         for n, p, name in zip(latents.shape[2:], cfg.patch_size, ("T", "H", "W")):
             if n % p:
                 raise ValueError(f"latents: {name}={n} is not a multiple of the patch size {p}")
         if (image_context is None) != (self.image_embed is None):
             need = "needs" if self.image_embed is not None else "takes no"
-            raise ValueError(f"image_context: this model {need} CLIP image context (config image_dim={cfg.image_dim})")
+            raise ValueError(
+                f"image_context: this model {need} CLIP image context (config image_dim={cfg.image_dim})"
+            )
 
     def forward(
         self,

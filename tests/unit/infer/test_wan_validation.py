@@ -39,7 +39,9 @@ def test_pipeline_rejects(pipe, kw, match):
 
 def test_long_prompt_is_truncated_with_a_warning(pipe):
     with pytest.warns(UserWarning, match="truncated"):
-        out = pipe("red cube " * 400, height=32, width=32, num_frames=1, num_inference_steps=1, progress=False)
+        out = pipe(
+            "red cube " * 400, height=32, width=32, num_frames=1, num_inference_steps=1, progress=False
+        )
     assert out.frames.shape == (1, 1, 32, 32, 3)
 
 
@@ -60,7 +62,10 @@ def test_cli_rejects(folder, tmp_path, capsys, argv, match):
 
 
 def test_i2v_without_image(folder, tmp_path, capsys):
-    assert main(["generate", "i2v", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.mp4")]) == 2
+    assert (
+        main(["generate", "i2v", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+        == 2
+    )
     assert "i2v needs --image" in capsys.readouterr().err
 
 

@@ -47,7 +47,9 @@ def test_sharded_diffusers_folder_loads_and_exports(tmp_path):
     save_transformer(model, tmp_path / "out", max_shard_bytes=30_000)
     back = WanTransformer3DModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
-        torch.testing.assert_close(back(x, torch.tensor([300.0]), ctx, return_dict=False)[0], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            back(x, torch.tensor([300.0]), ctx, return_dict=False)[0], want, atol=1e-5, rtol=0
+        )
     _equal(load_state_dict(tmp_path / "out"), ref.state_dict())
 
 
