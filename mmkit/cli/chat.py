@@ -51,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from mmkit.infer.vlm import SamplingParams
     from mmkit.models.qwen2_5_vl.load import load_vlm
 
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    params.validate()  # before the (slow) model load
     model, processor = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    params = SamplingParams(
-        args.max_new_tokens, args.temperature, args.top_p, args.seed, tuple(model.cfg.eos_token_ids)
-    )
-    params.validate()
+    params.eos_token_ids = tuple(model.cfg.eos_token_ids)
     images, videos = list(args.image), list(args.video)
     if args.prompt is not None:
         msgs = [_user_message(args.prompt, len(images), len(videos))]

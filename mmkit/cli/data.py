@@ -1,4 +1,5 @@
-"""`mmkit data ...`: dataset tools. Subcommands: `convert llava IN OUT [--image-root DIR]`.
+"""`mmkit data ...`: dataset tools. Subcommands: `convert llava IN OUT [--image-root DIR]`,
+`synth shapes OUTDIR --videos N [...]`, `synth shapes-qa OUTDIR [--images N ...]`.
 
 Each action is a (sub)parser with its own `_data_run` handler, so later tools (e.g. `mmkit data
 synth ...`) add one more subparser here. The work lives in `mmkit.data`.
@@ -30,6 +31,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llava.add_argument("--quiet", action="store_true", help="no progress bar, no per-record problem lines")
     llava.set_defaults(_data_run=_convert_llava)
 
+    synth = actions.add_parser("synth", help="write a synthetic data set")
+    kinds = synth.add_subparsers(dest="kind", required=True, metavar="KIND")
+    shapes = kinds.add_parser(
+        "shapes",
+        help="moving-shape mp4 clips + captions in the MindSpeed layout (data.txt, annotation.json)",
+        description="Write mp4 clips of coloured shapes moving over plain backgrounds, captioned like "
+        "'a red circle moves left on a black background', plus annotation.json, data.txt and "
+        "heldout_prompts.json (captions kept out of training).",
+    )
+    shapes.add_argument("outdir", help="output folder")
+    shapes.add_argument("--videos", type=int, default=64, help="number of clips (default 64)")
+    shapes.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
+    shapes.add_argument("--height", type=int, default=64, help="pixels (default 64)")
+    shapes.add_argument("--width", type=int, default=64, help="pixels (default 64)")
+    shapes.add_argument("--fps", type=float, default=16, help="frames per second (default 16)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--quiet", action="store_true", help="no progress bar")
+    shapes.set_defaults(_data_run=_synth_shapes)
+    qa = kinds.add_parser(
+        "shapes-qa",
+        help="PNG images of shapes + messages-format Q&A about them (qa.json)",
+        description="Write PNG images of 1-3 coloured shapes and {'messages', 'images'} records asking "
+        "their colour, shape, position and count.",
+    )
+    qa.add_argument("outdir", help="output folder")
+    qa.add_argument("--images", type=int, default=64, help="number of images (default 64)")
+    qa.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    qa.add_argument("--turns", type=int, default=1, help="questions per record (default 1)")
+    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--quiet", action="store_true", help="no progress bar")
+    qa.set_defaults(_data_run=_synth_shapes_qa)
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action. Example: `run(build_parser().parse_args(["data", "convert", ...]))`."""
@@ -46,3 +79,23 @@ def _convert_llava(args: argparse.Namespace) -> int:
     print(f"{report.summary()} -> {args.output}")
     # Nothing converted out of a non-empty file is a failure; some skips are not.
     return 1 if report.total and not report.converted else 0
+
+
+def _synth_shapes(args: argparse.Namespace) -> int:
+    from mmkit.data.synth import synth_shapes
+
+    out = synth_shapes(
+        args.outdir, args.videos, args.frames, args.height, args.width, args.fps, args.seed, not args.quiet
+    )
+    print(
+        f"wrote {out.videos} clips -> {out.data_txt} (held-out prompts: {out.root / 'heldout_prompts.json'})"
+    )
+    return 0
+
+
+def _synth_shapes_qa(args: argparse.Namespace) -> int:
+    from mmkit.data.synth import synth_shapes_qa
+
+    path = synth_shapes_qa(args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet)
+    print(f"wrote {args.images} images + Q&A -> {path}")
+    return 0

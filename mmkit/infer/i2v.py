@@ -67,28 +67,35 @@ class WanI2VPipeline(WanT2VPipeline):
             )
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """CLIP ViT penultimate hidden states (1, N_tokens, image_dim)."""
+    def encode_image(self, image: Image.Image | list[Image.Image]) -> torch.Tensor:
+        """CLIP ViT penultimate hidden states (B, N_tokens, image_dim)."""
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, next(self.image_encoder.parameters()).dtype)
         return self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
     @torch.no_grad()
-    def condition_latents(self, image: Image.Image, height: int, width: int, num_frames: int) -> torch.Tensor:
-        """(1, 4 + C, T_lat, H_lat, W_lat): first-frame mask channels + normalized latents of [image, zeros...]."""
-        px = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
-        img = torch.from_numpy(px).permute(2, 0, 1)[None].to(self.device) * 2 - 1  # (1, 3, H, W) in [-1, 1]
-        video = torch.cat([img[:, :, None], img.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-        lat = self.vae.encode(video.float()).latent_dist.mode()  # (1, C, T_lat, H_lat, W_lat)
+    def condition_latents(self, image: Image.Image | torch.Tensor, height: int, width: int, num_frames: int):
+        """(B, 4 + C, T_lat, H_lat, W_lat): first-frame mask channels + normalized latents of [image, zeros...].
+
+        `image` is a PIL image (resized to height x width, Lanczos, as diffusers does) or an already
+        sized tensor (B, 3, H, W) in [-1, 1] (the training path).
+        """
+        if isinstance(image, Image.Image):
+            px = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+            image = torch.from_numpy(px).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W) in [-1, 1]
+        img = image.to(self.device, torch.float32)
+        B = img.shape[0]
+        video = torch.cat([img[:, :, None], img.new_zeros(B, 3, num_frames - 1, height, width)], dim=2)
+        lat = self.vae.encode(video).latent_dist.mode()  # (B, C, T_lat, H_lat, W_lat)
         mean, std = self._latent_stats(lat.device)
         lat = (lat - mean) / std
         k, (t_lat, h_lat, w_lat) = self.vae_scale_t, lat.shape[2:]
         # pixel-frame mask (1 for the given first frame), first frame repeated k times so that the
         # k mask channels of each latent frame cover the k pixel frames it encodes
-        mask = torch.zeros(1, 1, num_frames, h_lat, w_lat, device=lat.device)
+        mask = torch.zeros(B, 1, num_frames, h_lat, w_lat, device=lat.device)
         mask[:, :, 0] = 1
         mask = torch.cat([mask[:, :, :1].repeat_interleave(k, dim=2), mask[:, :, 1:]], dim=2)
-        mask = mask.view(1, t_lat, k, h_lat, w_lat).transpose(1, 2)  # (1, k, T_lat, H_lat, W_lat)
+        mask = mask.view(B, t_lat, k, h_lat, w_lat).transpose(1, 2)  # (B, k, T_lat, H_lat, W_lat)
         return torch.cat([mask, lat], dim=1)
 
     def _conditioning(self, image, height, width, batch):

@@ -1,8 +1,8 @@
-"""`mmkit chat --temperature 0 --json` on a tiny folder gives transformers' greedy `generate` token ids."""
+"""`mmkit chat --temperature 0 --json` (through the real console entry point) on a tiny folder gives
+transformers' greedy `generate` token ids."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from mmkit.cli import chat
-from mmkit.cli.main import COMMANDS
+from mmkit.cli.main import main
 from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
 
 PROMPT = "What is in this picture?"
@@ -37,11 +36,18 @@ def test_chat_json_greedy_matches_transformers_generate(tmp_path, capsys):
     folder = create_tiny_qwen2_5_vl(tmp_path / "tiny", seed=0)
     image = tmp_path / "img.png"
     Image.fromarray((np.random.RandomState(0).rand(100, 150, 3) * 255).astype(np.uint8)).save(image)
-    parser = argparse.ArgumentParser()
-    chat.add_arguments(parser)
-    argv = ["--model", str(folder), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "16"]
-    args = parser.parse_args([*argv, "--temperature", "0", "--json", "--device", "cpu"])
-    assert chat.run(args) == 0
+    argv = [
+        "chat",
+        "--model",
+        str(folder),
+        "--image",
+        str(image),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "16",
+    ]
+    assert main([*argv, "--temperature", "0", "--json", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     got = json.loads(lines[0])
@@ -49,4 +55,3 @@ def test_chat_json_greedy_matches_transformers_generate(tmp_path, capsys):
     want, prompt_len = _reference_greedy(folder, image, 16)
     assert got["token_ids"] == want
     assert len(want) >= 4 and got["prompt_tokens"] == prompt_len
-    assert COMMANDS["chat"][0] == "mmkit.cli.chat"

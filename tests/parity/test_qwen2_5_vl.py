@@ -128,13 +128,15 @@ def test_image_token_mismatch_names_the_sample(models):
     good = prompt(ours.cfg, g, [2, ("image", grid), 2])
     bad = good[:5] + good[6:] + [1]  # one placeholder fewer than its grid needs
     ids, mask = left_pad([good, bad], pad_id=ours.cfg.pad_token_id)
+    vis = dict(pixel_values=pixels([grid, grid], g), image_grid_thw=torch.tensor([grid, grid]))
+    with pytest.raises(
+        ValueError, match=r"sample 1: image 1 \(grid_thw \[1, 8, 8\]\) needs 16 placeholder tokens"
+    ):
+        ours(ids, attention_mask=mask, **vis)
+    # with precomputed positions the embedding step still refuses, before running the vision tower
+    pos = torch.arange(ids.shape[1]).expand(3, 2, -1)
     with pytest.raises(ValueError, match="sample 1: 15 image placeholder tokens"):
-        ours(
-            ids,
-            attention_mask=mask,
-            pixel_values=pixels([grid, grid], g),
-            image_grid_thw=torch.tensor([grid, grid]),
-        )
+        ours(ids, attention_mask=mask, position_ids=pos, **vis)
 
 
 def test_converter_round_trip_is_bit_exact(models):

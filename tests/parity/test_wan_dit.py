@@ -65,3 +65,23 @@ def test_bad_shapes_raise_before_compute():
         model(torch.randn(1, 16, 1, 5, 4), 1.0, torch.randn(1, 3, 32))
     with pytest.raises(ValueError, match="takes no CLIP image context"):
         model(torch.randn(1, 16, 1, 4, 4), 1.0, torch.randn(1, 3, 32), torch.randn(1, 5, 40))
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_dit_gradients_match_diffusers(i2v):
+    ref, model = _pair(i2v)
+    ref.train(), model.train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 36 if i2v else 16, 2, 4, 6, generator=g)
+    ctx = torch.randn(2, 512 if i2v else 7, 32, generator=g)
+    img = torch.randn(2, 5, 40, generator=g) if i2v else None
+    target = torch.randn(2, 16, 2, 4, 6, generator=g)
+    t = torch.tensor([250.0, 875.0])
+    kw = {"encoder_hidden_states_image": img} if i2v else {}
+    (ref(x, t, ctx, return_dict=False, **kw)[0] - target).pow(2).mean().backward()
+    (model(x, t, ctx, img) - target).pow(2).mean().backward()
+    want = hf.from_hf({k: p.grad for k, p in ref.named_parameters()})
+    got = {k: p.grad for k, p in model.named_parameters()}
+    assert sorted(want) == sorted(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=k)

@@ -126,13 +126,13 @@ class Qwen2_5_VLModel(nn.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if position_ids is None:
+        if position_ids is None:  # (also checks placeholders against grids, before any compute)
             position_ids, _ = self.rope_index(
                 input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
             )
         elif position_ids.ndim == 2:  # (B, S) text positions: same on all three axes
             position_ids = position_ids[None].expand(3, -1, -1)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = padding_mask(attention_mask, input_ids.shape[1])
@@ -146,8 +146,6 @@ def check_placeholders(where: torch.Tensor, sizes: list[int], name: str) -> None
     Example: `check_placeholders(input_ids == image_token_id, [64, 16], "image")`.
     """
     counts = where.sum(1).tolist()
-    if sum(counts) == sum(sizes):
-        return
     k = 0
     for b, c in enumerate(counts):
         got = 0
@@ -161,6 +159,8 @@ def check_placeholders(where: torch.Tensor, sizes: list[int], name: str) -> None
                 f"features ({name} sizes in batch order: {sizes}); the processor must expand each "
                 f"<|{name}_pad|> to t*h*w/4 tokens of its {name}_grid_thw"
             )
+    if k == len(sizes):
+        return
     raise ValueError(
         f"{sum(counts)} {name} placeholder tokens in the batch but {sum(sizes)} {name} features "
         f"(sizes {sizes}): more {name}s were given than the prompts reference"

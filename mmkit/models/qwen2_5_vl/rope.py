@@ -167,14 +167,3 @@ def get_rope_index(
                 f"for only {used[kind]}; every {names[kind]} needs its expanded <|{names[kind]}_pad|> block"
             )
     return position_ids.to(input_ids.device), deltas.to(input_ids.device)
-
-
-def decode_position_ids(next_positions: torch.Tensor, steps: int = 1) -> torch.Tensor:
-    """(3, B, steps) positions for generated tokens: text positions continue on all three axes.
-
-    `next_positions` is (B,) = the position of the next token for each row, i.e.
-    `prompt_position_ids.amax(dim=(0, 2)) + 1` (padding excluded). Example:
-    `decode_position_ids(torch.tensor([17, 9]))` -> [[[17], [9]]] * 3.
-    """
-    pos = next_positions.view(-1, 1) + torch.arange(steps, device=next_positions.device)
-    return pos.unsqueeze(0).expand(3, -1, -1)

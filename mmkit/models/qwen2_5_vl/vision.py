@@ -63,7 +63,6 @@ class SegmentPlan:
     def __init__(self, cu_seqlens: list[int], device: torch.device):
         lengths = [e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]) if e > s]
         starts = [s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]) if e > s]
-        self.total = cu_seqlens[-1]
         self.uniform = len(set(lengths)) == 1  # fast path: a plain reshape, no gather
         self.groups: list[tuple[int, torch.Tensor]] = []
         if self.uniform:
@@ -196,6 +195,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"vision: pixel_values has {pixel_values.shape[0]} patches but grid_thw {grids} needs {n_patch}"
             )
+        m = self.cfg.spatial_merge_size
+        odd = [g for g in grids if g[1] % m or g[2] % m]
+        if odd:
+            raise ValueError(f"vision: grid_thw {odd} has h or w not divisible by spatial_merge_size={m}")
         dev = pixel_values.device
         pos, order, win_plan, full_plan = self._layout(grids, dev)
         unit = self.cfg.spatial_merge_size**2

@@ -74,7 +74,7 @@ def rope_tables(
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / RMS(x) over the last dim, (..., 1), statistics in float32, returned in x's dtype."""
-    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_() / x.shape[-1]
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
     return torch.rsqrt(ms + eps).to(x.dtype)
 
 
@@ -88,6 +88,12 @@ def norm_to_heads(
     elementwise passes instead of a chain of copies.
     """
     B, S, D = x.shape
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        # autograd path: no in-place or out= ops
+        y = (x * rms_scale(x, norm.eps) * norm.weight).view(B, S, heads, D // heads).transpose(1, 2)
+        if rope is not None:
+            y = torch.addcmul(y * rope[0], y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2), rope[1])
+        return y.contiguous()
     y = x * norm.weight  # (B, S, D)
     y.mul_(rms_scale(x, norm.eps))
     y = y.view(B, S, heads, D // heads).transpose(1, 2)  # (B, H, S, Dh) view

@@ -1,0 +1,258 @@
+"""Synthetic data sets for tests and the demo: moving-shape videos and shape Q&A images.
+
+`synth_shapes` writes real mp4 clips of one coloured shape moving in a named direction over a plain
+background, captioned "a red circle moves left on a black background", in the MindSpeed layout that
+`mmkit.data.video.VideoDataset` reads (videos/, annotation.json, data.txt), and holds a few caption
+combinations out of training for the demo (heldout_prompts.json).
+
+`synth_shapes_qa` writes PNG images of one to three shapes and messages-format Q&A records about their
+colour, shape, position and count (qa.json), which `mmkit.data.sft.SFTDataset` reads.
+
+Everything is deterministic per seed. Nothing here knows about models.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mmkit.infer.media import save_video
+
+# RGB uint8. Shape colours and backgrounds share names where they share a colour ("blue"); such a pair
+# is never drawn (a blue circle on a blue background would be invisible).
+COLORS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "blue": (30, 50, 150)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downward
+NUM_HELDOUT = 4
+
+
+def caption(color: str, shape: str, direction: str, background: str) -> str:
+    """The caption of one synthetic clip. Example: `caption("red", "circle", "left", "black")`."""
+    return f"a {color} {shape} moves {direction} on a {background} background"
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
+    """Boolean (height, width) mask of a shape centred at (cx, cy) pixels with half-size r pixels.
+
+    circle: radius r; square: side 1.6 r; triangle: apex up, base 2 r wide.
+    Example: `shape_mask("circle", 32, 32, 8, 64, 64).sum()  # ~201 pixels`.
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+    if shape == "triangle":
+        # apex (cx, cy - r), base corners (cx +- r, cy + r): inside when below the apex edges
+        return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
+
+
+@dataclass
+class SynthSet:
+    """What `synth_shapes` wrote: the folder, data.txt, annotation.json, clip count, held-out prompts."""
+
+    root: Path
+    data_txt: Path
+    annotation: Path
+    videos: int
+    heldout_prompts: list[str]
+
+
+def _combos() -> list[tuple[str, str, str, str]]:
+    return [
+        (c, s, d, b)
+        for c, s, d, b in itertools.product(COLORS, SHAPES, DIRECTIONS, BACKGROUNDS)
+        if c != b  # same-coloured shape and background: invisible
+    ]
+
+
+def _split(videos: int, rng: np.random.Generator) -> tuple[list, list]:
+    """(training combination per clip, held-out combinations); held-out ones never appear in training.
+
+    Held-out combinations are preferably ones whose colour, shape, direction and background each occur
+    in training, so the demo tests composing seen parts, not unseen words.
+    """
+    combos = [_combos()[i] for i in rng.permutation(len(_combos()))]
+    pool = len(combos) - NUM_HELDOUT
+    if videos >= pool:  # every combination but the held-out ones, cycled
+        return [combos[i % pool] for i in range(videos)], combos[pool:]
+    train = combos[:videos]
+    seen = [set(parts) for parts in zip(*train)]
+    rest = combos[videos:]
+    covered = [c for c in rest if all(p in s for p, s in zip(c, seen))]
+    held = (covered + [c for c in rest if c not in covered])[:NUM_HELDOUT]
+    return train, held
+
+
+def render_shape_video(
+    color: str, shape: str, direction: str, background: str, num_frames: int, height: int, width: int, rng
+) -> np.ndarray:
+    """Frames (T, H, W, 3) float in [0, 1] of a shape crossing the frame in `direction`.
+
+    The shape's half-size is ~1/6 of the short side; it travels about half the frame along the
+    direction, from a random start, at a random position across it. Example:
+    `render_shape_video("red", "circle", "left", "black", 17, 64, 64, np.random.default_rng(0))`.
+    """
+    r = max(3.0, min(height, width) / 6 * rng.uniform(0.85, 1.15))
+    dx, dy = DIRECTIONS[direction]
+    along = width if dx else height
+    across = height if dx else width
+    travel = along * rng.uniform(0.45, 0.6)  # pixels over the clip
+    start = rng.uniform(r + 1, along - r - 1 - travel) if along - 2 * r - 2 > travel else (along - travel) / 2
+    side = rng.uniform(r + 1, across - r - 1)
+    bg = np.array(BACKGROUNDS[background], np.float32) / 255
+    fg = np.array(COLORS[color], np.float32) / 255
+    frames = np.empty((num_frames, height, width, 3), np.float32)
+    for t in range(num_frames):
+        pos = start + travel * t / max(num_frames - 1, 1)
+        if dx < 0 or dy < 0:  # moving toward 0: run the same path backwards
+            pos = along - pos
+        cx, cy = (pos, side) if dx else (side, pos)
+        frames[t] = bg
+        frames[t][shape_mask(shape, cx, cy, r, height, width)] = fg
+    return frames
+
+
+def synth_shapes(
+    outdir: str | os.PathLike,
+    videos: int = 64,
+    num_frames: int = 17,
+    height: int = 64,
+    width: int = 64,
+    fps: float = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> SynthSet:
+    """Write a synthetic text-to-video set of moving shapes in the MindSpeed layout.
+
+    Files: `videos/000000.mp4 ...` (H.264), `annotation.json` (a list of {"path", "cap", "num_frames",
+    "fps", "resolution": {"height", "width"}}, paths relative to OUTDIR), `data.txt` (one line
+    `<OUTDIR>,<OUTDIR>/annotation.json`, absolute paths) and `heldout_prompts.json` (captions of
+    combinations kept out of training, for generation demos).
+
+    Example: `synth_shapes("data/shapes", videos=64, num_frames=17, height=64, width=64, fps=16)`.
+    """
+    if videos < 1:
+        raise ValueError(f"videos={videos} must be >= 1.")
+    if num_frames < 2:
+        raise ValueError(f"num_frames={num_frames} must be >= 2 for a shape to move.")
+    if height < 16 or width < 16:
+        raise ValueError(f"height={height}, width={width}: use at least 16 x 16 pixels.")
+    if not fps > 0:
+        raise ValueError(f"fps={fps} must be > 0.")
+    root = Path(outdir).resolve()
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train, held = _split(videos, rng)
+
+    items = []
+    for i, combo in enumerate(tqdm(train, desc="synth shapes", unit="video", disable=not progress)):
+        clip_rng = np.random.default_rng([seed, i])  # one stream per clip: clip i is the same for any count
+        frames = render_shape_video(*combo, num_frames, height, width, clip_rng)
+        rel = f"videos/{i:06d}.mp4"
+        save_video(frames, root / rel, fps=fps)
+        items.append(
+            {
+                "path": rel,
+                "cap": caption(*combo),
+                "num_frames": num_frames,
+                "fps": fps,
+                "resolution": {"height": height, "width": width},
+            }
+        )
+    annotation = root / "annotation.json"
+    annotation.write_text(json.dumps(items, indent=1) + "\n")
+    data_txt = root / "data.txt"
+    data_txt.write_text(f"{root},{annotation}\n")
+    prompts = [caption(*c) for c in held]
+    (root / "heldout_prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
+    return SynthSet(root, data_txt, annotation, len(items), prompts)
+
+
+QA_POSITIONS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+QA_KINDS = ("color", "shape", "position", "count")
+_NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+def _qa(kind: str, objects: list[tuple[str, str, str]], rng) -> tuple[str, str]:
+    """(question, answer) about objects [(color, shape, position)] of one image."""
+    color, shape, where = objects[rng.integers(len(objects))]
+    if kind == "color":
+        return f"What color is the {shape}?", color
+    if kind == "shape":
+        return f"What shape is the {color} object?", shape
+    if kind == "position":
+        return f"Where is the {color} {shape}?", where
+    n = len(objects)
+    return "How many shapes are in the image?", _NUMBERS[n]
+
+
+def synth_shapes_qa(
+    outdir: str | os.PathLike,
+    images: int = 64,
+    size: int = 112,
+    turns: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write PNG images of 1-3 shapes and messages-format Q&A about them; returns the qa.json path.
+
+    Each image has shapes of distinct colours and kinds, one per quadrant, on a black background.
+    Each record asks `turns` questions (colour, shape, position, count; kinds rotate over records):
+    {"messages": [{"role": "user", "content": "<image>What color is the square?"},
+                  {"role": "assistant", "content": "red"}], "images": ["images/000000.png"]}
+    Image paths are relative to OUTDIR, where qa.json lies (SFTDataset's default media root).
+
+    Example: `synth_shapes_qa("data/shapes_qa", images=256, size=112)`.
+    """
+    if images < 1:
+        raise ValueError(f"images={images} must be >= 1.")
+    if size < 32:
+        raise ValueError(f"size={size}: use at least 32 pixels.")
+    if turns < 1:
+        raise ValueError(f"turns={turns} must be >= 1.")
+    root = Path(outdir).resolve()
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in tqdm(range(images), desc="synth shapes-qa", unit="image", disable=not progress):
+        rng = np.random.default_rng([seed, i])
+        n = int(rng.integers(1, 4))
+        colors = rng.choice(list(COLORS), n, replace=False).tolist()
+        shapes = rng.choice(SHAPES, n, replace=False).tolist()
+        wheres = rng.choice(list(QA_POSITIONS), n, replace=False).tolist()
+        img = np.zeros((size, size, 3), np.uint8)
+        half = size / 2
+        for c, s, w in zip(colors, shapes, wheres):
+            row, col = QA_POSITIONS[w]
+            r = half * rng.uniform(0.25, 0.35)
+            cx = col * half + rng.uniform(r + 1, half - r - 1)
+            cy = row * half + rng.uniform(r + 1, half - r - 1)
+            img[shape_mask(s, cx, cy, r, size, size)] = COLORS[c]
+        rel = f"images/{i:06d}.png"
+        Image.fromarray(img).save(root / rel)
+        objects = list(zip(colors, shapes, wheres))
+        messages = []
+        for t in range(turns):
+            question, answer = _qa(QA_KINDS[(i * turns + t) % len(QA_KINDS)], objects, rng)
+            messages.append({"role": "user", "content": ("<image>" if t == 0 else "") + question})
+            messages.append({"role": "assistant", "content": answer})
+        records.append({"messages": messages, "images": [rel]})
+    path = root / "qa.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path

@@ -1,0 +1,124 @@
+"""Wan2.1 training task: a batch of videos + captions in, a diffusion loss out.
+
+The task owns the frozen parts (umT5, VAE, CLIP for i2v; borrowed from the inference pipeline so
+that training and sampling condition the DiT identically) and the trainable DiT. The trainer only
+sees `task.model` (what it optimises, checkpoints and parallelises) and `task.loss(batch, g)`.
+
+Objectives:
+- "flow" (Wan2.1): x_t = (1 - sigma) x0 + sigma * eps, target eps - x0, sigma uniform or
+  logit-normal then shifted; the DiT sees timestep 1000 * sigma.
+- "v_pred_zero_snr" (OpenSoraPlan 1.3): DDPM with zero-terminal-SNR rescaled betas, integer
+  timesteps, v-target, optional min-SNR-gamma weights.
+i2v conditions on the first frame exactly as Wan does (4 mask channels + latents of the first
+frame followed by zeros, concatenated to the noisy latents; CLIP tokens of the first frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmkit.train import losses as L
+
+
+@dataclass
+class WanTaskConfig:
+    task: str = "t2v"  # t2v | i2v
+    loss: str = "flow"  # flow | v_pred_zero_snr
+    timestep_sampling: str = "uniform"  # uniform | logit_normal (flow)
+    flow_shift: float = 1.0  # training-time shift of sigma (flow)
+    text_dropout: float = 0.1  # probability of replacing the caption with "" (classifier-free guidance)
+    min_snr_gamma: float | None = None  # v_pred_zero_snr: min-SNR weighting, None = off
+
+
+@dataclass
+class LossOut:
+    """Summed loss and the count it averages over, plus throughput counters for metrics."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor | int
+    samples: int
+    tokens: int
+
+
+class WanTask:
+    """Example:
+    task = WanTask(dit, pipe, WanTaskConfig(task="t2v"))
+    out = task.loss({"video": v, "caption": caps}, torch.Generator().manual_seed(0))
+    (out.loss_sum / out.count).backward()
+    """
+
+    def __init__(self, model, encoders, cfg: WanTaskConfig):
+        if cfg.task not in ("t2v", "i2v"):
+            raise ValueError(f"model.task={cfg.task!r}: Wan trains 't2v' or 'i2v'")
+        if cfg.loss not in ("flow", "v_pred_zero_snr"):
+            raise ValueError(f"train.loss={cfg.loss!r}: choose 'flow' or 'v_pred_zero_snr'")
+        if not 0.0 <= cfg.text_dropout <= 1.0:
+            raise ValueError(f"data.text_dropout={cfg.text_dropout}: must be in [0, 1]")
+        self.model, self.enc, self.cfg = model, encoders, cfg
+        self.alphas_cumprod = L.zero_snr_alphas_cumprod() if cfg.loss == "v_pred_zero_snr" else None
+        self._empty_ctx = None
+
+    # ---- frozen conditioning (no grad) -----------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalized latents (B, C, T_lat, H_lat, W_lat), float32."""
+        vae = self.enc.vae
+        lat = vae.encode(video.to(self.enc.device, torch.float32)).latent_dist.mode()
+        mean, std = self.enc._latent_stats(lat.device)
+        return (lat - mean) / std
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
+        """umT5 features (B, 512, text_dim); captions where `drop` is True become the empty prompt."""
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return self.enc.encode_prompt(captions)
+
+    @torch.no_grad()
+    def image_condition(self, video: torch.Tensor, num_frames: int):
+        """i2v: (mask + first-frame latents (B, 4 + C, T_lat, H_lat, W_lat), CLIP tokens (B, N, D))."""
+        first = video[:, :, 0]  # (B, 3, H, W) in [-1, 1]
+        cond = self.enc.condition_latents(first, first.shape[-2], first.shape[-1], num_frames)
+        u8 = ((first.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        clip = self.enc.encode_image([Image.fromarray(np.ascontiguousarray(f)) for f in u8])
+        return cond, clip
+
+    # ---- the loss --------------------------------------------------------------------------
+    def loss(self, batch: dict, generator: torch.Generator) -> LossOut:
+        """`batch`: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str] * B} or precomputed
+        {"latents", "text_context"[, "cond", "image_context"]}. Randomness (dropout, timesteps,
+        noise) comes only from `generator`, so a run is reproducible bit for bit."""
+        if "latents" in batch:
+            x0, ctx = batch["latents"].float(), batch["text_context"]
+            cond, clip = batch.get("cond"), batch.get("image_context")
+        else:
+            video = batch["video"]
+            B = video.shape[0]
+            drop = torch.rand(B, generator=generator) < self.cfg.text_dropout
+            x0 = self.encode_video(video)
+            ctx = self.encode_text(list(batch["caption"]), drop)
+            cond = clip = None
+            if self.cfg.task == "i2v":
+                cond, clip = self.image_condition(video, video.shape[2])
+        B = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        weight = None
+        if self.cfg.loss == "flow":
+            sigma = L.sample_flow_sigmas(B, self.cfg.timestep_sampling, self.cfg.flow_shift, generator)
+            xt, target = L.flow_noisy(x0, noise, sigma.to(x0.device))
+            timestep = sigma.to(x0.device) * 1000
+        else:
+            t = torch.randint(0, len(self.alphas_cumprod), (B,), generator=generator)
+            xt, target = L.v_noisy(x0, noise, t.to(x0.device), self.alphas_cumprod)
+            timestep = t.to(x0.device).float()
+            if self.cfg.min_snr_gamma:
+                weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(x0.device)
+        x_in = torch.cat([xt, cond], dim=1) if cond is not None else xt
+        pred = self.model(x_in, timestep, ctx, clip)
+        total, count = L.mse_sum(pred, target, weight=weight)
+        pt, ph, pw = self.model.cfg.patch_size
+        tokens = B * (x0.shape[2] // pt) * (x0.shape[3] // ph) * (x0.shape[4] // pw)
+        return LossOut(total, count, B, tokens)
