@@ -28,12 +28,16 @@ import difflib
 import json
 import os
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -129,7 +133,9 @@ class TrainConfig:
     timestep_sampling: str = _f("uniform", "video: how training timesteps are drawn: uniform or logit_normal")
     logit_mean: float = _f(0.0, "logit_normal timestep sampling: mean of the normal before the sigmoid")
     logit_std: float = _f(1.0, "logit_normal timestep sampling: std of the normal before the sigmoid (> 0)")
-    flow_shift: float = _f(5.0, "video: shift of the flow-matching sigma schedule, sigma' = s*sigma/(1+(s-1)*sigma)")
+    flow_shift: float = _f(
+        5.0, "video: shift of the flow-matching sigma schedule, sigma' = s*sigma/(1+(s-1)*sigma)"
+    )
 
 
 @dataclass
@@ -156,10 +162,12 @@ class CheckpointConfig:
     keep_last: int = _f(0, "keep only the newest K step folders; 0 = keep all")
     no_save_rng: bool = _f(False, "do not save RNG states (MindSpeed --no-save-rng)")
     no_load_optim: bool = _f(
-        False, "on resume, load weights, step and data position but not optimizer / LR state (--no-load-optim)"
+        False,
+        "on resume, load weights, step and data position but not optimizer / LR state (--no-load-optim)",
     )
     resume: str = _f(
-        "auto", "auto (latest in dir, if any), none (start fresh) or a path (a step_N folder or a checkpoint dir)"
+        "auto",
+        "auto (latest in dir, if any), none (start fresh) or a path (a step_N folder or a checkpoint dir)",
     )
 
 
@@ -169,19 +177,26 @@ class ParallelConfig:
 
     dp_replicate: int = _f(1, "data-parallel replicas (HSDP's replicate dimension when dp_shard > 1)")
     dp_shard: int = _f(
-        -1, "data-parallel shards (FSDP2: params, grads and optimizer state sharded); -1 = fill the world size"
+        -1,
+        "data-parallel shards (FSDP2: params, grads and optimizer state sharded); -1 = fill the world size",
     )
     tp: int = _f(1, "tensor-parallel degree")
-    sequence_parallel: bool | None = _f(None, "shard norms/dropout over the sequence with tp; unset = on when tp > 1")
+    sequence_parallel: bool | None = _f(
+        None, "shard norms/dropout over the sequence with tp; unset = on when tp > 1"
+    )
     pp: int = _f(1, "pipeline-parallel stages")
     pp_layers: list[int] | list[list[int]] | None = _f(
         None, "layers per pipeline stage, e.g. [12,16]; nested lists for virtual stages; unset = even split"
     )
     pp_schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b or interleaved_1f1b")
     cp: int = _f(1, "context-parallel degree (the sequence is split over cp processes)")
-    cp_algo: str = _f("ulysses", "context-parallel algorithm: ulysses, ring or hybrid (ulysses inside, ring across)")
+    cp_algo: str = _f(
+        "ulysses", "context-parallel algorithm: ulysses, ring or hybrid (ulysses inside, ring across)"
+    )
     ulysses_degree: int | None = _f(None, "hybrid cp: size of the Ulysses groups (divides cp)")
-    ring_window: int | None = _f(None, "ring cp: inner window size for the double-ring variant; unset = single ring")
+    ring_window: int | None = _f(
+        None, "ring cp: inner window size for the double-ring variant; unset = single ring"
+    )
 
 
 @dataclass
@@ -189,7 +204,9 @@ class LoggingConfig:
     """Console, JSONL, TensorBoard (mmkit/train/metrics.py)."""
 
     log_interval: int = _f(10, "write metrics (console line, JSONL, TensorBoard) every this many steps")
-    metrics_file: str | None = _f(None, "JSONL metrics file, one line per logged step (alias: --metrics-file)")
+    metrics_file: str | None = _f(
+        None, "JSONL metrics file, one line per logged step (alias: --metrics-file)"
+    )
     tensorboard_dir: str | None = _f(None, "folder for TensorBoard event files; unset = no TensorBoard")
     log_tps: bool = _f(False, "show tokens/s on the console line (alias: --log-tps); the JSONL always has it")
     peak_tflops: float | None = _f(
@@ -222,8 +239,7 @@ class Config:
         return self.train.global_batch // (self.train.micro_batch * self.dp_size)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
-SECTIONS = {name: typing.get_type_hints(Config)[name] for name in SECTIONS}
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
 # Flags tooling uses without the section prefix.
 ALIASES = {"metrics-file": "logging.metrics_file", "log-tps": "logging.log_tps"}
 
@@ -291,17 +307,18 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+        ):
             return None
-        errors = []
         for arm in args:
             if arm is type(None):
                 continue
             try:
                 return coerce(value, arm, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)} ({errors[-1].split(': ', 1)[-1]})")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
     if origin is list:
         (elem,) = typing.get_args(tp)
         items = value
@@ -342,7 +359,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, os.PathLike):
             return os.fspath(value)
-        raise ConfigError(f"{where}={value!r}: expected a string; quote it in the file, e.g. \"{value}\"")
+        raise ConfigError(f'{where}={value!r}: expected a string; quote it in the file, e.g. "{value}"')
     raise AssertionError(f"{where}: unsupported field type {tp}")
 
 
@@ -366,7 +383,7 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
         others = [n for n in field_names() if n.split(".")[1] == name]
         if others:
             raise ConfigError(f"unknown field {dotted!r}; did you mean {others[0]!r}?")
-        raise _unknown(f"field in [{section}]", name, list(hints))
+        raise _unknown("field", f"{section}.{name}", [f"{section}.{n}" for n in hints], field_names())
     setattr(getattr(cfg, section), name, coerce(value, hints[name], f"{section}.{name}"))
 
 
@@ -375,13 +392,14 @@ def config_from_dict(d: dict, base: Config | None = None, source: str = "config"
 
     Example: `config_from_dict({"train": {"steps": 10}})`.
     """
-    cfg = dataclasses.replace(base) if base is not None else Config()
-    cfg = _deepcopy(cfg)
+    cfg = _copy(base or Config())
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a table of sections, got {type(d).__name__}")
     for section, values in d.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: " + str(_unknown("config section", section, list(SECTIONS), field_names())))
+            raise ConfigError(
+                f"{source}: " + str(_unknown("config section", section, list(SECTIONS), field_names()))
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of fields, got {values!r}")
         for name, value in values.items():
@@ -392,7 +410,7 @@ def config_from_dict(d: dict, base: Config | None = None, source: str = "config"
     return cfg
 
 
-def _deepcopy(cfg: Config) -> Config:
+def _copy(cfg: Config) -> Config:
     return Config(**{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
 
 
@@ -461,7 +479,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]
             continue
         key = ALIASES.get(key, key)
         if "." not in key:
-            raise _unknown("option", f"--{key}", [f"--{n}" for n in field_names()] + [f"--{a}" for a in ALIASES])
+            raise _unknown(
+                "option", f"--{key}", [f"--{n}" for n in field_names()] + [f"--{a}" for a in ALIASES]
+            )
         pairs.append((key, value))
     return config_path, pairs
 
@@ -525,18 +545,34 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if getattr(getattr(cfg, section), fld) not in choices:
             bad(name, f"choose one of {', '.join(choices)}")
 
-    m, d, t, o, c, p, lg = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.parallel, cfg.logging
+    m, d, t, o, c, p, lg = (
+        cfg.model,
+        cfg.data,
+        cfg.train,
+        cfg.optim,
+        cfg.checkpoint,
+        cfg.parallel,
+        cfg.logging,
+    )
     if m.family in _TASKS:
         if m.task not in _TASKS[m.family]:
             bad("model.task", f"family {m.family!r} supports task {' or '.join(_TASKS[m.family])}")
         if m.init_from is None and m.flavor not in (flavors := _model_flavors(m.family)):
-            bad("model.flavor", f"unknown {m.family} flavor; choose one of {', '.join(flavors)} or set init_from")
+            bad(
+                "model.flavor",
+                f"unknown {m.family} flavor; choose one of {', '.join(flavors)} or set init_from",
+            )
     if m.init_from is not None and not Path(m.init_from).is_dir():
-        bad("model.init_from", "no such folder; give a Hugging Face model folder (with config.json or model_index.json)")
+        bad(
+            "model.init_from",
+            "no such folder; give a Hugging Face model folder (with config.json or model_index.json)",
+        )
     if m.ac_every_k < 1:
         bad("model.ac_every_k", "must be >= 1 (1 = every block)")
     if m.family == "wan" and any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
-        errs.append("model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for wan")
+        errs.append(
+            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for wan"
+        )
 
     video = m.family == "wan"
     for i, path in enumerate(d.paths):
@@ -545,11 +581,17 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if video:
         if d.num_frames < 1 or (d.num_frames - 1) % 4:
             k = max(0, round((d.num_frames - 1) / 4))
-            bad("data.num_frames", f"must be 4k+1 (the VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}")
+            bad(
+                "data.num_frames",
+                f"must be 4k+1 (the VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}",
+            )
         for name in ("height", "width"):
             v = getattr(d, name)
             if v < 16 or v % 16:
-                bad(f"data.{name}", f"must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}")
+                bad(
+                    f"data.{name}",
+                    f"must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}",
+                )
         if d.train_fps <= 0:
             bad("data.train_fps", "must be > 0 frames per second")
         if not 0.0 <= d.text_dropout <= 1.0:
@@ -604,7 +646,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if c.keep_last < 0:
         bad("checkpoint.keep_last", "must be >= 0 (0 = keep all)")
     if c.resume not in ("auto", "none") and not Path(c.resume).exists():
-        bad("checkpoint.resume", "no such checkpoint; use auto, none, or an existing step_N folder / checkpoint dir")
+        bad(
+            "checkpoint.resume",
+            "no such checkpoint; use auto, none, or an existing step_N folder / checkpoint dir",
+        )
 
     sizes_ok = True
     for name in ("dp_replicate", "tp", "pp", "cp"):
@@ -635,7 +680,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if p.cp_algo == "hybrid" and p.cp >= 1:
         u = p.ulysses_degree
         if u is None or u < 1 or p.cp % u:
-            bad("parallel.ulysses_degree", f"hybrid cp needs a Ulysses group size that divides cp={p.cp}, e.g. 2")
+            bad(
+                "parallel.ulysses_degree",
+                f"hybrid cp needs a Ulysses group size that divides cp={p.cp}, e.g. 2",
+            )
     if p.ring_window is not None and p.ring_window < 1:
         bad("parallel.ring_window", "must be >= 1, or unset for a single ring")
 

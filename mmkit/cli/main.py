@@ -13,6 +13,7 @@ COMMANDS = {
     "chat": ("mmkit.cli.chat", "chat with a Qwen2.5-VL model about images and videos"),
     "data": ("mmkit.cli.data", "dataset tools: convert LLaVA/ShareGPT data to the messages format"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
+    "plot": ("mmkit.cli.plot", "plot a training metric (loss, ...) from a metrics JSONL file to PNG"),
 }
 
 

@@ -25,16 +25,17 @@ from tqdm import tqdm
 
 from mmkit.infer.media import save_video
 
-# RGB uint8. Shape colours and backgrounds share names where they share a colour ("blue"); such a pair
-# is never drawn (a blue circle on a blue background would be invisible).
+# RGB uint8. Every shape colour differs from every background by >= 40 in luma (BT.601), so edges stay
+# sharp after H.264's half-resolution chroma. A shape colour and a background sharing a name ("blue")
+# are never paired.
 COLORS = {
     "red": (230, 40, 40),
-    "green": (40, 200, 60),
+    "green": (30, 160, 50),
     "blue": (50, 90, 240),
-    "yellow": (240, 220, 40),
+    "yellow": (250, 230, 30),
     "white": (245, 245, 245),
 }
-BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "blue": (30, 50, 150)}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (170, 170, 170), "blue": (20, 30, 110)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downward
 NUM_HELDOUT = 4

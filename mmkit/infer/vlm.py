@@ -11,10 +11,12 @@ generation utilities.
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mmkit.models.qwen2_5_vl.model import padding_mask
 
@@ -99,6 +101,37 @@ def sample(
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def use_onednn_linear(model: torch.nn.Module, min_rows: int = 16) -> int:
+    """CPU fp32 speed-up: run every nn.Linear of `model` through oneDNN when the input has >= `min_rows`
+    rows (prefill, vision); smaller inputs (decode) keep PyTorch's default BLAS path.
+
+    On a 2-core AMD EPYC, oneDNN's fp32 GEMM measured ~200 GFLOP/s vs 70-170 for the default MKL
+    path; results differ only by summation order (~1e-6 relative). Installed on the module instances
+    (the model code is untouched); a no-op without oneDNN. Returns the number of layers switched.
+    Example: `use_onednn_linear(model)` before `generate(model, ...)` on CPU.
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return 0
+    fast = torch.ops.mkldnn._linear_pointwise
+
+    def forward(self, x):
+        w = self.weight
+        if (
+            x.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32
+            and x.numel() >= min_rows * x.shape[-1]
+        ):
+            return fast(x, w, self.bias, "none", [], "")
+        return F.linear(x, w, self.bias)
+
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    return n
 
 
 def _sync(dev: torch.device) -> None:

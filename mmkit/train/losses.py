@@ -43,7 +43,9 @@ def sample_flow_sigmas(
     return shift_sigma(u, shift).float()
 
 
-def flow_noisy(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_noisy(
+    x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, target) for rectified flow; sigma (B,) broadcast over (B, C, T, H, W)."""
     s = sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
@@ -129,4 +131,6 @@ def next_token_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 def logit_normal_pdf(sigma: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """Density of the logit-normal distribution (for plots/tests of the timestep sampler)."""
     logit = torch.log(sigma / (1 - sigma))
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * sigma * (1 - sigma))
+    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (
+        std * math.sqrt(2 * math.pi) * sigma * (1 - sigma)
+    )

@@ -115,7 +115,9 @@ class WanTask:
             xt, target = L.v_noisy(x0, noise, t.to(x0.device), self.alphas_cumprod)
             timestep = t.to(x0.device).float()
             if self.cfg.min_snr_gamma:
-                weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(x0.device)
+                weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(
+                    x0.device
+                )
         x_in = torch.cat([xt, cond], dim=1) if cond is not None else xt
         pred = self.model(x_in, timestep, ctx, clip)
         total, count = L.mse_sum(pred, target, weight=weight)

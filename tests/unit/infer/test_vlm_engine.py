@@ -6,7 +6,7 @@ import pytest
 import torch
 from qwen2_5_vl_helpers import left_pad, pixels, prompt
 
-from mmkit.infer.vlm import KVCache, SamplingParams, generate, sample
+from mmkit.infer.vlm import KVCache, SamplingParams, generate, sample, use_onednn_linear
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
 
@@ -102,3 +102,21 @@ def test_kv_cache_overflow_is_an_error():
     cache.advance(3)
     with pytest.raises(ValueError, match="KV cache full"):
         cache.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_onednn_linear_keeps_logits_and_tokens():
+    m = Qwen2_5_VLModel(tiny_config())
+    perturbed_init(m, seed=2)
+    inputs = _image_prompt(m.eval(), 6)
+    with torch.no_grad():
+        before = m(
+            inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        )
+    tokens = generate(m, inputs, SamplingParams(max_new_tokens=8)).tokens
+    assert use_onednn_linear(m) == sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+    with torch.no_grad():
+        after = m(
+            inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        )
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert generate(m, inputs, SamplingParams(max_new_tokens=8)).tokens == tokens

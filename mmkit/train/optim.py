@@ -1,0 +1,111 @@
+"""AdamW over the trainable parameters, with weight decay only where it belongs.
+
+What this provides (and what the trainer chooses):
+- `build_optimizer(model, cfg.optim)`: `torch.optim.AdamW` with two parameter groups, "decay" and
+  "no_decay". No decay on biases, norm weights, any parameter with fewer than 2 dimensions, positional
+  tables (`pos_embed`, `position_embedding`) and the AdaLN modulation tables of DiTs (`modulation`,
+  `scale_shift_table`: per-channel shift/scale offsets, biases in all but shape). Frozen parameters
+  (`requires_grad=False`) are left out.
+- fp32 master weights: the trainable parameters must be float32 and stay float32; the optimizer
+  updates them in fp32. bf16 compute is the trainer's `torch.autocast(device, torch.bfloat16)` around
+  forward + loss (or, with FSDP2 in mmkit/parallel, a MixedPrecisionPolicy with param_dtype=bf16,
+  reduce_dtype=fp32, which also keeps the sharded fp32 parameters as the master copy). A bf16
+  trainable parameter would make every update round to 8 bits of mantissa, so it is refused here.
+- `clip_grad_norm_`: the global gradient norm as a Python float, DTensor-aware (FSDP2/TP shards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# Name fragments of parameters that get no weight decay regardless of shape.
+NO_DECAY_NAME_PATTERNS = (
+    "pos_embed",
+    "position_embedding",
+    "pos_embedding",
+    "modulation",
+    "scale_shift_table",
+)
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Model code defines its own RMSNorm classes; their names say what they are.
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_patterns: Iterable[str] = NO_DECAY_NAME_PATTERNS
+) -> list[dict]:
+    """Trainable parameters split into `[{"params", "weight_decay", "names"}, ...]` (decay, then no_decay).
+
+    Empty groups are dropped. `names` lists each group's parameter names (for tests and logs; pop it
+    before handing the groups to an optimizer, which `build_optimizer` does).
+    Example: `[g["names"] for g in param_groups(model, 0.01)]`.
+    """
+    patterns = tuple(no_decay_patterns)
+    decay, no_decay = ([], []), ([], [])
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights appear once
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            skip = p.ndim < 2 or _is_norm(module) or any(pat in name for pat in patterns)
+            target = no_decay if skip else decay
+            target[0].append(p)
+            target[1].append(name)
+    groups = [
+        {"params": ps, "weight_decay": wd, "names": names}
+        for (ps, names), wd in ((decay, weight_decay), (no_decay, 0.0))
+        if ps
+    ]
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters from an `OptimConfig` (lr, betas, eps, weight_decay).
+
+    Raises ValueError when nothing is trainable or a trainable parameter is not float32 (fp32 master
+    weights are required; bf16 compute comes from autocast).
+    Example: `opt = build_optimizer(model, cfg.optim)`.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ValueError(
+            "optimizer: the model has no trainable parameters; check model.freeze_vision/freeze_merger/freeze_llm"
+        )
+    for g in groups:
+        for p, name in zip(g["params"], g["names"]):
+            if p.dtype != torch.float32:
+                raise ValueError(
+                    f"optimizer: trainable parameter {name!r} is {p.dtype}; trainable weights must be float32 "
+                    "(fp32 master weights). Keep the model in fp32 and set train.mixed_precision=bf16 for bf16 compute"
+                )
+        del g["names"]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of the gradients (before clipping) as a float; clips in place when max_norm > 0.
+
+    Works for plain tensors and DTensors (FSDP2 / TP shards: the norm is reduced over the mesh).
+    Example: `grad_norm = clip_grad_norm_(model.parameters(), cfg.train.grad_clip)`.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+    if hasattr(norm, "full_tensor"):  # a DTensor: partial norms reduced over the mesh
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,194 @@
+"""Synthetic sets: exact MindSpeed / messages formats, captions and answers that match the pixels."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmkit.cli.main import main
+from mmkit.data.sft import IGNORE_INDEX, SFTDataset
+from mmkit.data.synth import (
+    BACKGROUNDS,
+    COLORS,
+    NUM_HELDOUT,
+    QA_POSITIONS,
+    _combos,
+    _split,
+    synth_shapes,
+    synth_shapes_qa,
+)
+from mmkit.data.video import VideoDataset
+from mmkit.infer.media import read_video
+from mmkit.models.qwen2_5_vl.processor import Qwen2_5_VLProcessor
+from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+CAPTION = re.compile(r"a (\w+) (circle|square|triangle) moves (left|right|up|down) on a (\w+) background")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return synth_shapes(
+        tmp_path_factory.mktemp("shapes"),
+        videos=8,
+        num_frames=9,
+        height=64,
+        width=64,
+        fps=8,
+        seed=3,
+        progress=False,
+    )
+
+
+def nearest(rgb, table) -> str:
+    return min(table, key=lambda k: np.abs(np.asarray(table[k], float) - rgb).sum())
+
+
+def classify(mask: np.ndarray) -> str:
+    """circle / square / triangle from how much of its bounding box a blob fills (pi/4, 1, 1/2)."""
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
+
+def test_files_and_annotation_format_exactly(shapes):
+    root = shapes.root
+    assert shapes.data_txt.read_text() == f"{root},{root / 'annotation.json'}\n"
+    items = json.loads(shapes.annotation.read_text())
+    assert len(items) == shapes.videos == 8
+    for i, it in enumerate(items):
+        assert set(it) == {"path", "cap", "num_frames", "fps", "resolution"}
+        assert it["path"] == f"videos/{i:06d}.mp4"
+        assert CAPTION.fullmatch(it["cap"])
+        assert (it["num_frames"], it["fps"], it["resolution"]) == (9, 8, {"height": 64, "width": 64})
+        assert read_video(root / it["path"]).shape == (9, 64, 64, 3)
+    assert json.loads((root / "heldout_prompts.json").read_text()) == shapes.heldout_prompts
+    ds = VideoDataset(shapes.data_txt, num_frames=9, height=32, width=32, train_fps=8, progress=False)
+    assert len(ds) == 8 and ds[0]["video"].shape == (3, 9, 32, 32) and ds[0]["caption"] == items[0]["cap"]
+
+
+def test_captions_match_the_drawn_video(shapes):
+    for it in json.loads(shapes.annotation.read_text()):
+        color, shape, direction, background = CAPTION.fullmatch(it["cap"]).groups()
+        frames = read_video(shapes.root / it["path"]).astype(float)  # (T, H, W, 3)
+        assert nearest(frames[0, 0, 0], BACKGROUNDS) == background  # a corner is background
+        dist = np.abs(frames - np.asarray(BACKGROUNDS[background], float)).sum(-1)  # (T, H, W)
+        fg = dist > dist.max() / 2  # half the contrast: the edge blur of H.264 falls on either side
+        assert nearest(frames[fg].mean(0), COLORS) == color
+        assert classify(fg[len(fg) // 2]) == shape
+        ys, xs = zip(*(np.nonzero(m) for m in fg[[0, -1]]))
+        move = np.array([xs[1].mean() - xs[0].mean(), ys[1].mean() - ys[0].mean()])  # pixels (x, y)
+        want = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+        assert move @ np.array(want) > 20  # ~half of 64 pixels along the direction
+        assert abs(move @ np.array(want[::-1])) < 2  # and none across it
+
+
+def test_heldout_prompts_never_in_training(shapes):
+    train = {it["cap"] for it in json.loads(shapes.annotation.read_text())}
+    assert len(shapes.heldout_prompts) == NUM_HELDOUT
+    assert not train & set(shapes.heldout_prompts)
+    # held-out combinations reuse words seen in training when possible
+    for prompt in shapes.heldout_prompts:
+        words = CAPTION.fullmatch(prompt).groups()
+        seen = [{CAPTION.fullmatch(c).groups()[k] for c in train} for k in range(4)]
+        assert sum(w in s for w, s in zip(words, seen)) >= 3
+    # with more clips than combinations, training cycles through all combinations but the held-out ones
+    combos, held = _split(400, np.random.default_rng(0))
+    assert set(combos) == set(_combos()) - set(held) and len(held) == NUM_HELDOUT
+    assert not any(c == b for c, _, _, b in _combos())  # no invisible blue-on-blue clip
+
+
+def test_deterministic_per_seed(tmp_path, shapes):
+    again = synth_shapes(
+        tmp_path / "a", videos=8, num_frames=9, height=64, width=64, fps=8, seed=3, progress=False
+    )
+    assert again.annotation.read_text() == shapes.annotation.read_text()
+    assert again.heldout_prompts == shapes.heldout_prompts
+    assert np.array_equal(
+        read_video(again.root / "videos/000005.mp4"), read_video(shapes.root / "videos/000005.mp4")
+    )
+    other = synth_shapes(
+        tmp_path / "b", videos=8, num_frames=9, height=64, width=64, fps=8, seed=4, progress=False
+    )
+    assert other.annotation.read_text() != shapes.annotation.read_text()
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    return synth_shapes_qa(
+        tmp_path_factory.mktemp("qa"), images=12, size=112, turns=2, seed=1, progress=False
+    )
+
+
+def objects_in(img: np.ndarray) -> dict[str, tuple[str, str]]:
+    """{colour: (shape, quadrant)} read back from a lossless PNG."""
+    out = {}
+    half = img.shape[0] / 2
+    for name, rgb in COLORS.items():
+        mask = (img == np.asarray(rgb, np.uint8)).all(-1)
+        if mask.any():
+            ys, xs = np.nonzero(mask)
+            where = [
+                k for k, (r, c) in QA_POSITIONS.items() if (r, c) == (ys.mean() > half, xs.mean() > half)
+            ]
+            out[name] = (classify(mask), where[0])
+    return out
+
+
+def test_qa_records_format_and_answers_match_the_image(qa):
+    records = json.loads(qa.read_text())
+    assert len(records) == 12
+    kinds = set()
+    for rec in records:
+        assert set(rec) == {"messages", "images"} and len(rec["images"]) == 1
+        msgs = rec["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * 2
+        assert msgs[0]["content"].startswith("<image>") and "<image>" not in msgs[2]["content"]
+        objs = objects_in(np.asarray(Image.open(qa.parent / rec["images"][0])))
+        for q, a in zip(msgs[::2], msgs[1::2]):
+            q, a = q["content"].removeprefix("<image>"), a["content"]
+            if m := re.fullmatch(r"What color is the (\w+)\?", q):
+                kinds.add("color")
+                assert objs[a][0] == m[1]
+            elif m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+                kinds.add("shape")
+                assert objs[m[1]][0] == a
+            elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+                kinds.add("position")
+                assert objs[m[1]] == (m[2], a)
+            else:
+                assert q == "How many shapes are in the image?"
+                kinds.add("count")
+                assert a == ["one", "two", "three"][len(objs) - 1]
+    assert kinds == {"color", "shape", "position", "count"}
+
+
+def test_qa_loads_in_sft_dataset(qa, tmp_path):
+    build_tiny_tokenizer(tmp_path / "tok")
+    proc = Qwen2_5_VLProcessor.from_pretrained(tmp_path / "tok")
+    ds = SFTDataset(str(qa), proc, progress=False)
+    assert len(ds) == 12 and not ds.stats
+    rec = json.loads(qa.read_text())[0]
+    it = ds[0]
+    assert it["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112 x 112 -> 8 x 8 patches of 14
+    answers = proc.decode(it["input_ids"][it["labels"] != IGNORE_INDEX])
+    assert answers == f"{rec['messages'][1]['content']}<|im_end|>{rec['messages'][3]['content']}<|im_end|>"
+
+
+def test_cli_synth(tmp_path, capsys):
+    args = ["--frames", "5", "--height", "16", "--width", "16", "--fps", "8", "--seed", "1", "--quiet"]
+    assert main(["data", "synth", "shapes", str(tmp_path / "v"), "--videos", "3", *args]) == 0
+    items = json.loads((tmp_path / "v/annotation.json").read_text())
+    assert len(items) == 3 and items[0]["num_frames"] == 5 and items[0]["fps"] == 8
+    assert (
+        main(["data", "synth", "shapes-qa", str(tmp_path / "q"), "--images", "2", "--seed", "1", "--quiet"])
+        == 0
+    )
+    assert len(json.loads((tmp_path / "q/qa.json").read_text())) == 2
+    assert "data.txt" in capsys.readouterr().out
+    assert (
+        main(["data", "synth", "shapes", str(tmp_path / "w"), "--videos", "0", "--quiet"]) == 2
+    )  # clear error
