@@ -750,7 +750,10 @@ def save_resolved(cfg: Config, directory: str | os.PathLike, name: str = "config
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / name
     tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
-    tmp.write_text(to_toml(cfg))
+    with open(tmp, "w") as f:
+        f.write(to_toml(cfg))
+        f.flush()
+        os.fsync(f.fileno())  # durable before the rename makes it visible
     os.replace(tmp, out)
     return out
 

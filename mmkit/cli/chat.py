@@ -48,14 +48,13 @@ def _reply(model, processor, messages, images, videos, params, stream: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmkit.infer.vlm import SamplingParams, use_onednn_linear
+    from mmkit.infer.vlm import SamplingParams
     from mmkit.models.qwen2_5_vl.load import load_vlm
 
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     params.validate()  # before the (slow) model load
     model, processor = load_vlm(args.model, device=args.device, dtype=args.dtype)
     params.eos_token_ids = tuple(model.cfg.eos_token_ids)
-    use_onednn_linear(model)  # CPU fp32 prefill speed-up; no-op elsewhere
     images, videos = list(args.image), list(args.video)
     if args.prompt is not None:
         msgs = [_user_message(args.prompt, len(images), len(videos))]

@@ -11,13 +11,12 @@ generation utilities.
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from mmkit.infer.accel.greedy import screened_head
 from mmkit.models.qwen2_5_vl.model import padding_mask
 
 
@@ -103,37 +102,6 @@ def sample(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def use_onednn_linear(model: torch.nn.Module, min_rows: int = 16) -> int:
-    """CPU fp32 speed-up: run every nn.Linear of `model` through oneDNN when the input has >= `min_rows`
-    rows (prefill, vision); smaller inputs (decode) keep PyTorch's default BLAS path.
-
-    On a 2-core AMD EPYC, oneDNN's fp32 GEMM measured ~200 GFLOP/s vs 70-170 for the default MKL
-    path; results differ only by summation order (~1e-6 relative). Installed on the module instances
-    (the model code is untouched); a no-op without oneDNN. Returns the number of layers switched.
-    Example: `use_onednn_linear(model)` before `generate(model, ...)` on CPU.
-    """
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return 0
-    fast = torch.ops.mkldnn._linear_pointwise
-
-    def forward(self, x):
-        w = self.weight
-        if (
-            x.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32
-            and x.numel() >= min_rows * x.shape[-1]
-        ):
-            return fast(x, w, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
-
-    n = 0
-    for m in model.modules():
-        if type(m) is torch.nn.Linear:
-            m.forward = types.MethodType(forward, m)
-            n += 1
-    return n
-
-
 def _sync(dev: torch.device) -> None:
     """Wait for queued kernels so timings are real (cuda, npu, ...); no-op on CPU."""
     mod = getattr(torch, dev.type, None)
@@ -147,13 +115,15 @@ def generate(
     inputs: dict[str, torch.Tensor],
     params: SamplingParams,
     on_token: Callable[[int, int], None] | None = None,
+    screen_greedy: bool = True,
 ) -> Generation:
     """Prefill the (left-padded) batch, then decode up to `params.max_new_tokens` tokens per row.
 
     `inputs`: the processor's output (input_ids, attention_mask, pixel_values, image_grid_thw,
     pixel_values_videos, video_grid_thw, second_per_grid_ts; extra keys are ignored).
     `on_token(row, token_id)` is called for each new token as soon as it is chosen (streaming).
-    A row stops after an EOS id; the batch stops when every row has.
+    A row stops after an EOS id; the batch stops when every row has. `screen_greedy` (temperature 0,
+    fp32 weights): pick the exact argmax via `accel.greedy.ScreenedArgmax` instead of full fp32 logits.
     Example:
         >>> out = generate(model, processor(prompt, images=[img]), SamplingParams(64, eos_token_ids=(eos,)))
         >>> processor.decode(out.tokens[0], skip_special_tokens=True)
@@ -192,14 +162,21 @@ def generate(
         gen = torch.Generator(device=dev).manual_seed(params.seed if params.seed is not None else 0)
     eos = torch.tensor(sorted(set(params.eos_token_ids)) or [-1], device=dev)
 
-    # 1) prefill: vision + whole prompt, logits of the last position only.
+    # greedy: exact fp32 argmax screened with a bf16 copy of the output matrix (half the bytes per token)
+    head = screened_head(model.language.lm_head) if params.temperature == 0 and screen_greedy else None
+
+    def pick(x, pos, m):  # one forward of the text model, then the next token per row
+        if head is not None:
+            return head(model.language(x, pos, m, cache, logits_to_keep=1, return_hidden=True)[:, -1])
+        logits = model.language(x, pos, m, cache, logits_to_keep=1)[:, -1]  # (B, V)
+        return sample(logits, params.temperature, params.top_p, gen)
+
+    # 1) prefill: vision + whole prompt, the last position only.
     embeds = model.embed(
         ids, pix["pixel_values"], pix["image_grid_thw"], pix["pixel_values_videos"], pix["video_grid_thw"]
     )
-    mask = padding_mask(attn, prompt_len) if padded else None
-    logits = model.language(embeds, positions, mask, cache, logits_to_keep=1)[:, -1]  # (B, V)
+    token = pick(embeds, positions, padding_mask(attn, prompt_len) if padded else None)  # (B,)
     cache.advance(prompt_len)
-    token = sample(logits, params.temperature, params.top_p, gen)  # (B,)
     _sync(dev)
     t1 = time.perf_counter()
 
@@ -220,9 +197,8 @@ def generate(
         pos = (next_pos + step).view(1, batch, 1).expand(3, batch, 1)  # text positions on all 3 axes
         x = model.language.embed_tokens(token.view(batch, 1))  # (B, 1, D)
         m = keys[:, None, None, : cache.pos + 1] if padded else None  # (B, 1, 1, K) view
-        logits = model.language(x, pos, m, cache, logits_to_keep=1)[:, -1]
+        token = pick(x, pos, m)
         cache.advance(1)
-        token = sample(logits, params.temperature, params.top_p, gen)
     _sync(dev)
     t2 = time.perf_counter()
 

@@ -8,6 +8,7 @@ step_200/
   dcp/shard-0000R-model-00001-of-00001.safetensors   DCP shards (one file per writing rank):
                                model.<fqn>, optim.state.<fqn>.<key>, ema.<fqn>; offsets of sharded
                                (DTensor) pieces in each file's safetensors metadata
+  config.toml                  the resolved config of the run that saved it (when given)
   train_state.json             step, data position, LR-scheduler state, world size, what is inside
   ranks/rank_0000R.json        per rank: RNG states (python, numpy, torch cpu, cuda) and the
                                optimizer's non-tensor hyper-parameters for that rank's parameters
@@ -203,8 +204,11 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _resolve_step_dir(path: str | os.PathLike) -> Path:
-    """A step folder, or a checkpoint dir (-> its latest step folder); FileNotFoundError if neither."""
+def resolve_step_dir(path: str | os.PathLike) -> Path:
+    """A step folder, or a checkpoint dir (-> its latest step folder); FileNotFoundError if neither.
+
+    Example: `resolve_step_dir("ckpt")` -> `Path("ckpt/step_200")`; its `config.toml` is the run's config.
+    """
     p = Path(path)
     if (p / "train_state.json").is_file():
         return p
@@ -250,12 +254,14 @@ def save_checkpoint(
     data_state: dict | None = None,
     save_rng: bool = True,
     keep_last: int = 0,
+    config: Any = None,
 ) -> Path:
     """Save everything needed to continue training at `step` as `<ckpt_dir>/step_<step>`; every rank calls it.
 
     `ema` is anything with `state_dict() -> {name: tensor}` (mmkit.train.ema.EMA); `data_state` is a
     JSON-serialisable dict from the data pipeline (a global position, e.g. samples consumed, so it
-    stays valid under another process count). `keep_last` > 0 deletes older step folders.
+    stays valid under another process count). `keep_last` > 0 deletes older step folders. `config` (a
+    mmkit Config) is written as `step_N/config.toml`, so a step folder alone says what model it holds.
     Example: `save_checkpoint("ckpt", 100, model, opt, sched, data_state={"samples_seen": 800})`.
     """
     rank, world = _rank_world()
@@ -295,8 +301,12 @@ def save_checkpoint(
     _write_json(tmp / "ranks" / f"rank_{rank:05d}.json", per_rank)
     _barrier()
 
-    # 3. Rank 0 publishes: train_state.json, fsync, rename, then `latest`.
+    # 3. Rank 0 publishes: config, train_state.json, fsync, rename, then `latest`.
     if rank == 0:
+        if config is not None:
+            from mmkit.config import save_resolved
+
+            save_resolved(config, tmp)
         _write_json(
             tmp / "train_state.json",
             {
@@ -414,7 +424,7 @@ def load_checkpoint(
     ckpt_dir_guess = Path(path)
     if rank == 0 and ckpt_dir_guess.is_dir() and not (ckpt_dir_guess / "train_state.json").is_file():
         clean_tmp(ckpt_dir_guess)
-    step_dir = _resolve_step_dir(path)
+    step_dir = resolve_step_dir(path)
     meta = json.loads((step_dir / "train_state.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {step_dir}: format {meta.get('format')} is not {FORMAT_VERSION}")
@@ -475,7 +485,7 @@ def export_model_state(path: str | os.PathLike, which: str = "model") -> dict[st
     """
     if which not in ("model", "ema"):
         raise ValueError(f"export_model_state: which={which!r}; use 'model' or 'ema'")
-    step_dir = _resolve_step_dir(path)
+    step_dir = resolve_step_dir(path)
     reader = HuggingFaceStorageReader(str(step_dir / "dcp"))
     md = reader.read_metadata().state_dict_metadata
     prefixes = ("model.",) if which == "model" else ("model.", "ema.")
@@ -507,7 +517,7 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg, config=None):
-        self.cfg = cfg
+        self.cfg, self.config = cfg, config
         self.dir = Path(cfg.dir) if cfg.dir else None
         if self.dir is not None and config is not None and _rank_world()[0] == 0:
             from mmkit.config import save_resolved
@@ -521,7 +531,7 @@ class CheckpointManager:
             return None
         if mode == "auto":
             return find_latest(self.dir) if self.dir is not None else None
-        return _resolve_step_dir(mode)
+        return resolve_step_dir(mode)
 
     def resume(self, model, optimizer=None, scheduler=None, *, ema=None) -> ResumeState | None:
         """Load the checkpoint `resume_path()` names into the live objects; None when starting fresh."""
@@ -556,4 +566,5 @@ class CheckpointManager:
             data_state=data_state,
             save_rng=not self.cfg.no_save_rng,
             keep_last=self.cfg.keep_last,
+            config=self.config,
         )

@@ -4,8 +4,10 @@
 activation. On CPU inference it calls oneDNN's linear with a fused epilogue (bias and GELU are
 applied while the output tile is still in cache, instead of in extra passes over memory); it
 measured 10-20% faster than `addmm` for fp32 DiT shapes on a 2-core x86 machine and equal in bf16,
-where the GELU fusion still saves a pass. Training (autograd), other devices and builds without
-oneDNN take the plain `F.linear` path. `MMKIT_ONEDNN=0` turns the fast path off.
+where the GELU fusion still saves a pass. Inputs of fewer than `MIN_ROWS` rows (token-by-token
+decode) are memory-bound GEMVs where PyTorch's default BLAS path is as fast or faster, so they stay
+on it, as do training (autograd), other devices and builds without oneDNN. `MMKIT_ONEDNN=0` (or
+`ops.ONEDNN = False`) turns the fast path off.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ try:
     _ONEDNN = torch.backends.mkldnn.is_available() and os.environ.get("MMKIT_ONEDNN", "1") != "0"
 except (AttributeError, RuntimeError):  # a torch build without oneDNN
     _linear_pointwise, _ONEDNN = None, False
+ONEDNN = _ONEDNN  # public switch (benchmarks compare both paths)
+MIN_ROWS = 16
 
 # act name -> (oneDNN post-op, algorithm, eager fallback)
 _ACTS = {
@@ -33,8 +37,9 @@ _ACTS = {
 
 def _fast_path(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (
-        _ONEDNN
+        ONEDNN
         and x.device.type == "cpu"
+        and x.numel() >= MIN_ROWS * x.shape[-1]
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dtype == w.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))

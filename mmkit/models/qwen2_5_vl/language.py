@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkit.models.common.ops import Linear
 from mmkit.models.qwen2_5_vl.config import TextConfig
 from mmkit.models.qwen2_5_vl.vision import RMSNorm, SwiGLU, rotate_half
 
@@ -61,10 +62,10 @@ class TextAttention(nn.Module):
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, keep: int = 0):
         """x: (B, S, D) -> (B, S_q, D), S_q = `keep` last positions if keep > 0 else S.
@@ -121,7 +122,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = MRoPE(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -132,12 +133,15 @@ class TextModel(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """(B, S, D) embeddings + (3, B, S) positions -> logits (B, S', vocab).
 
         `mask`: None for causal attention without padding (queries aligned to the end of the keys), else
         bool (B, 1, S, S_k), True = attend.
         `logits_to_keep`: 0 = logits at every position, n > 0 = only the last n (prefill needs 1).
+        `return_hidden`: return the final-normed hidden states (B, S', D) instead of logits (for
+        heads applied outside, e.g. the engine's screened greedy argmax).
         Example: `logits = text(embeds, pos, logits_to_keep=1)`.
         """
         cos, sin = self.rope(position_ids, embeds.dtype)
@@ -146,4 +150,5 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             # The last layer only needs outputs where logits are asked for (its K/V still cover all).
             x = layer(x, cos, sin, mask, cache, keep=logits_to_keep if i == last else 0)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

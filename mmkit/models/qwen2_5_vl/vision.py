@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.models.common.attention import attention
+from mmkit.models.common.ops import Linear
 from mmkit.models.qwen2_5_vl.config import VisionConfig
 
 
@@ -39,9 +40,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -93,8 +94,8 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SegmentPlan
@@ -129,8 +130,8 @@ class PatchMerger(nn.Module):
         self.unit = cfg.spatial_merge_size**2
         wide = cfg.hidden_size * self.unit
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.fc1 = nn.Linear(wide, wide)
-        self.fc2 = nn.Linear(wide, cfg.out_hidden_size)
+        self.fc1 = Linear(wide, wide)
+        self.fc2 = Linear(wide, cfg.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x).view(-1, self.fc1.in_features)  # (N/4, 4 * width)
@@ -145,7 +146,7 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         # The reference's Conv3d with kernel = stride = patch is exactly this matmul on flattened cubes.
-        self.patch_embed = nn.Linear(patch_dim, cfg.hidden_size, bias=False)
+        self.patch_embed = Linear(patch_dim, cfg.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self._inv_freq: torch.Tensor | None = None  # fp32, outside the state dict (see inv_freq)

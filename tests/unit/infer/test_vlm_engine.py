@@ -6,7 +6,7 @@ import pytest
 import torch
 from qwen2_5_vl_helpers import left_pad, pixels, prompt
 
-from mmkit.infer.vlm import KVCache, SamplingParams, generate, sample, use_onednn_linear
+from mmkit.infer.vlm import KVCache, SamplingParams, generate, sample
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
 
@@ -104,19 +104,45 @@ def test_kv_cache_overflow_is_an_error():
         cache.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
 
 
-def test_onednn_linear_keeps_logits_and_tokens():
+def test_onednn_path_keeps_logits_and_tokens(monkeypatch):
+    from mmkit.models.common import ops
+
     m = Qwen2_5_VLModel(tiny_config())
     perturbed_init(m, seed=2)
     inputs = _image_prompt(m.eval(), 6)
+    args = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    monkeypatch.setattr(ops, "ONEDNN", False)
     with torch.no_grad():
-        before = m(
-            inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
-        )
+        before = m(inputs["input_ids"], **args)
     tokens = generate(m, inputs, SamplingParams(max_new_tokens=8)).tokens
-    assert use_onednn_linear(m) == sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+    monkeypatch.setattr(ops, "ONEDNN", True)
     with torch.no_grad():
-        after = m(
-            inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
-        )
+        after = m(inputs["input_ids"], **args)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert generate(m, inputs, SamplingParams(max_new_tokens=8)).tokens == tokens
+
+
+def test_screened_greedy_equals_full_argmax():
+    from mmkit.infer.accel.greedy import ScreenedArgmax
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 64, generator=g) * 0.05
+    head = ScreenedArgmax(w)
+    for scale in (0.01, 1.0, 30.0):  # from near-ties everywhere to a clear winner
+        h = torch.randn(16, 64, generator=g) * scale
+        assert torch.equal(head(h), (h @ w.T).argmax(-1))
+        assert 16 <= head.last_candidates < 16 * 5000  # screened, not all
+    # forced near-tie: two rows that differ below bf16 resolution; the exact fp32 winner must be chosen
+    w2 = w.clone()
+    w2[7] = w2[3] * (1 + 1e-4)
+    h = w2[3:4] * 10
+    assert head.__class__(w2)(h).item() == int((h @ w2.T).argmax())
+
+
+def test_screened_and_plain_greedy_generate_the_same_tokens():
+    m = Qwen2_5_VLModel(tiny_config())
+    perturbed_init(m, seed=5)
+    inputs = _image_prompt(m.eval(), 6)
+    a = generate(m, inputs, SamplingParams(max_new_tokens=12), screen_greedy=True).tokens
+    b = generate(m, inputs, SamplingParams(max_new_tokens=12), screen_greedy=False).tokens
+    assert a == b and len(a[0]) == 12

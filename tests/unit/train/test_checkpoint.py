@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from train_helpers import build, train_step
 
-from mmkit.config import CheckpointConfig, Config, save_resolved
+from mmkit.config import CheckpointConfig, Config, load_config, save_resolved
 from mmkit.train import checkpoint as ckpt_mod
 from mmkit.train.checkpoint import (
     CheckpointManager,
@@ -181,6 +181,9 @@ def test_checkpoint_manager(tmp_path):
         train_step(model, opt, sched)
         mgr.maybe_save(step, 5, model, opt, sched, data_state={"step": step})
     assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step_2", "step_4", "step_5"]
+    assert (
+        load_config(tmp_path / "ck" / "step_4" / "config.toml") == cfg
+    )  # each step folder is self-describing
     model2, opt2, sched2 = build(seed=1)
     assert mgr.resume(model2, opt2, sched2).step == 5
     mgr.cfg.resume = str(tmp_path / "ck" / "step_2")
