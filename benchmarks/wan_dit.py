@@ -58,8 +58,10 @@ def main() -> None:
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     cfg = WanConfig.from_dict(dict(ref.config))
+    ref_sd = {
+        k: v.clone() for k, v in ref.state_dict().items()
+    }  # fp32 master copy: each dtype starts from it
     ours = WanTransformer(cfg).eval()
-    ours.load_state_dict(hf.from_hf(ref.state_dict()))
 
     B, C, T, H, W = args.latent
     x = torch.randn(B, C, T, H, W)
@@ -73,9 +75,12 @@ def main() -> None:
     )
     with torch.no_grad():
         want32 = ref(x, t, ctx, return_dict=False)[0].float()
+    ref.load_state_dict(ref_sd)
     for name in args.dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         # diffusers keeps its _keep_in_fp32_modules in fp32 when loaded with torch_dtype; mirror that
+        ref.to(torch.float32).load_state_dict(ref_sd)
+        ours.to_dtype(torch.float32).load_state_dict(hf.from_hf(ref_sd))
         ref_d = ref.to(dtype)
         if dtype != torch.float32:
             for n, m in ref_d.named_modules():

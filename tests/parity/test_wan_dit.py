@@ -85,3 +85,15 @@ def test_dit_gradients_match_diffusers(i2v):
     assert sorted(want) == sorted(got)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_chunked_mlp_inference_equals_unchunked(monkeypatch):
+    from mmkit.models.wan.model import WanMLP
+
+    ref, model = _pair(False)
+    x, ctx = torch.randn(1, 16, 3, 6, 10), torch.randn(1, 7, 32)  # 45 tokens
+    with torch.no_grad():
+        whole = model(x, 100.0, ctx)
+        monkeypatch.setattr(WanMLP, "chunk", 8)  # 45 tokens -> 6 chunks of 7-8 rows
+        chunked = model(x, 100.0, ctx)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
