@@ -12,6 +12,7 @@ COMMANDS = {
     "create-tiny": ("mmkit.cli.create_tiny", "write a tiny random model folder in the real HF layout"),
     "chat": ("mmkit.cli.chat", "chat with a Qwen2.5-VL model about images and videos"),
     "data": ("mmkit.cli.data", "dataset tools: convert LLaVA/ShareGPT data to the messages format"),
+    "train": ("mmkit.cli.train", "train or fine-tune from a recipe (TOML) with dotted overrides"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
     "plot": ("mmkit.cli.plot", "plot a training metric (loss, ...) from a metrics JSONL file to PNG"),
 }
@@ -33,7 +34,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    if chosen == "train":  # the trainer parses its own --section.field overrides
+        idx = argv.index("train")
+        args = build_parser("train").parse_args(argv[: idx + 1])
+        args.overrides = argv[idx + 1 :]
+    else:
+        args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:
         rc = importlib.import_module(args._module).run(args)
     except (ValueError, FileNotFoundError) as e:

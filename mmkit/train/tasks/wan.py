@@ -86,6 +86,16 @@ class WanTask:
         clip = self.enc.encode_image([Image.fromarray(np.ascontiguousarray(f)) for f in u8])
         return cond, clip
 
+    def train_flops(self, samples: int, tokens: int) -> float:
+        """Matmul FLOPs of forward + backward (3x forward) for `tokens` video tokens."""
+        c = self.model.cfg
+        d, f, L = c.dim, c.ffn_dim, c.num_layers
+        s = tokens / max(samples, 1)  # tokens per sample (attention is quadratic per sample)
+        text = c.text_len
+        per_tok = L * (2 * 4 * d * d + 2 * 2 * d * d + 4 * d * f + 4 * s * d + 4 * text * d)
+        per_sample_text = L * 2 * text * 2 * d * d
+        return 3.0 * (tokens * per_tok + samples * per_sample_text)
+
     # ---- the loss --------------------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator) -> LossOut:
         """`batch`: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str] * B} or precomputed

@@ -1,0 +1,131 @@
+"""The training loop: one optimizer step = `grad_accum` micro-batches, each `task.loss(batch, g)`.
+
+The trainer knows nothing about models: a *task* (see `train/tasks/`) owns the trainable
+`task.model` and turns a batch into `(loss_sum, count)`. Losses are summed over the micro-batches
+of a step and the gradient is divided once by the total count, so the step does not depend on
+how the global batch is split.
+
+Reproducibility: all randomness of a micro-batch (noise, timesteps, caption dropout) comes from
+a generator seeded with (train.seed, step, micro-batch index), and the data order from the
+sampler's (seed, epoch) permutation and its saved position. A run resumed from a checkpoint
+therefore continues the identical loss curve, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mmkit.config import Config
+from mmkit.device import resolve_device
+from mmkit.train.checkpoint import CheckpointManager
+from mmkit.train.ema import EMA
+from mmkit.train.lr import build_lr_scheduler
+from mmkit.train.metrics import MetricsLogger
+from mmkit.train.optim import build_optimizer, clip_grad_norm_
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The RNG of one micro-batch, a pure function of (seed, step, micro)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + micro)
+
+
+class Trainer:
+    """Example:
+    cfg = parse_cli(["--config", "recipes/tiny/wan_t2v.toml", "--train.steps", "20"])
+    Trainer(cfg).fit()
+    """
+
+    def __init__(self, cfg: Config):
+        from mmkit.train.build import build_data, build_task
+
+        self.cfg = cfg
+        torch.manual_seed(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.task = build_task(cfg, self.device)  # builds model + frozen encoders
+        self.model = self.task.model
+        self.data, self.sampler, self.loader = build_data(cfg, self.task)
+        self.opt = build_optimizer(self.model, cfg.optim)
+        self.sched = build_lr_scheduler(self.opt, cfg.optim, cfg.train.steps)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
+        self.ckpt = CheckpointManager(cfg.checkpoint, config=cfg)
+        self.accum = cfg.grad_accum_steps
+        self.amp = cfg.train.mixed_precision == "bf16"
+
+    def _batches(self):
+        """Endless batches; the sampler starts the next epoch when one ends."""
+        while True:
+            yield from self.loader
+            if hasattr(self.data, "report"):
+                self.data.report()
+
+    def fit(self) -> list[float]:
+        """Train to `train.steps`, resuming if a checkpoint exists; returns the per-step losses."""
+        cfg = self.cfg
+        resumed = self.ckpt.resume(self.model, self.opt, self.sched, ema=self.ema)
+        start = resumed.step if resumed else 0
+        if resumed and resumed.data_state:
+            self.sampler.load_state_dict(resumed.data_state)
+        log = MetricsLogger(
+            cfg.logging,
+            cfg.train.steps,
+            start_step=start,
+            device=self.device,
+            compute_dtype=torch.bfloat16 if self.amp else torch.float32,
+        )
+        losses: list[float] = []
+        batches = self._batches()
+        data_state = resumed.data_state if resumed else None
+        self.model.train()
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            total = torch.zeros((), dtype=torch.float64)
+            count, samples, tokens = 0, 0, 0
+            self.opt.zero_grad(set_to_none=True)
+            for micro in range(self.accum):
+                batch = next(batches)
+                data_state = batch.get("data_state", data_state)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.task.loss(batch, step_generator(cfg.train.seed, step, micro))
+                out.loss_sum.backward()
+                total += out.loss_sum.detach().double()
+                count += int(out.count)
+                samples, tokens = samples + out.samples, tokens + out.tokens
+            for p in self.model.parameters():  # mean over everything the step saw
+                if p.grad is not None:
+                    p.grad.div_(count)
+            grad_norm = clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], cfg.train.grad_clip
+            )
+            lr = self.opt.param_groups[0]["lr"]
+            self.opt.step()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            loss = (total / count).item()
+            losses.append(loss)
+            log.step(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "step_time_s": time.perf_counter() - t0,
+                    "samples": samples,
+                    "tokens": tokens,
+                    "flops": self.task.train_flops(samples, tokens),
+                }
+            )
+            self.ckpt.maybe_save(
+                step, cfg.train.steps, self.model, self.opt, self.sched, ema=self.ema, data_state=data_state
+            )
+        log.close()
+        if hasattr(self.data, "report"):
+            self.data.report()
+        return losses
+
+    @property
+    def metrics_file(self) -> Path | None:
+        return Path(self.cfg.logging.metrics_file) if self.cfg.logging.metrics_file else None
