@@ -20,6 +20,7 @@ import torch
 
 from mmkit.config import Config
 from mmkit.device import resolve_device
+from mmkit.parallel.ac import apply_ac
 from mmkit.train.checkpoint import CheckpointManager
 from mmkit.train.ema import EMA
 from mmkit.train.lr import build_lr_scheduler
@@ -46,6 +47,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.task = build_task(cfg, self.device)  # builds model + frozen encoders
         self.model = self.task.model
+        apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
         self.data, self.sampler, self.loader = build_data(cfg, self.task)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_lr_scheduler(self.opt, cfg.optim, cfg.train.steps)

@@ -1,0 +1,46 @@
+"""Activation checkpointing, applied from outside the model (models stay plain PyTorch).
+
+`full` recomputes every transformer block in backward; `selective` recomputes every k-th block
+(k = `ac_every_k`), trading part of the memory saving for less recompute. Blocks are found by the
+model's `blocks` (DiT) or `language.layers` / `visual.blocks` (VLM) ModuleLists.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+MODES = ("none", "full", "selective")
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The ModuleLists of repeated blocks that activation checkpointing wraps."""
+    found = []
+    for path in ("blocks", "language.layers", "visual.blocks"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            found.append(obj)
+    return found
+
+
+def apply_ac(model: nn.Module, mode: str = "full", every_k: int = 1) -> int:
+    """Wrap blocks of `model` in place; returns how many were wrapped.
+
+    Example: `apply_ac(dit, "selective", every_k=2)` checkpoints blocks 0, 2, 4, ...
+    """
+    if mode not in MODES:
+        raise ValueError(f"model.activation_checkpointing={mode!r}: choose one of {', '.join(MODES)}")
+    if every_k < 1:
+        raise ValueError(f"model.ac_every_k={every_k}: must be >= 1")
+    if mode == "none":
+        return 0
+    k = 1 if mode == "full" else every_k
+    n = 0
+    for blocks in block_lists(model):
+        for i in range(len(blocks)):
+            if i % k == 0:
+                blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+                n += 1
+    return n
