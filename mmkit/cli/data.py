@@ -63,6 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("--quiet", action="store_true", help="no progress bar")
     qa.set_defaults(_data_run=_synth_shapes_qa)
 
+    feats = actions.add_parser(
+        "features",
+        help="precompute Wan training features (VAE latents, umT5 text, CLIP) for a recipe's data",
+        description="Run the frozen encoders of a training config once over its video data and write "
+        "OUTDIR/features/*.safetensors + index.json; train on them with --data.precomputed_dir OUTDIR.",
+    )
+    feats.add_argument("outdir", help="output folder")
+    feats.add_argument("--config", required=True, help="training recipe (TOML)")
+    feats.add_argument("overrides", nargs="*", default=[], help="section.field=value overrides")
+    feats.set_defaults(_data_run=_features)
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action. Example: `run(build_parser().parse_args(["data", "convert", ...]))`."""
@@ -98,4 +109,20 @@ def _synth_shapes_qa(args: argparse.Namespace) -> int:
 
     path = synth_shapes_qa(args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet)
     print(f"wrote {args.images} images + Q&A -> {path}")
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    from mmkit.config import parse_cli
+    from mmkit.data.features import extract_features
+    from mmkit.data.video import VideoDataset
+    from mmkit.device import resolve_device
+    from mmkit.train.build import build_task
+
+    overrides = [f"--{o}" if "=" in o and not o.startswith("--") else o for o in args.overrides]
+    cfg = parse_cli(["--config", args.config, *overrides])
+    d = cfg.data
+    ds = VideoDataset(d.paths, d.num_frames, d.height, d.width, d.train_fps, d.max_samples, cfg.train.seed)
+    out = extract_features(build_task(cfg, resolve_device(cfg.train.device)), ds, args.outdir)
+    print(f"wrote {len(ds)} feature files -> {out} (train with --data.precomputed_dir {out})")
     return 0

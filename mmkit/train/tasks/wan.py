@@ -99,15 +99,16 @@ class WanTask:
     # ---- the loss --------------------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator) -> LossOut:
         """`batch`: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str] * B} or precomputed
-        {"latents", "text_context"[, "cond", "image_context"]}. Randomness (dropout, timesteps,
+        {"latents", "text_context", "null_text_context", "caption"[, "cond", "image_context"]}. Randomness (dropout, timesteps,
         noise) comes only from `generator`, so a run is reproducible bit for bit."""
-        if "latents" in batch:
-            x0, ctx = batch["latents"].float(), batch["text_context"]
+        B = len(batch["caption"])
+        drop = torch.rand(B, generator=generator) < self.cfg.text_dropout  # drawn first on both paths
+        if "latents" in batch:  # precomputed features (mmkit.data.features)
+            x0 = batch["latents"].float()
+            ctx = torch.where(drop[:, None, None], batch["null_text_context"], batch["text_context"])
             cond, clip = batch.get("cond"), batch.get("image_context")
         else:
             video = batch["video"]
-            B = video.shape[0]
-            drop = torch.rand(B, generator=generator) < self.cfg.text_dropout
             x0 = self.encode_video(video)
             ctx = self.encode_text(list(batch["caption"]), drop)
             cond = clip = None
