@@ -18,7 +18,11 @@ def run(a) -> int:
     from mmkit.train.trainer import Trainer
 
     cfg = parse_cli(a.overrides)  # every config error is raised here, before any compute
-    losses = Trainer(cfg).fit()
-    if losses:
+    trainer = Trainer(cfg)
+    try:
+        losses = trainer.fit()
+    finally:
+        trainer.close()
+    if losses and trainer.rank == 0:
         print(f"trained to step {cfg.train.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0

@@ -11,10 +11,9 @@ def build_task(cfg: Config, device: torch.device):
     """The training task of `cfg.model.family`. Example: `task = build_task(cfg, torch.device("cpu"))`."""
     if cfg.model.family == "wan":
         return _wan_task(cfg, device)
-    raise ValueError(
-        f"model.family={cfg.model.family!r}: the trainer supports 'wan' so far "
-        "(Qwen2.5-VL SFT training is not wired into the trainer yet)"
-    )
+    if cfg.model.family == "qwen2_5_vl":
+        return _qwen_task(cfg, device)
+    raise ValueError(f"model.family={cfg.model.family!r}: the trainer supports 'wan' and 'qwen2_5_vl'")
 
 
 def _wan_task(cfg: Config, device: torch.device):
@@ -44,14 +43,28 @@ def _wan_task(cfg: Config, device: torch.device):
     return WanTask(dit, pipe, tcfg)
 
 
-def build_data(cfg: Config, task):
+def build_data(cfg: Config, task, rank: int = 0, world_size: int = 1):
     """(dataset, resumable sampler, DataLoader) for the task's family."""
     from torch.utils.data import DataLoader
 
     from mmkit.data.video import ResumableSampler, VideoDataset, collate_videos
 
-    if cfg.model.family != "wan":
-        raise ValueError(f"model.family={cfg.model.family!r}: no data pipeline yet")
+    if cfg.model.family == "qwen2_5_vl":
+        return _qwen_data(cfg, task, rank, world_size)
+    if cfg.data.precomputed_dir:
+        from mmkit.data.features import FeatureDataset, collate_features
+
+        ds = FeatureDataset(cfg.data.precomputed_dir, cfg.data.max_samples)
+        if ds.task != cfg.model.task:
+            raise ValueError(
+                f"data.precomputed_dir holds {ds.task} features but model.task={cfg.model.task!r}"
+            )
+        sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
+        loader = DataLoader(
+            ds, batch_size=cfg.train.micro_batch, sampler=sampler, collate_fn=collate_features,
+            num_workers=cfg.data.num_workers,
+        )  # fmt: skip
+        return ds, sampler, loader
     ds = VideoDataset(
         cfg.data.paths,
         num_frames=cfg.data.num_frames,
@@ -62,12 +75,84 @@ def build_data(cfg: Config, task):
         seed=cfg.train.seed,
         progress=False,
     )
-    sampler = ResumableSampler(len(ds), seed=cfg.train.seed)
+    sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         ds,
         batch_size=cfg.train.micro_batch,
         sampler=sampler,
         collate_fn=collate_videos,
         num_workers=cfg.data.num_workers,
+    )
+    return ds, sampler, loader
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen2.5-VL SFT
+
+
+def _qwen_task(cfg: Config, device: torch.device):
+    """VLMSFTTask over a model loaded from `model.init_from` (transformers folder) or, for flavor "tiny"
+    only, a random tiny model with a freshly built tiny tokenizer."""
+    from mmkit.models.qwen2_5_vl.processor import Qwen2_5_VLProcessor
+    from mmkit.train.tasks.qwen2_5_vl import VLMSFTTask, VLMTaskConfig
+
+    m = cfg.model
+    if m.init_from:
+        from mmkit.models.qwen2_5_vl.load import load_model
+
+        model = load_model(m.init_from, device=str(device), dtype="fp32")  # fp32 master weights
+        processor = Qwen2_5_VLProcessor.from_pretrained(m.init_from)
+    elif m.flavor == "tiny":
+        import tempfile
+
+        from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
+        from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
+        from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+        tok_dir = tempfile.mkdtemp(prefix="mmkit-tiny-qwen-tokenizer-")
+        model = Qwen2_5_VLModel(tiny_config(build_tiny_tokenizer(tok_dir)))
+        perturbed_init(model, seed=cfg.train.seed)
+        model.to(device)
+        processor = Qwen2_5_VLProcessor.from_pretrained(tok_dir)
+    else:
+        raise ValueError(
+            f"model.flavor={m.flavor!r} without model.init_from: Qwen2.5-VL SFT needs a transformers folder "
+            "(weights + tokenizer), e.g. --model.init_from /path/Qwen2.5-VL-7B-Instruct; only flavor 'tiny' "
+            "can start from random weights"
+        )
+    model.train()
+    tcfg = VLMTaskConfig(
+        freeze_vision=m.freeze_vision, freeze_merger=m.freeze_merger, freeze_llm=m.freeze_llm
+    )
+    return VLMSFTTask(model, tcfg, processor=processor)
+
+
+def _qwen_data(cfg: Config, task, rank: int = 0, world_size: int = 1):
+    """(SFTDataset, ResumableSampler, DataLoader) with the padding or the packing collator."""
+    from torch.utils.data import DataLoader
+
+    from mmkit.data.sft import PackingCollator, SFTCollator, SFTDataset
+    from mmkit.data.video import ResumableSampler
+
+    d = cfg.data
+    if not d.paths:
+        raise ValueError(
+            "data.paths: give SFT JSON/JSONL files, e.g. --data.paths outputs/shapes_qa/qa.json "
+            "(`mmkit data synth shapes-qa outputs/shapes_qa` writes a synthetic set)"
+        )
+    ds = SFTDataset(
+        d.paths,
+        task.processor,
+        cutoff_len=d.cutoff_len,
+        max_samples=d.max_samples,
+        media_root=d.media_root,
+        tokens_per_second=task.model.cfg.vision.tokens_per_second,
+        progress=False,
+    )
+    pad = ds.pad_token_id
+    collate = PackingCollator(pad, max_len=d.cutoff_len) if d.packing else SFTCollator(pad)
+    sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        ds, batch_size=cfg.train.micro_batch, sampler=sampler, collate_fn=collate, num_workers=d.num_workers
     )
     return ds, sampler, loader
