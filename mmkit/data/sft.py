@@ -15,6 +15,11 @@ missing_media / malformed at load time; bad_media (undecodable), too_long (cutof
 through a vision block), no_target (nothing to learn after truncation) when an item is built
 (`__getitem__` then returns None, which `SFTCollator` drops). Counters live in the process that
 built the item (each DataLoader worker has its own).
+
+Training reads items by `SampleKey` (from `mmkit.data.video.ResumableSampler`): a skipped sample is
+then replaced by the next readable index (so a batch keeps its size) and each item carries the
+sampler position as "data_state", which the collators pass on as `batch["data_state"]` for exact
+resume. `PackingCollator` packs a batch's samples into rows of at most `cutoff_len` tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ from mmkit.models.qwen2_5_vl.rope import get_rope_index
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_MEDIA_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 _TAG_RE = re.compile(r"(<image>|<video>)")
 _ROLES = ("system", "user", "assistant")
 _RESERVED = (IMAGE_TOKEN, VIDEO_TOKEN, "<|vision_start|>", "<|vision_end|>")
@@ -197,7 +209,22 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
+    def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
+        """`ds[i]`: the item, or None if the sample is skipped. `ds[SampleKey]`: the item of the first
+        readable index from key.index on, with "data_state" = {"epoch", "consumed"} of the key."""
+        from mmkit.data.video import SampleKey
+
+        if not isinstance(key, SampleKey):
+            return self._build(key)
+        n = len(self.samples)
+        for attempt in range(n):  # a skipped sample: the next index stands in, the batch keeps its size
+            item = self._build((key.index + attempt) % n)
+            if item is not None:
+                item["data_state"] = {"epoch": key.epoch, "consumed": key.consumed}
+                return item
+        raise RuntimeError(f"sft data: none of the {n} samples could be built (skipped: {dict(self.stats)})")
+
+    def _build(self, i: int) -> dict[str, torch.Tensor] | None:
         name, messages, images, videos = self.samples[i]
         proc = self.processor
         item: dict[str, torch.Tensor] = {}
@@ -357,18 +384,89 @@ class SFTCollator:
         for key, fill in fills.items():
             batch[key] = torch.stack([self._pad(it[key], length, fill) for it in items])  # (B, L)
         batch["position_ids"] = torch.stack([self._pad(it["position_ids"], length, 0) for it in items], dim=1)
-        for key in (
-            "pixel_values",
-            "image_grid_thw",
-            "pixel_values_videos",
-            "video_grid_thw",
-            "second_per_grid_ts",
-        ):
+        for key in _MEDIA_KEYS:
             parts = [it[key] for it in items if key in it]
             if parts:
                 batch[key] = torch.cat(parts)
+        if "data_state" in items[-1]:
+            batch["data_state"] = items[-1]["data_state"]
         return batch
 
     def _pad(self, x: torch.Tensor, length: int, fill: int) -> torch.Tensor:
         pad = x.new_full((*x.shape[:-1], length - x.shape[-1]), fill)
         return torch.cat([x, pad] if self.padding_side == "right" else [pad, x], dim=-1)
+
+
+class PackingCollator:
+    """Pack a list of SFTDataset items into rows of at most `max_len` tokens (greedy first fit).
+
+    Each item goes into the first row it still fits in, else opens a new row; rows are padded to
+    the longest row (only the last rows can be short). Inside a row the samples follow each other;
+    their M-RoPE positions restart at each sample (they are the items' own), and the first label of
+    every sample is -100, so no token learns to predict the next sample's first token.
+
+    Returns the SFTCollator keys (input_ids / labels / attention_mask / mm_token_type_ids (R, L),
+    position_ids (3, R, L), media concatenated in packed order) plus
+    "cu_seqlens": (n + 1,) long, sample boundaries in the stream of REAL tokens read row by row
+    (`input_ids[attention_mask.bool()]`), which is what the packed model path consumes, and
+    "data_state" when the items carry one. Example:
+        >>> batch = PackingCollator(ds.pad_token_id, max_len=4096)([ds[0], ds[1], ds[2]])
+        >>> flat = batch["input_ids"][batch["attention_mask"].bool()]   # (N,), N = cu_seqlens[-1]
+    """
+
+    def __init__(self, pad_token_id: int, max_len: int):
+        if max_len < 1:
+            raise ValueError(f"data.cutoff_len={max_len}: packing needs rows of at least 1 token")
+        self.pad_token_id = pad_token_id
+        self.max_len = max_len
+
+    def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor] | None:
+        items = [it for it in items if it is not None]
+        if not items:
+            return None
+        rows: list[list[int]] = []  # item indices per row
+        fill: list[int] = []  # tokens used per row
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            if n > self.max_len:
+                raise ValueError(
+                    f"packing: a sample has {n} tokens > data.cutoff_len={self.max_len}; the dataset must cut "
+                    "samples at cutoff_len"
+                )
+            r = next((r for r in range(len(rows)) if fill[r] + n <= self.max_len), len(rows))
+            if r == len(rows):
+                rows.append([])
+                fill.append(0)
+            rows[r].append(i)
+            fill[r] += n
+        length = max(fill)
+        order = [i for row in rows for i in row]
+        batch: dict = {}
+        for key, fill_value in (
+            ("input_ids", self.pad_token_id),
+            ("labels", IGNORE_INDEX),
+            ("attention_mask", 0),
+            ("mm_token_type_ids", 0),
+        ):
+            out = torch.full((len(rows), length), fill_value, dtype=torch.long)
+            for r, row in enumerate(rows):
+                vals = [items[i][key] for i in row]
+                if key == "labels":  # a sample's first token is never a target
+                    vals = [torch.cat([v.new_full((1,), IGNORE_INDEX), v[1:]]) for v in vals]
+                cat = torch.cat(vals)
+                out[r, : len(cat)] = cat
+            batch[key] = out
+        pos = torch.zeros(3, len(rows), length, dtype=torch.long)
+        for r, row in enumerate(rows):
+            cat = torch.cat([items[i]["position_ids"] for i in row], dim=1)  # (3, fill[r])
+            pos[:, r, : cat.shape[1]] = cat
+        batch["position_ids"] = pos
+        lens = torch.tensor([len(items[i]["input_ids"]) for i in order])
+        batch["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        for key in _MEDIA_KEYS:  # in packed order, so features meet their placeholders
+            parts = [items[i][key] for i in order if key in items[i]]
+            if parts:
+                batch[key] = torch.cat(parts)
+        if "data_state" in items[-1]:
+            batch["data_state"] = items[-1]["data_state"]
+        return batch

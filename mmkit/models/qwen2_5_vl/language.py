@@ -5,6 +5,10 @@ pairs, the first `mrope_section[0]` rotate with the time position, the next `mro
 the height and the last `mrope_section[2]` with the width. For text all three positions are equal,
 which makes it plain 1-D RoPE.
 
+Packed sequences (training): with `cu_seqlens` the batch is one flat row (1, N) holding several samples
+back to back, sample i at [cu_seqlens[i], cu_seqlens[i + 1]); attention is causal inside each sample
+and never crosses into another, so no padding is computed and no (N, N) mask is built.
+
 KV-cache interface (the cache itself lives in `mmkit/infer/`, never here): a `cache` object passed to
 `forward` must have `update(layer_idx, k, v) -> (k_all, v_all)`, taking this step's keys/values
 (B, H_kv, S, Dh) and returning everything to attend to (B, H_kv, S_past + S, Dh).
@@ -53,6 +57,23 @@ class MRoPE(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def packed_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
+) -> torch.Tensor:
+    """Causal attention inside each segment [cu[i], cu[i+1]) of one packed row.
+
+    q: (1, H, N, Dh); k, v: (1, H_kv, N, Dh) -> (1, H, N, Dh). One SDPA call per segment: its cost is
+    sum(len_i^2), never N^2. Example: `packed_causal_attention(q, k, v, [0, 7, 12])`.
+    """
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
+        )
+        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class TextAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -67,7 +88,7 @@ class TextAttention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0):
+    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0, cu_seqlens: list[int] | None = None):
         """x: (B, S, D) -> (B, S_q, D), S_q = `keep` last positions if keep > 0 else S.
 
         Keys/values are always computed for all S positions (the cache needs them); queries only for
@@ -82,6 +103,9 @@ class TextAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, Dh)
         q = q * cos[:, :, -sq:] + rotate_half(q) * sin[:, :, -sq:]
         k = k * cos + rotate_half(k) * sin
+        if cu_seqlens is not None:  # packed row (B = 1, no cache): per-sample causal attention
+            out = packed_causal_attention(q, k, v, cu_seqlens)
+            return self.o_proj(out.transpose(1, 2).reshape(b, sq, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # mask None: causal over the keys, queries aligned to the END of the keys (a single query sees
@@ -106,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0):
-        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
+    def forward(self, x, cos, sin, mask, cache=None, keep: int = 0, cu_seqlens: list[int] | None = None):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, keep, cu_seqlens)
         x = (x[:, -keep:] if keep else x) + h
         return x + self.mlp(self.mlp_norm(x))
 
@@ -134,6 +158,7 @@ class TextModel(nn.Module):
         cache=None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        cu_seqlens: list[int] | None = None,
     ) -> torch.Tensor:
         """(B, S, D) embeddings + (3, B, S) positions -> logits (B, S', vocab).
 
@@ -141,14 +166,22 @@ class TextModel(nn.Module):
         bool (B, 1, S, S_k), True = attend.
         `logits_to_keep`: 0 = logits at every position, n > 0 = only the last n (prefill needs 1).
         `return_hidden`: return the final-normed hidden states (B, S', D) instead of logits (for
-        heads applied outside, e.g. the engine's screened greedy argmax).
+        heads applied outside, e.g. the engine's screened greedy argmax, or the training loss that only
+        needs logits at supervised positions).
+        `cu_seqlens`: packed row (B = 1): sample boundaries [0, ..., S] (ints); attention stays inside
+        each sample. Excludes `mask`, `cache` and `logits_to_keep`.
         Example: `logits = text(embeds, pos, logits_to_keep=1)`.
         """
+        if cu_seqlens is not None:
+            assert embeds.shape[0] == 1 and mask is None and cache is None and not logits_to_keep
+            assert cu_seqlens[0] == 0 and cu_seqlens[-1] == embeds.shape[1], (cu_seqlens, embeds.shape)
         cos, sin = self.rope(position_ids, embeds.dtype)
         x = embeds
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # The last layer only needs outputs where logits are asked for (its K/V still cover all).
-            x = layer(x, cos, sin, mask, cache, keep=logits_to_keep if i == last else 0)
+            x = layer(
+                x, cos, sin, mask, cache, keep=logits_to_keep if i == last else 0, cu_seqlens=cu_seqlens
+            )
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)

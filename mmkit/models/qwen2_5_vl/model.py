@@ -116,16 +116,33 @@ class Qwen2_5_VLModel(nn.Module):
         second_per_grid_ts: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: torch.Tensor | list[int] | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, S, vocab), or (B, logits_to_keep, vocab) for the last positions only.
 
         input_ids / attention_mask: (B, S), placeholders already expanded (the processor does it).
         pixel_values(_videos): (N, C*2*14*14) packed patches; *_grid_thw: (n, 3).
         position_ids: (3, B, S) M-RoPE positions; computed with `get_rope_index` when None.
+        cu_seqlens: packed training row: input_ids (1, N) holds several samples back to back, sample i
+            at [cu_seqlens[i], cu_seqlens[i + 1]); position_ids (restarting per sample) are required,
+            attention never crosses samples and no padding is computed.
+        return_hidden: return the final-normed hidden states (B, S, D) instead of logits.
         Example: `logits = model(**processor(messages), logits_to_keep=1)`.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is not None:
+            cu_seqlens = [int(c) for c in cu_seqlens]
+            if input_ids.shape[0] != 1 or position_ids is None:
+                raise ValueError(
+                    f"packed input (cu_seqlens): input_ids must be one row (1, N), got {tuple(input_ids.shape)}, "
+                    "and position_ids (3, 1, N) restarting per sample must be given"
+                )
+            if cu_seqlens[0] != 0 or cu_seqlens[-1] != input_ids.shape[1] or cu_seqlens != sorted(cu_seqlens):
+                raise ValueError(
+                    f"cu_seqlens={cu_seqlens[:8]}...: must rise from 0 to the row length {input_ids.shape[1]}"
+                )
         if position_ids is None:  # (also checks placeholders against grids, before any compute)
             position_ids, _ = self.rope_index(
                 input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
@@ -134,9 +151,16 @@ class Qwen2_5_VLModel(nn.Module):
             position_ids = position_ids[None].expand(3, -1, -1)
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if cu_seqlens is None and attention_mask is not None and not bool(attention_mask.all()):
             mask = padding_mask(attention_mask, input_ids.shape[1])
-        return self.language(embeds, position_ids, mask, logits_to_keep=logits_to_keep)
+        return self.language(
+            embeds,
+            position_ids,
+            mask,
+            logits_to_keep=logits_to_keep,
+            return_hidden=return_hidden,
+            cu_seqlens=cu_seqlens,
+        )
 
 
 def check_placeholders(where: torch.Tensor, sizes: list[int], name: str) -> None:
