@@ -109,11 +109,11 @@ def _qwen_task(cfg: Config, device: torch.device):
         from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
         from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
 
-        tok_dir = tempfile.mkdtemp(prefix="mmkit-tiny-qwen-tokenizer-")
-        model = Qwen2_5_VLModel(tiny_config(build_tiny_tokenizer(tok_dir)))
+        with tempfile.TemporaryDirectory(prefix="mmkit-tiny-qwen-tokenizer-") as tok_dir:
+            model = Qwen2_5_VLModel(tiny_config(build_tiny_tokenizer(tok_dir)))
+            processor = Qwen2_5_VLProcessor.from_pretrained(tok_dir)  # read fully into memory
         perturbed_init(model, seed=cfg.train.seed)
         model.to(device)
-        processor = Qwen2_5_VLProcessor.from_pretrained(tok_dir)
     else:
         raise ValueError(
             f"model.flavor={m.flavor!r} without model.init_from: Qwen2.5-VL SFT needs a transformers folder "

@@ -1,0 +1,265 @@
+"""Training-step throughput and peak memory: mmkit against plain loops around the reference models.
+
+VLM SFT (`--which vlm`): Qwen2.5-VL at 3B widths (LLM 2048 wide, 16/2 heads, MLP 11008, vocab 151936
+tied; ViT 1280 wide) with 2 LLM layers and 2 vision layers (block 1 full attention), fp32 on CPU,
+random weights from one seed, shared by both sides. Data: synthetic shape Q&A (`synth_shapes_qa`),
+a mix of 112 px one-question and 224 px two-question records, so samples differ in length.
+- mmkit: `VLMSFTTask` on `PackingCollator` batches (one packed row, per-sample causal attention, the
+  LM head only at supervised positions), AdamW from `build_optimizer`.
+- reference: transformers' `Qwen2_5_VLForConditionalGeneration(**batch, labels=...)` on
+  `SFTCollator` batches (right-padded to the longest sample), `.loss.backward()`, torch AdamW.
+Both sides see the same samples in the same order; one step = forward + backward + AdamW step.
+tokens/s counts real (non-padding) tokens. Each side runs in its own subprocess, so its peak RSS
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`: model, optimizer state and activations together) is
+its own; the subprocesses alternate and the best step time of each side is kept. The first-step
+losses of both sides are printed as a check that they train the same thing.
+
+Run: `.venv/bin/python benchmarks/train_step.py [--which vlm|wan|all] [--repeats 2] [--steps 2]
+[--batch 16]`. Goal (VLM): >= 1.5x tokens/s at <= 0.8x peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------------
+# VLM SFT
+# ---------------------------------------------------------------------------------------------------
+VLM_MAX_PIXELS = 224 * 224  # the tokenizer folder's processor keeps 224 px images at 224 px
+
+
+def vlm_prepare(workdir: Path, samples: int) -> None:
+    """Tokenizer/processor folder + synthetic Q&A (two sizes, one and two turns) under `workdir`."""
+    from mmkit.data.synth import synth_shapes_qa
+    from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+    ids = build_tiny_tokenizer(workdir / "tok", min_pixels=56 * 56, max_pixels=VLM_MAX_PIXELS)
+    (workdir / "token_ids.json").write_text(json.dumps(ids))
+    small = synth_shapes_qa(workdir / "qa112", images=samples, size=112, turns=1, seed=1, progress=False)
+    big = synth_shapes_qa(workdir / "qa224", images=samples, size=224, turns=2, seed=2, progress=False)
+    recs = []  # alternate the two kinds, so every batch mixes lengths
+    for a, b in zip(json.loads(small.read_text()), json.loads(big.read_text())):
+        a["images"] = [f"qa112/{p}" for p in a["images"]]
+        b["images"] = [f"qa224/{p}" for p in b["images"]]
+        recs += [a, b]
+    (workdir / "qa.json").write_text(json.dumps(recs))
+
+
+def vlm_config(workdir: Path, layers: int = 2, vision_layers: int = 2):
+    """3B widths, few layers; token ids from the tokenizer folder (the vocabulary stays 151936)."""
+    from mmkit.models.qwen2_5_vl.config import flavor
+
+    cfg = flavor("3B")
+    cfg.text.num_hidden_layers = layers
+    cfg.vision.depth = vision_layers
+    cfg.vision.fullatt_block_indexes = (vision_layers - 1,)
+    for k, v in json.loads((workdir / "token_ids.json").read_text()).items():
+        if k != "vocab_size" and hasattr(cfg, k):
+            setattr(cfg, k, v)
+    cfg.validate()
+    return cfg
+
+
+def vlm_model(cfg, seed: int = 0):
+    """mmkit model with perturbed random weights (one copy in memory)."""
+    from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
+    from mmkit.models.qwen2_5_vl.tiny import perturbed_init
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Qwen2_5_VLModel(cfg)
+    model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:  # to_empty from meta gives every module its own new parameter: re-tie
+        model.language.lm_head.weight = model.language.embed_tokens.weight
+    perturbed_init(model, seed)
+    with torch.no_grad():  # keep 3B-width activations in a sane range
+        model.language.embed_tokens.weight.mul_(0.05)
+    return model.train()
+
+
+def vlm_reference(cfg, seed: int = 0):
+    """transformers' model holding exactly the mmkit model's tensors (no second copy)."""
+    from transformers import Qwen2_5_VLConfig as HFConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mmkit.models.qwen2_5_vl.hf import to_hf
+
+    ours = vlm_model(cfg, seed)
+    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        ref = Qwen2_5_VLForConditionalGeneration(hf_cfg)
+    missing, unexpected = ref.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    ref.lm_head.weight = ref.model.language_model.embed_tokens.weight  # tied, as in the 3B checkpoint
+    for mod in ref.modules():  # rotary inverse frequencies are buffers left on meta: rebuild on CPU
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                fn = (
+                    mod.compute_default_rope_parameters
+                    if hasattr(mod, "mrope_section")
+                    else mod.compute_axial_rope_parameters
+                )
+                mod.register_buffer(name, fn(mod.config)[0], persistent=False)
+    return ref.train()
+
+
+def vlm_batches(workdir: Path, cfg, steps: int, batch: int, packed: bool) -> list[dict]:
+    """`steps` batches of `batch` samples in dataset order, collated for one side."""
+    from mmkit.data.sft import PackingCollator, SFTCollator, SFTDataset
+
+    ds = SFTDataset(
+        str(workdir / "qa.json"), str(workdir / "tok"), cutoff_len=4096, media_root=workdir, progress=False
+    )
+    collate = PackingCollator(ds.pad_token_id, max_len=4096) if packed else SFTCollator(ds.pad_token_id)
+    n = len(ds)
+    return [collate([ds[(s * batch + i) % n] for i in range(batch)]) for s in range(steps)]
+
+
+def vlm_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = False) -> dict:
+    """Train `steps` + 1 steps (the first is warm-up) on one side; returns timings and peak RSS."""
+    from mmkit.config import OptimConfig
+    from mmkit.train.optim import build_optimizer
+    from mmkit.train.tasks.qwen2_5_vl import VLMSFTTask
+
+    cfg = vlm_config(workdir)
+    batches = vlm_batches(workdir, cfg, steps + 1, batch, packed=side == "mmkit")
+    optim = OptimConfig(lr=1e-5, weight_decay=0.0)
+    if side == "mmkit":
+        task = VLMSFTTask(vlm_model(cfg))
+        opt = build_optimizer(task.model, optim)
+        if fused:  # the same groups in torch's fused AdamW: no per-parameter temporaries, one kernel
+            opt = torch.optim.AdamW(opt.param_groups, lr=optim.lr, fused=True)
+
+        def step(b):
+            out = task.loss(b)
+            out.loss_sum.backward()
+            for p in task.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(out.count)
+            return out.loss_sum.item() / out.count
+    else:
+        ref = vlm_reference(cfg)
+        opt = torch.optim.AdamW(ref.parameters(), lr=optim.lr, weight_decay=0.0)
+        media = ("pixel_values", "image_grid_thw")
+
+        def step(b):
+            kw = {k: b[k] for k in media if k in b}
+            out = ref(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                mm_token_type_ids=b["mm_token_type_ids"],
+                labels=b["labels"],
+                **kw,
+            )
+            out.loss.backward()
+            return out.loss.item()
+
+    times, losses = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step(b))
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    padded = [b["attention_mask"].numel() for b in batches]
+    best = min(range(1, len(times)), key=lambda i: times[i] / tokens[i])
+    return {
+        "side": side,
+        "tokens_per_s": tokens[best] / times[best],
+        "step_s": times[best],
+        "tokens": tokens[best],
+        "padded_tokens": padded[best],
+        "first_loss": losses[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_vlm(args) -> None:
+    """Prepare data once, alternate mmkit / transformers subprocesses, print both and the ratios."""
+    with tempfile.TemporaryDirectory(prefix="mmkit-bench-vlm-") as tmp:
+        work = Path(tmp)
+        vlm_prepare(work, samples=max(args.batch * (args.steps + 1) // 2 + 1, 4))
+        best: dict[str, dict] = {}
+        for r in range(args.repeats):
+            for side in ("mmkit", "transformers"):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"vlm-{side}"]
+                cmd += ["--workdir", str(work), "--steps", str(args.steps), "--batch", str(args.batch)]
+                cmd += ["--fused-adamw"] if args.fused_adamw and side == "mmkit" else []
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                print(
+                    f"  round {r + 1} {side:12s}: {res['tokens_per_s']:7.1f} tokens/s "
+                    f"({res['tokens']} tokens, {res['padded_tokens']} with padding, {res['step_s']:.1f} s/step), "
+                    f"peak RSS {res['peak_rss_mb']:.0f} MB, first loss {res['first_loss']:.5f}",
+                    flush=True,
+                )
+                prev = best.get(side)
+                if prev is None or res["tokens_per_s"] > prev["tokens_per_s"]:
+                    best[side] = {**res, "peak_rss_mb": min(res["peak_rss_mb"], (prev or res)["peak_rss_mb"])}
+                else:
+                    prev["peak_rss_mb"] = min(prev["peak_rss_mb"], res["peak_rss_mb"])
+    m, t = best["mmkit"], best["transformers"]
+    print(
+        f"VLM SFT step (3B widths, 2+2 layers, {args.batch} samples/step, fp32, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}):"
+    )
+    print(f"  tokens/s: mmkit {m['tokens_per_s']:.1f}, transformers {t['tokens_per_s']:.1f}")
+    print(f"  peak RSS: mmkit {m['peak_rss_mb']:.0f} MB, transformers {t['peak_rss_mb']:.0f} MB")
+    print(
+        f"  ratio tokens/s (mmkit / transformers): {m['tokens_per_s'] / t['tokens_per_s']:.2f}x  (goal >= 1.5x)"
+    )
+    print(
+        f"  ratio peak RSS (mmkit / transformers): {m['peak_rss_mb'] / t['peak_rss_mb']:.2f}x  (goal <= 0.8x)"
+    )
+    if args.fused_adamw:
+        print("  (mmkit side with torch's fused AdamW over build_optimizer's groups)")
+    print(f"  first-step loss: mmkit {m['first_loss']:.6f}, transformers {t['first_loss']:.6f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point (a Wan section plugs in as run_wan / a "wan-*" child)
+# ---------------------------------------------------------------------------------------------------
+CHILDREN = {"vlm-mmkit": ("mmkit", vlm_child), "vlm-transformers": ("transformers", vlm_child)}
+SECTIONS = {"vlm": run_vlm}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--which", choices=["vlm", "wan", "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating rounds per side; best is kept")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (after 1 warm-up)")
+    ap.add_argument("--batch", type=int, default=16, help="VLM: samples per step")
+    ap.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="VLM: mmkit side steps its AdamW groups with torch's fused AdamW (see the report)",
+    )
+    ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        side, fn = CHILDREN[args.child]
+        print(json.dumps(fn(side, Path(args.workdir), args.steps, args.batch, args.fused_adamw)))
+        return
+    which = list(SECTIONS) if args.which == "all" else [args.which]
+    for name in which:
+        if name not in SECTIONS:
+            print(f"{name}: no benchmark section yet")
+            continue
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Qwen2.5-VL supervised fine-tuning task: a batch of conversations (+ images/videos) in, next-token
+cross-entropy on the assistant tokens out.
+
+The trainer only sees `task.model` and `task.loss(batch, g)`. Two batch layouts:
+- padded (`SFTCollator`): rows (B, L) with an attention_mask; the model masks the padding.
+- packed (`PackingCollator`, `data.packing = true`): rows plus "cu_seqlens". The real tokens of all
+  rows are read into one flat row (1, N), and the model attends causally inside each sample only
+  (M-RoPE positions restart per sample, each sample's first label is -100). No padding token is
+  embedded, projected or attended: this is the throughput lever.
+Either way the LM head runs only at positions whose next label is supervised: the loss needs no
+other logits, and at a 150k vocabulary the head is the largest matmul of a short-answer SFT batch.
+The loss equals `losses.next_token_ce_sum(full_logits, labels)` (the unit tests check it).
+
+Freeze switches (`model.freeze_vision` / `freeze_merger` / `freeze_llm`) set requires_grad False on
+the vision blocks (+ patch embedding), the patch merger, and the language model (embeddings, decoder,
+final norm, LM head); the optimizer builder only takes trainable parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmkit.data.sft import IGNORE_INDEX
+from mmkit.train.tasks.wan import LossOut
+
+_MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass
+class VLMTaskConfig:
+    freeze_vision: bool = False  # patch embedding + ViT blocks
+    freeze_merger: bool = False  # 2x2 patch merger (vision -> LLM projector)
+    freeze_llm: bool = False  # embeddings, decoder layers, final norm, LM head
+
+
+def freeze_parts(model, cfg: VLMTaskConfig) -> dict[str, int]:
+    """Set requires_grad on every parameter from the switches; returns trainable counts per part.
+
+    Example: `freeze_parts(model, VLMTaskConfig(freeze_vision=True))` -> `{"vision": 0, "merger": ..., "llm": ...}`.
+    """
+    parts = {
+        "vision": ([model.visual.patch_embed, model.visual.blocks], cfg.freeze_vision),
+        "merger": ([model.visual.merger], cfg.freeze_merger),
+        "llm": ([model.language], cfg.freeze_llm),
+    }
+    counts = {}
+    for name, (modules, frozen) in parts.items():
+        n = 0
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(not frozen)
+                n += 0 if frozen else p.numel()
+        counts[name] = n
+    return counts
+
+
+class VLMSFTTask:
+    """Example:
+    task = VLMSFTTask(model, VLMTaskConfig(freeze_vision=True))
+    out = task.loss(batch, torch.Generator())      # batch from SFTCollator or PackingCollator
+    (out.loss_sum / out.count).backward()
+    """
+
+    def __init__(self, model, cfg: VLMTaskConfig | None = None, processor=None):
+        self.model, self.cfg = model, cfg or VLMTaskConfig()
+        self.processor = processor  # tokenizer + image processor of the run (for build_data)
+        freeze_parts(model, self.cfg)
+        c, lang = model.cfg.text, model.language
+        # Parameters a token passes through as matmuls: the LLM without its input lookup table
+        # (parameters() yields a tied head/embedding once, and then it is the head's matmul).
+        self._llm_matmul_params = sum(p.numel() for p in lang.parameters())
+        if not model.cfg.tie_word_embeddings:
+            self._llm_matmul_params -= lang.embed_tokens.weight.numel()
+        self._attn_width = c.num_hidden_layers * c.num_attention_heads * c.head_dim
+
+    def train_flops(self, samples: int, tokens: int) -> float:
+        """Analytic FLOPs of forward + backward for `tokens` LLM tokens in `samples` samples:
+        6 * (LLM matmul parameters) * tokens + 6 * layers * width * (tokens per sample) * tokens
+        (causal attention scores and values, forward 2 matmuls x 2 flops x S/2, times 3 for backward).
+        The vision tower is not counted. Example: `task.train_flops(8, 2048)`."""
+        seq = tokens / max(samples, 1)
+        return 6.0 * self._llm_matmul_params * tokens + 6.0 * self._attn_width * seq * tokens
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOut:
+        """Summed next-token CE over supervised positions and their count. `generator` is unused (SFT
+        has no randomness); it is part of the task interface."""
+        model = self.model
+        dev = model.language.embed_tokens.weight.device
+        media = {k: batch[k].to(dev) for k in _MEDIA if k in batch}
+        valid = batch["attention_mask"].bool()
+        if "cu_seqlens" in batch:  # packed: the real tokens of all rows as one flat row (1, N)
+            ids = batch["input_ids"][valid][None].to(dev)
+            labels = batch["labels"][valid][None].to(dev)
+            pos = batch["position_ids"][:, valid][:, None].to(dev)  # (3, 1, N)
+            cu = batch["cu_seqlens"].tolist()
+            hidden = model(ids, position_ids=pos, cu_seqlens=cu, return_hidden=True, **media)
+            samples = len(cu) - 1
+        else:
+            ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+            hidden = model(
+                ids,
+                attention_mask=batch["attention_mask"].to(dev),
+                position_ids=batch["position_ids"].to(dev),
+                return_hidden=True,
+                **media,
+            )
+            samples = ids.shape[0]
+        targets = labels[:, 1:]  # position i predicts token i + 1
+        keep = targets != IGNORE_INDEX
+        logits = model.language.lm_head(hidden[:, :-1][keep])  # (K, vocab), K supervised positions
+        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return LossOut(total, int(keep.sum()), samples, int(valid.sum()))
