@@ -15,7 +15,14 @@ its own; the subprocesses alternate and the best step time of each side is kept.
 losses of both sides are printed as a check that they train the same thing.
 
 Run: `.venv/bin/python benchmarks/train_step.py [--which vlm|wan|all] [--repeats 2] [--steps 2]
-[--batch 16]`. Goal (VLM): >= 1.5x tokens/s at <= 0.8x peak RSS.
+[--batch 16] [--wan-layers 2]`. Goal (VLM): >= 1.5x tokens/s at <= 0.8x peak RSS.
+
+Wan t2v (`--which wan`): the DiT at Wan2.1-1.3B widths (dim 1536, 12 heads, ffn 8960), `--wan-layers`
+blocks, latent (1, 16, 5, 40, 60) = 3000 tokens + 512 text tokens, fp32, MSE to a fixed target,
+torch AdamW; mmkit's `WanTransformer` (plain, and with selective activation checkpointing of every
+2nd block) against a plain loop around diffusers' `WanTransformer3DModel` on the same weights, each
+side in its own subprocess. Goals: >= 1.0x the speed; with selective AC <= 0.6x the peak memory at
+<= 1.25x the step time.
 """
 
 from __future__ import annotations
@@ -229,10 +236,116 @@ def run_vlm(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Entry point (a Wan section plugs in as run_wan / a "wan-*" child)
+# Wan t2v DiT training step
 # ---------------------------------------------------------------------------------------------------
-CHILDREN = {"vlm-mmkit": ("mmkit", vlm_child), "vlm-transformers": ("transformers", vlm_child)}
-SECTIONS = {"vlm": run_vlm}
+WAN_LATENT = (1, 16, 5, 40, 60)  # 5 x 20 x 30 = 3000 video tokens after the (1, 2, 2) patch
+
+
+def wan_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = False) -> dict:
+    """One side of the Wan step benchmark in its own process: mmkit | mmkit-ac | diffusers."""
+    from diffusers import WanTransformer3DModel
+
+    from mmkit.models.wan import hf
+    from mmkit.models.wan.config import WanConfig
+    from mmkit.models.wan.model import WanTransformer
+    from mmkit.parallel.ac import apply_ac
+
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(
+        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=batch, text_dim=4096
+    )
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    if side == "diffusers":
+        model = ref.train()
+
+        def forward(x, t, ctx):
+            return model(x, t, ctx, return_dict=False)[0]
+    else:
+        model = WanTransformer(WanConfig.from_dict(dict(ref.config)))
+        model.load_state_dict(hf.from_hf(ref.state_dict()))
+        del ref
+        model.train()
+        if side == "mmkit-ac":
+            apply_ac(model, "selective", every_k=2)
+
+        def forward(x, t, ctx):
+            return model(x, t, ctx)
+
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(WAN_LATENT, generator=g), torch.randn(WAN_LATENT, generator=g)
+    ctx, t = torch.randn(1, 512, 4096, generator=g), torch.tensor([500.0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    times, losses = [], []
+    for _ in range(steps + 1):  # the first step is warm-up (and allocates the optimizer state)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = (forward(x, t, ctx) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return {
+        "side": side,
+        "step_s": min(times[1:]),
+        "first_loss": losses[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_wan(args) -> None:
+    """Alternate the three sides in subprocesses; print step times, peak RSS and the ratios."""
+    layers = args.wan_layers
+    best: dict[str, dict] = {}
+    for r in range(args.repeats):
+        for side in ("mmkit", "mmkit-ac", "diffusers"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"wan-{side}"]
+            cmd += ["--workdir", ".", "--steps", str(args.steps), "--batch", str(layers)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"  round {r + 1} {side:10s}: {res['step_s']:.2f} s/step, peak RSS {res['peak_rss_mb']:.0f} MB, "
+                f"first loss {res['first_loss']:.6f}",
+                flush=True,
+            )
+            prev = best.get(side)
+            best[side] = {
+                "step_s": min(res["step_s"], prev["step_s"]) if prev else res["step_s"],
+                "peak_rss_mb": min(res["peak_rss_mb"], prev["peak_rss_mb"]) if prev else res["peak_rss_mb"],
+                "first_loss": res["first_loss"],
+            }
+    m, a, d = best["mmkit"], best["mmkit-ac"], best["diffusers"]
+    tokens = WAN_LATENT[2] * (WAN_LATENT[3] // 2) * (WAN_LATENT[4] // 2)
+    print(
+        f"Wan t2v DiT step (1.3B widths, {layers} layers, latent {WAN_LATENT} = {tokens} tokens, 512 text "
+        f"tokens, fp32, AdamW, {torch.get_num_threads()} threads, best of {args.repeats}):"
+    )
+    print(
+        f"  step time: mmkit {m['step_s']:.2f} s, mmkit+selective AC {a['step_s']:.2f} s, diffusers {d['step_s']:.2f} s"
+    )
+    print(
+        f"  peak RSS:  mmkit {m['peak_rss_mb']:.0f} MB, mmkit+selective AC {a['peak_rss_mb']:.0f} MB, diffusers {d['peak_rss_mb']:.0f} MB"
+    )
+    print(f"  speed (diffusers time / mmkit time): {d['step_s'] / m['step_s']:.2f}x  (goal >= 1.0x)")
+    print(
+        f"  selective AC: memory {a['peak_rss_mb'] / d['peak_rss_mb']:.2f}x of diffusers (goal <= 0.6x), "
+        f"time {a['step_s'] / d['step_s']:.2f}x (goal <= 1.25x)"
+    )
+    print(f"  first-step loss: mmkit {m['first_loss']:.6f}, diffusers {d['first_loss']:.6f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+CHILDREN = {
+    "vlm-mmkit": ("mmkit", vlm_child),
+    "vlm-transformers": ("transformers", vlm_child),
+    "wan-mmkit": ("mmkit", wan_child),
+    "wan-mmkit-ac": ("mmkit-ac", wan_child),
+    "wan-diffusers": ("diffusers", wan_child),
+}
+SECTIONS = {"vlm": run_vlm, "wan": run_wan}
 
 
 def main() -> None:
@@ -246,6 +359,7 @@ def main() -> None:
         action="store_true",
         help="VLM: mmkit side steps its AdamW groups with torch's fused AdamW (see the report)",
     )
+    ap.add_argument("--wan-layers", type=int, default=2, help="Wan: DiT layers (1.3B widths)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
