@@ -101,3 +101,14 @@ def test_i2v_and_v_prediction_train(tmp_path):
     args = _args(root, tmp_path / "g", 3, **{"model.task": "i2v", "train.loss": "v_pred_zero_snr"})
     losses = Trainer(parse_cli(args)).fit()
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(setup, tmp_path):
+    import torch
+
+    cfg = parse_cli(_args(setup, tmp_path / "h", 2, **{"train.mixed_precision": "bf16"}))
+    trainer = Trainer(cfg)
+    fp32_losses = Trainer(parse_cli(_args(setup, tmp_path / "i", 2))).fit()
+    losses = trainer.fit()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert losses[0] != fp32_losses[0] and abs(losses[0] - fp32_losses[0]) < 0.05 * fp32_losses[0]
