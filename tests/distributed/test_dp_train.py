@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmkit.data.synth import synth_shapes
-from mmkit.models.wan.tiny import create_tiny_wan
 from mmkit.train.checkpoint import export_model_state, find_latest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wandp")
-    create_tiny_wan(root / "wan", task="t2v", seed=0)
-    synth_shapes(root / "shapes", videos=8, num_frames=9, height=32, width=32, seed=0)
-    return root
+@pytest.fixture
+def setup(wan_train_root):
+    return wan_train_root
 
 
 def test_two_process_data_parallel(setup, tmp_path):

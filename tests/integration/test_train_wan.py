@@ -11,12 +11,9 @@ from mmkit.models.wan.tiny import create_tiny_wan
 from mmkit.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wantrain")
-    create_tiny_wan(root / "wan", task="t2v", seed=0)
-    synth_shapes(root / "shapes", videos=8, num_frames=9, height=32, width=32, seed=0)
-    return root
+@pytest.fixture
+def setup(wan_train_root):
+    return wan_train_root
 
 
 def _args(root, ckpt, steps, **extra):
