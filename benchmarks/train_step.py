@@ -18,7 +18,7 @@ Run: `.venv/bin/python benchmarks/train_step.py [--which vlm|wan|all] [--repeats
 [--batch 16] [--wan-layers 2]`. Goal (VLM): >= 1.5x tokens/s at <= 0.8x peak RSS.
 
 Wan t2v (`--which wan`): the DiT at Wan2.1-1.3B widths (dim 1536, 12 heads, ffn 8960), `--wan-layers`
-blocks, latent (1, 16, 5, 40, 60) = 3000 tokens + 512 text tokens, fp32, MSE to a fixed target,
+blocks, latent (1, 16, `--wan-frames`, 40, 60) (5 frames = 3000 tokens) + 512 text tokens, fp32, MSE to a fixed target,
 torch AdamW; mmkit's `WanTransformer` (plain, and with selective activation checkpointing of every
 2nd block) against a plain loop around diffusers' `WanTransformer3DModel` on the same weights, each
 side in its own subprocess. Goals: >= 1.0x the speed; with selective AC <= 0.6x the peak memory at
@@ -238,10 +238,10 @@ def run_vlm(args) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Wan t2v DiT training step
 # ---------------------------------------------------------------------------------------------------
-WAN_LATENT = (1, 16, 5, 40, 60)  # 5 x 20 x 30 = 3000 video tokens after the (1, 2, 2) patch
+WAN_LATENT = [1, 16, 5, 40, 60]  # 5 x 20 x 30 = 3000 video tokens after the (1, 2, 2) patch (--wan-frames)
 
 
-def wan_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = False) -> dict:
+def wan_child(side: str, args) -> dict:
     """One side of the Wan step benchmark in its own process: mmkit | mmkit-ac | diffusers."""
     from diffusers import WanTransformer3DModel
 
@@ -252,7 +252,11 @@ def wan_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = Fa
 
     torch.manual_seed(0)
     ref = WanTransformer3DModel(
-        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=batch, text_dim=4096
+        num_attention_heads=12,
+        attention_head_dim=128,
+        ffn_dim=8960,
+        num_layers=args.wan_layers,
+        text_dim=4096,
     )
     with torch.no_grad():
         for p in ref.parameters():
@@ -274,6 +278,7 @@ def wan_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = Fa
             return model(x, t, ctx)
 
     g = torch.Generator().manual_seed(1)
+    WAN_LATENT[2], steps = args.wan_frames, args.steps
     x, target = torch.randn(WAN_LATENT, generator=g), torch.randn(WAN_LATENT, generator=g)
     ctx, t = torch.randn(1, 512, 4096, generator=g), torch.tensor([500.0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
@@ -301,7 +306,14 @@ def run_wan(args) -> None:
     for r in range(args.repeats):
         for side in ("mmkit", "mmkit-ac", "diffusers"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"wan-{side}"]
-            cmd += ["--workdir", ".", "--steps", str(args.steps), "--batch", str(layers)]
+            cmd += [
+                "--steps",
+                str(args.steps),
+                "--wan-layers",
+                str(layers),
+                "--wan-frames",
+                str(args.wan_frames),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             print(
@@ -316,9 +328,10 @@ def run_wan(args) -> None:
                 "first_loss": res["first_loss"],
             }
     m, a, d = best["mmkit"], best["mmkit-ac"], best["diffusers"]
+    WAN_LATENT[2] = args.wan_frames
     tokens = WAN_LATENT[2] * (WAN_LATENT[3] // 2) * (WAN_LATENT[4] // 2)
     print(
-        f"Wan t2v DiT step (1.3B widths, {layers} layers, latent {WAN_LATENT} = {tokens} tokens, 512 text "
+        f"Wan t2v DiT step (1.3B widths, {layers} layers, latent {tuple(WAN_LATENT)} = {tokens} tokens, 512 text "
         f"tokens, fp32, AdamW, {torch.get_num_threads()} threads, best of {args.repeats}):"
     )
     print(
@@ -360,12 +373,16 @@ def main() -> None:
         help="VLM: mmkit side steps its AdamW groups with torch's fused AdamW (see the report)",
     )
     ap.add_argument("--wan-layers", type=int, default=2, help="Wan: DiT layers (1.3B widths)")
+    ap.add_argument("--wan-frames", type=int, default=5, help="Wan: latent frames (x 20 x 30 tokens each)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         side, fn = CHILDREN[args.child]
-        print(json.dumps(fn(side, Path(args.workdir), args.steps, args.batch, args.fused_adamw)))
+        if args.child.startswith("wan"):
+            print(json.dumps(fn(side, args)))
+        else:
+            print(json.dumps(fn(side, Path(args.workdir), args.steps, args.batch, args.fused_adamw)))
         return
     which = list(SECTIONS) if args.which == "all" else [args.which]
     for name in which:
