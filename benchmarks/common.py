@@ -37,3 +37,29 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def transformers_qwen_twin(ours, cfg):
+    """transformers' Qwen2_5_VLForConditionalGeneration holding exactly the tensors of mmkit model
+    `ours` (no second copy; built on meta, then assigned). Tied LM head, as in the 3B checkpoint."""
+    from transformers import Qwen2_5_VLConfig as HFConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mmkit.models.qwen2_5_vl.hf import to_hf
+
+    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        ref = Qwen2_5_VLForConditionalGeneration(hf_cfg)
+    missing, unexpected = ref.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    ref.lm_head.weight = ref.model.language_model.embed_tokens.weight
+    for mod in ref.modules():  # rotary inverse frequencies are buffers left on meta: rebuild on CPU
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                rope = (
+                    mod.compute_default_rope_parameters
+                    if hasattr(mod, "mrope_section")
+                    else mod.compute_axial_rope_parameters
+                )
+                mod.register_buffer(name, rope(mod.config)[0], persistent=False)
+    return ref

@@ -21,14 +21,12 @@ import argparse
 import time
 
 import torch
-from common import interleaved_best
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
-from transformers import Qwen2_5_VLConfig as HFConfig
+from common import interleaved_best, transformers_qwen_twin
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmkit.infer.vlm import SamplingParams, generate
 from mmkit.models.common import ops
 from mmkit.models.qwen2_5_vl.config import flavor
-from mmkit.models.qwen2_5_vl.hf import to_hf
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tiny import perturbed_init
 
@@ -45,29 +43,11 @@ def build(layers: int, vision_layers: int, seed: int = 0):
     with torch.no_grad():  # keep the 3B-width activations in a sane range (1/sqrt(fan_in) init is already)
         ours.language.embed_tokens.weight.mul_(0.05)
     ours.eval()
-    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
-    with torch.device("meta"):
-        ref = Qwen2_5_VLForConditionalGeneration(hf_cfg)
-    missing, unexpected = ref.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False, assign=True)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    ref.lm_head.weight = ref.model.language_model.embed_tokens.weight  # tied, as in the 3B checkpoint
-    for mod in ref.modules():  # rotary inverse frequencies are buffers that stayed on meta: rebuild on CPU
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                mod.register_buffer(name, _rebuild(mod, name), persistent=False)
+    ref = transformers_qwen_twin(ours, cfg)
     ref.eval()
     ref.generation_config.eos_token_id = None  # always decode the full budget
     ref.generation_config.pad_token_id = 0
     return ours, ref
-
-
-def _rebuild(mod, name):
-    inv, _ = (
-        mod.compute_default_rope_parameters
-        if hasattr(mod, "mrope_section")
-        else mod.compute_axial_rope_parameters
-    )(mod.config)
-    return inv
 
 
 def inputs(cfg, text_tokens: int = 64, side: int = 448, seed: int = 0):

@@ -97,28 +97,9 @@ def vlm_model(cfg, seed: int = 0):
 
 def vlm_reference(cfg, seed: int = 0):
     """transformers' model holding exactly the mmkit model's tensors (no second copy)."""
-    from transformers import Qwen2_5_VLConfig as HFConfig
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from common import transformers_qwen_twin
 
-    from mmkit.models.qwen2_5_vl.hf import to_hf
-
-    ours = vlm_model(cfg, seed)
-    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
-    with torch.device("meta"):
-        ref = Qwen2_5_VLForConditionalGeneration(hf_cfg)
-    missing, unexpected = ref.load_state_dict(to_hf(ours.state_dict(), cfg), strict=False, assign=True)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    ref.lm_head.weight = ref.model.language_model.embed_tokens.weight  # tied, as in the 3B checkpoint
-    for mod in ref.modules():  # rotary inverse frequencies are buffers left on meta: rebuild on CPU
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                fn = (
-                    mod.compute_default_rope_parameters
-                    if hasattr(mod, "mrope_section")
-                    else mod.compute_axial_rope_parameters
-                )
-                mod.register_buffer(name, fn(mod.config)[0], persistent=False)
-    return ref.train()
+    return transformers_qwen_twin(vlm_model(cfg, seed), cfg).train()
 
 
 def vlm_batches(workdir: Path, cfg, steps: int, batch: int, packed: bool) -> list[dict]:
