@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mmkit.models.common.hf_io import SAFE_INDEX_SUFFIX, check_keys, read_json
+from mmkit.models.common.hf_io import check_keys, read_json, save_state_dict
 
 FAMILIES = ("wan", "qwen2_5_vl")
 # family -> accepted layouts; the first is the default.
@@ -218,58 +217,6 @@ def _check_shapes(want: dict[str, torch.Size], sd: dict[str, torch.Tensor], wher
         )
 
 
-def write_shards(
-    sd: dict[str, torch.Tensor],
-    folder: Path,
-    stem: str,
-    max_shard_bytes: int,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    desc: str | None = None,
-) -> list[Path]:
-    """`<stem>.safetensors`, or `<stem>-0000i-of-0000n.safetensors` + `<stem>.safetensors.index.json`.
-
-    Same naming and index as `hf_io.save_state_dict`, plus a byte progress bar and a cast of floating
-    tensors to `dtype`. Example: `write_shards(sd, Path("out/transformer"), "diffusion_pytorch_model", 2**30)`.
-    """
-
-    def out_dtype(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().cpu().to(out_dtype(t)).contiguous()
-
-    nbytes = {k: v.numel() * out_dtype(v).itemsize for k, v in sd.items()}  # bytes as written
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(sd):
-        if shards[-1] and size + nbytes[name] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes[name]
-    n = len(shards)
-    files = (
-        [f"{stem}.safetensors"]
-        if n == 1
-        else [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    )
-    total = sum(nbytes.values())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc or f"write {stem}", disable=not progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for names, fname in zip(shards, files):
-        save_file({k: cast(sd[k]) for k in names}, str(folder / fname), metadata={"format": "pt"})
-        bar.update(sum(nbytes[k] for k in names))
-    bar.close()
-    if n > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {k: f for names, f in zip(shards, files) for k in names},
-        }
-        (folder / f"{stem}{SAFE_INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
-    return [folder / f for f in files]
-
-
 def _need_folder(path: Path | None, what: str, fix: str) -> Path:
     if path is None:
         raise ValueError(f"{what} is not set; {fix}")
@@ -342,11 +289,11 @@ class _WanExport:
         from mmkit.models.wan import hf
 
         if self.layout == "original":
-            write_shards(hf.to_original(sd), out, DIT_STEM, max_shard_bytes, dtype, progress, "write DiT")
+            save_state_dict(hf.to_original(sd), out, DIT_STEM, max_shard_bytes, dtype, progress, "write DiT")
             (out / "config.json").write_text(json.dumps(hf.config_to_original(self.cfg), indent=2) + "\n")
             return
         dit = out / "transformer"
-        write_shards(hf.to_hf(sd), dit, DIT_STEM, max_shard_bytes, dtype, progress, "write transformer")
+        save_state_dict(hf.to_hf(sd), dit, DIT_STEM, max_shard_bytes, dtype, progress, "write transformer")
         (dit / "config.json").write_text(json.dumps(self.dit_config, indent=2) + "\n")
         for name in tqdm(self.components, desc="copy frozen components", disable=not progress):
             shutil.copytree(self.src / name, out / name)
@@ -399,7 +346,7 @@ class _QwenExport:
     def write(self, sd, out: Path, dtype, max_shard_bytes: int, progress: bool) -> None:
         from mmkit.models.qwen2_5_vl.hf import to_hf
 
-        write_shards(to_hf(sd, self.cfg), out, "model", max_shard_bytes, dtype, progress, "write model")
+        save_state_dict(to_hf(sd, self.cfg), out, "model", max_shard_bytes, dtype, progress, "write model")
         config = dict(self.hf_config)
         # transformers 5 loads in the dtype config.json names: make it the one written
         config["dtype"] = _dtype_name(sd, dtype)

@@ -86,9 +86,7 @@ class WanI2VPipeline(WanT2VPipeline):
         img = image.to(self.device, torch.float32)
         B = img.shape[0]
         video = torch.cat([img[:, :, None], img.new_zeros(B, 3, num_frames - 1, height, width)], dim=2)
-        lat = self.vae.encode(video).latent_dist.mode()  # (B, C, T_lat, H_lat, W_lat)
-        mean, std = self._latent_stats(lat.device)
-        lat = (lat - mean) / std
+        lat = self.encode(video)  # (B, C, T_lat, H_lat, W_lat)
         k, (t_lat, h_lat, w_lat) = self.vae_scale_t, lat.shape[2:]
         # pixel-frame mask (1 for the given first frame), first frame repeated k times so that the
         # k mask channels of each latent frame cover the k pixel frames it encodes

@@ -166,6 +166,14 @@ class WanT2VPipeline:
         return mean, std
 
     @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames (B, 3, T, H, W) in [-1, 1] -> normalized latents (B, C, T_lat, H_lat, W_lat), float32
+        (the VAE posterior's mode, as diffusers conditions i2v)."""
+        lat = self.vae.encode(video.to(self.device, torch.float32)).latent_dist.mode()
+        mean, std = self._latent_stats(lat.device)
+        return (lat - mean) / std
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
         """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists."""
         mean, std = self._latent_stats(latents.device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -172,7 +171,3 @@ class Trainer:
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-    @property
-    def metrics_file(self) -> Path | None:
-        return Path(self.cfg.logging.metrics_file) if self.cfg.logging.metrics_file else None

@@ -20,11 +20,11 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, S, D) tensors; returns (B, H, Sq, D).
 
-    `k`/`v` may have fewer heads than `q` (grouped-query attention); they are repeated.
+    `k`/`v` may have fewer heads than `q` (grouped-query attention); the kernel shares them across
+    query-head groups without copying.
     Example: `out = attention(q, k, v)  # q,k,v: (1, 12, 1950, 128)`.
     """
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )

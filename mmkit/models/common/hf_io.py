@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -68,38 +69,50 @@ def save_state_dict(
     folder: str | os.PathLike,
     stem: str = "model",
     max_shard_bytes: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str | None = None,
 ) -> list[Path]:
     """Write `sd` as `<stem>.safetensors`, or as shards plus `<stem>.safetensors.index.json`.
 
-    Shard names follow the HF convention `<stem>-00001-of-00003.safetensors`.
+    Shard names follow the HF convention `<stem>-00001-of-00003.safetensors`. `dtype` casts floating
+    tensors as they are written (shard sizes count the written bytes); each shard is materialised
+    only while it is written. `progress` shows a byte progress bar.
     Example: `save_state_dict(sd, "out/transformer", "diffusion_pytorch_model", 2**30)`.
     """
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    nbytes = {k: v.numel() * out_dtype(v).itemsize for k, v in sd.items()}  # bytes as written
+    shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(sd):
-        t = sd[name].detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        path = folder / f"{stem}.safetensors"
-        save_file(shards[0], str(path), metadata={"format": "pt"})
-        return [path]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        path = folder / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        weight_map.update({k: path.name for k in shard})
-        paths.append(path)
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{stem}{SAFE_INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
-    return paths
+        shards[-1].append(name)
+        size += nbytes[name]
+    n = len(shards)
+    files = (
+        [f"{stem}.safetensors"]
+        if n == 1
+        else [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    total = sum(nbytes.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc or f"write {stem}", disable=not progress)
+    for names, fname in zip(shards, files):
+        tensors = {k: sd[k].detach().cpu().to(out_dtype(sd[k])).contiguous() for k in names}
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        bar.update(sum(nbytes[k] for k in names))
+    bar.close()
+    if n > 1:
+        weight_map = {k: f for names, f in zip(shards, files) for k in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{stem}{SAFE_INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
+    return [folder / f for f in files]
 
 
 def check_keys(expected: Iterable[str], got: Iterable[str], where: str) -> None:

@@ -17,9 +17,9 @@ KV-cache interface (the cache itself lives in `mmkit/infer/`, never here): a `ca
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mmkit.models.common.attention import attention
 from mmkit.models.common.ops import Linear
 from mmkit.models.qwen2_5_vl.config import TextConfig
 from mmkit.models.qwen2_5_vl.vision import RMSNorm, SwiGLU, rotate_half
@@ -66,9 +66,7 @@ def packed_causal_attention(
     sum(len_i^2), never N^2. Example: `packed_causal_attention(q, k, v, [0, 7, 12])`.
     """
     outs = [
-        F.scaled_dot_product_attention(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
-        )
+        attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True)
         for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])
     ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -118,7 +116,7 @@ class TextAttention(nn.Module):
         elif sq > 1:
             n_k = k.shape[2]
             mask = torch.ones(sq, n_k, dtype=torch.bool, device=x.device).tril(n_k - sq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out = attention(q, k, v, mask=mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, sq, -1))
 
 

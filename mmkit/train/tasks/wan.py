@@ -60,16 +60,12 @@ class WanTask:
             raise ValueError(f"data.text_dropout={cfg.text_dropout}: must be in [0, 1]")
         self.model, self.enc, self.cfg = model, encoders, cfg
         self.alphas_cumprod = L.zero_snr_alphas_cumprod() if cfg.loss == "v_pred_zero_snr" else None
-        self._empty_ctx = None
 
     # ---- frozen conditioning (no grad) -----------------------------------------------------
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> normalized latents (B, C, T_lat, H_lat, W_lat), float32."""
-        vae = self.enc.vae
-        lat = vae.encode(video.to(self.enc.device, torch.float32)).latent_dist.mode()
-        mean, std = self.enc._latent_stats(lat.device)
-        return (lat - mean) / std
+        return self.enc.encode(video)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
@@ -114,7 +110,6 @@ class WanTask:
             cond = clip = None
             if self.cfg.task == "i2v":
                 cond, clip = self.image_condition(video, video.shape[2])
-        B = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
         weight = None
         if self.cfg.loss == "flow":
