@@ -171,7 +171,7 @@ def test_wan_i2v_export_has_image_components(tmp_path):
     init = create_tiny_wan(tmp_path / "wan_i2v", task="i2v", seed=1)
     dit = load_transformer(init / "transformer")
     with torch.no_grad():
-        dit.blocks[0].cross.kv_img.weight.mul_(1.5)  # the image K/V path must survive the export
+        dit.blocks[0].cross.k_img.weight.mul_(1.5)  # the image K/V path must survive the export
     cfg = Config()
     cfg.model.task, cfg.model.init_from = "i2v", str(init)
     save_checkpoint(tmp_path / "ckpt", 1, dit, config=cfg)

@@ -42,7 +42,7 @@ def test_dit_bf16_close_to_fp32():
         want = model(x, 500.0, ctx)
         model.to_dtype(torch.bfloat16)
         assert model.time_proj.weight.dtype == torch.float32  # kept in fp32 like diffusers
-        assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+        assert model.blocks[0].attn.q.weight.dtype == torch.bfloat16
         got = model(x, 500.0, ctx)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 

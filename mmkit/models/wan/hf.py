@@ -4,9 +4,9 @@ Two external layouts are understood:
 - diffusers (`WanTransformer3DModel`, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer);
 - the original Wan2.1 release (`WanModel`, keys like `blocks.0.self_attn.q.weight`).
 
-Each map is a table from an mmkit module to the external module(s) it is made of. Several
-external modules mean a fused projection: their tensors are concatenated along dim 0 on the
-way in and split evenly on the way out. `{i}` is the block index. Nothing here builds a model.
+Each map is a table from an mmkit module to the external module(s) it is made of (today one
+each: mmkit keeps q/k/v separate so tensor parallelism can shard them by heads; a list of several
+would be a fused projection, concatenated along dim 0 on the way in and split evenly on the way out). `{i}` is the block index. Nothing here builds a model.
 """
 
 from __future__ import annotations
@@ -30,16 +30,20 @@ _DIFFUSERS_TOP = {
     "head.proj": ["proj_out"],
 }
 _DIFFUSERS_BLOCK = {
-    "attn.qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"],
+    "attn.q": ["attn1.to_q"],
+    "attn.k": ["attn1.to_k"],
+    "attn.v": ["attn1.to_v"],
     "attn.norm_q": ["attn1.norm_q"],
     "attn.norm_k": ["attn1.norm_k"],
     "attn.out": ["attn1.to_out.0"],
     "cross.q": ["attn2.to_q"],
-    "cross.kv": ["attn2.to_k", "attn2.to_v"],
+    "cross.k": ["attn2.to_k"],
+    "cross.v": ["attn2.to_v"],
     "cross.norm_q": ["attn2.norm_q"],
     "cross.norm_k": ["attn2.norm_k"],
     "cross.out": ["attn2.to_out.0"],
-    "cross.kv_img": ["attn2.add_k_proj", "attn2.add_v_proj"],
+    "cross.k_img": ["attn2.add_k_proj"],
+    "cross.v_img": ["attn2.add_v_proj"],
     "cross.norm_k_img": ["attn2.norm_added_k"],
     "norm_cross": ["norm2"],
     "mlp.fc1": ["ffn.net.0.proj"],
@@ -68,16 +72,20 @@ _ORIGINAL_TOP = {
     "head.proj": ["head.head"],
 }
 _ORIGINAL_BLOCK = {
-    "attn.qkv": ["self_attn.q", "self_attn.k", "self_attn.v"],
+    "attn.q": ["self_attn.q"],
+    "attn.k": ["self_attn.k"],
+    "attn.v": ["self_attn.v"],
     "attn.norm_q": ["self_attn.norm_q"],
     "attn.norm_k": ["self_attn.norm_k"],
     "attn.out": ["self_attn.o"],
     "cross.q": ["cross_attn.q"],
-    "cross.kv": ["cross_attn.k", "cross_attn.v"],
+    "cross.k": ["cross_attn.k"],
+    "cross.v": ["cross_attn.v"],
     "cross.norm_q": ["cross_attn.norm_q"],
     "cross.norm_k": ["cross_attn.norm_k"],
     "cross.out": ["cross_attn.o"],
-    "cross.kv_img": ["cross_attn.k_img", "cross_attn.v_img"],
+    "cross.k_img": ["cross_attn.k_img"],
+    "cross.v_img": ["cross_attn.v_img"],
     "cross.norm_k_img": ["cross_attn.norm_k_img"],
     "norm_cross": ["norm3"],  # the original calls its norms norm1 (attn), norm3 (cross), norm2 (ffn)
     "mlp.fc1": ["ffn.0"],

@@ -7,7 +7,8 @@ It does not hold the VAE, the text/image encoders, the sampler or any parallelis
 Numerics follow diffusers' `WanTransformer3DModel` (the reference of the parity tests): norm
 statistics, modulation and the gated residual adds run in float32; everything else runs in the
 weights' dtype. What differs is only overhead around the matmuls:
-- one fused QKV projection for self-attention and one fused KV projection for cross-attention;
+- in inference, one fused QKV matmul for self-attention and one fused KV matmul for cross-attention
+  (the parameters stay separate q/k/v, as in diffusers, so tensor parallelism shards them by heads);
 - RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid;
 - patch embedding as one matmul over unfolded patches instead of a strided Conv3d;
 - modulation as `addcmul` (one pass) instead of separate multiply and add.
@@ -88,9 +89,12 @@ def norm_to_heads(
     elementwise passes instead of a chain of copies.
     """
     B, S, D = x.shape
-    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
-        # autograd path: no in-place or out= ops
-        y = (x * rms_scale(x, norm.eps) * norm.weight).view(B, S, heads, D // heads).transpose(1, 2)
+    if type(norm) is not nn.RMSNorm or (
+        torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
+    ):
+        # autograd path (no in-place or out= ops); also any norm a parallel plan swapped in (e.g. the
+        # tensor-parallel RMSNorm that reduces its statistics across the heads of all ranks)
+        y = norm(x).view(B, S, heads, D // heads).transpose(1, 2)
         if rope is not None:
             y = torch.addcmul(y * rope[0], y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2), rope[1])
         return y.contiguous()
@@ -111,22 +115,43 @@ def to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(B, S, heads, D // heads).transpose(1, 2).contiguous()
 
 
+def project(x: torch.Tensor, *mods: nn.Linear) -> list[torch.Tensor]:
+    """The outputs of several Linear layers on the same input.
+
+    In inference (no autograd, plain tensors) they run as one matmul over the concatenated weights
+    (the copy costs ~1% of the matmul and keeps no second set of weights alive); with autograd, or
+    when a parallel plan made the weights distributed tensors, each layer runs on its own.
+    """
+    w = mods[0].weight
+    if torch.is_grad_enabled() or type(w) is not nn.Parameter or type(w.data) is not torch.Tensor:
+        return [m(x) for m in mods]
+    y = linear(x, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
+    return list(y.split([m.out_features for m in mods], dim=-1))  # strided views
+
+
 class WanSelfAttention(nn.Module):
+    """Self-attention over the video tokens. `heads` is this process's head count (a tensor-parallel
+    plan lowers it) and `attn_fn` the attention kernel (a context-parallel plan swaps it)."""
+
+    attn_fn = staticmethod(attention)
+
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(dim, 3 * dim)
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)  # RMSNorm across all heads, as Wan does
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, S, D) strided views
+        B, S, _ = x.shape
+        q, k, v = project(x, self.q, self.k, self.v)  # 3 x (B, S, D_local)
         q = norm_to_heads(q, self.norm_q, self.heads, rope)  # (B, H, S, Dh)
         k = norm_to_heads(k, self.norm_k, self.heads, rope)
-        o = attention(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
-        return self.out(o.transpose(1, 2).reshape(B, S, D))
+        o = self.attn_fn(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
+        return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(nn.Module):
@@ -136,23 +161,25 @@ class WanCrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.q = Linear(dim, dim)
-        self.kv = Linear(dim, 2 * dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.out = Linear(dim, dim)
         if image:
-            self.kv_img = Linear(dim, 2 * dim)
+            self.k_img = Linear(dim, dim)
+            self.v_img = Linear(dim, dim)
             self.norm_k_img = nn.RMSNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None) -> torch.Tensor:
-        B, S, D = x.shape
+        B, S, _ = x.shape
         q = norm_to_heads(self.q(x), self.norm_q, self.heads)  # (B, H, S, Dh)
-        k, v = self.kv(ctx).split(D, dim=-1)  # (B, L, D) each
+        k, v = project(ctx, self.k, self.v)  # (B, L, D_local) each
         o = attention(q, norm_to_heads(k, self.norm_k, self.heads), to_heads(v, self.heads))
         if ctx_img is not None:
-            ki, vi = self.kv_img(ctx_img).split(D, dim=-1)
+            ki, vi = project(ctx_img, self.k_img, self.v_img)
             o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
-        return self.out(o.transpose(1, 2).reshape(B, S, D))
+        return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanMLP(nn.Module):

@@ -52,6 +52,7 @@ TINY_VAE = {
     "temperal_downsample": [False, True, True],  # 2 temporal downsamples: 4x
     "dropout": 0.0,
 }
+TINY_VAE_ASSET = "tiny_wan_vae.safetensors"  # in mmkit/assets, written by scripts/fit_tiny_vae.py
 TINY_UMT5 = {
     "d_model": 32,
     "d_kv": 8,
@@ -177,12 +178,19 @@ def build_tokenizer():
 
 
 def create_tiny_wan(
-    outdir: str | os.PathLike, task: str = "t2v", seed: int = 0, original_layout: bool = False
+    outdir: str | os.PathLike,
+    task: str = "t2v",
+    seed: int = 0,
+    original_layout: bool = False,
+    vae: str = "fitted",
 ) -> Path:
     """Write a tiny random Wan2.1 t2v or i2v pipeline in the diffusers layout; returns `outdir`.
 
     The transformer is saved sharded (with `diffusion_pytorch_model.safetensors.index.json`), as is the
-    text encoder. Same `seed` -> byte-identical weights. `original_layout=True` also writes the same DiT
+    text encoder. Same `seed` -> byte-identical weights. `vae="fitted"` (default) writes the VAE fitted once
+    on synthetic shape clips by `scripts/fit_tiny_vae.py` (`fitted_tiny_vae`; it reconstructs the demo's
+    videos, whatever the seed); `vae="random"` writes perturbed random VAE weights drawn from `seed`
+    (`random_tiny_vae`), which decode noise. `original_layout=True` also writes the same DiT
     weights in the original Wan2.1 release layout (original key names, `config.json` with `dim`, `in_dim`,
     ..., sharded safetensors) under `outdir/original/`. An existing pipeline folder at `outdir` is replaced;
     any other non-empty folder is refused.
@@ -191,7 +199,9 @@ def create_tiny_wan(
     """
     if task not in _PIPELINE_CLASS:
         raise ValueError(f"create_tiny_wan: task={task!r} is not supported; use 't2v' or 'i2v'.")
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    if vae not in ("fitted", "random"):
+        raise ValueError(f"create_tiny_wan: vae={vae!r} is not supported; use 'fitted' or 'random'.")
+    from diffusers import WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
 
     out = Path(outdir)
@@ -225,15 +235,7 @@ def create_tiny_wan(
         _perturb(transformer, seed * 101 + 4)
         transformer.save_pretrained(out / "transformer", max_shard_size=_shard_bytes(transformer, 3))
 
-        torch.manual_seed(seed * 101 + 5)
-        gen = torch.Generator().manual_seed(seed * 101 + 6)
-        z = TINY_VAE["z_dim"]
-        # Per-channel latent statistics away from (0, 1) so a pipeline that skips (de)normalising differs.
-        latents_mean = [round(v, 4) for v in (0.5 * torch.randn(z, generator=gen)).tolist()]
-        latents_std = [round(v, 4) for v in (0.6 + 1.8 * torch.rand(z, generator=gen)).tolist()]
-        vae = AutoencoderKLWan(**TINY_VAE, latents_mean=latents_mean, latents_std=latents_std)
-        _perturb(vae, seed * 101 + 7)
-        vae.save_pretrained(out / "vae")
+        (fitted_tiny_vae() if vae == "fitted" else random_tiny_vae(seed)).save_pretrained(out / "vae")
 
         if task == "i2v":
             torch.manual_seed(seed * 101 + 8)
@@ -248,6 +250,65 @@ def create_tiny_wan(
     if original_layout:
         _write_original_dit(transformer, dit_cfg, task, out / "original")
     return out
+
+
+def random_tiny_vae(seed: int = 0):
+    """The tiny `AutoencoderKLWan` (`TINY_VAE`) with perturbed random weights drawn from `seed`.
+
+    Its decoder turns any latent into coloured noise, so it serves parity tests (every weight off its init)
+    and is the starting point `scripts/fit_tiny_vae.py` fits from. The per-channel `latents_mean` /
+    `latents_std` are random too, away from (0, 1), so a pipeline that skips (de)normalising differs.
+    Example: `random_tiny_vae(seed=0).save_pretrained("/tmp/vae")`.
+    """
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 101 + 5)
+        gen = torch.Generator().manual_seed(seed * 101 + 6)
+        z = TINY_VAE["z_dim"]
+        latents_mean = [round(v, 4) for v in (0.5 * torch.randn(z, generator=gen)).tolist()]
+        latents_std = [round(v, 4) for v in (0.6 + 1.8 * torch.rand(z, generator=gen)).tolist()]
+        vae = AutoencoderKLWan(**TINY_VAE, latents_mean=latents_mean, latents_std=latents_std)
+        _perturb(vae, seed * 101 + 7)
+    return vae
+
+
+def fitted_tiny_vae(path: str | os.PathLike | None = None):
+    """The tiny `AutoencoderKLWan` (`TINY_VAE`) with the weights `scripts/fit_tiny_vae.py` fitted, float32.
+
+    Reads one safetensors file (default: the `tiny_wan_vae.safetensors` shipped in `mmkit/assets`): fp16
+    weights plus, in its metadata, the architecture and the per-channel `latents_mean` / `latents_std`
+    measured on the fitting data. The architecture must equal `TINY_VAE`; nothing is unpickled.
+    Example: `vae = fitted_tiny_vae(); vae.decode(vae.encode(video).latent_dist.mode()).sample`.
+    """
+    from diffusers import AutoencoderKLWan
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if path is None:
+        from mmkit.assets import asset_path
+
+        path = asset_path(TINY_VAE_ASSET)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"fitted tiny VAE weights not found: {path}; rerun `python scripts/fit_tiny_vae.py --out {path}` "
+            "or pass vae='random' to create_tiny_wan."
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: no 'config' in the safetensors metadata; rewrite it with scripts/fit_tiny_vae.py.")
+    config = json.loads(meta["config"])
+    arch = {k: v for k, v in config.items() if k not in ("latents_mean", "latents_std")}
+    if arch != TINY_VAE:
+        raise ValueError(
+            f"{path} was fitted for the VAE config {arch}, but TINY_VAE is now {TINY_VAE}; "
+            "rerun scripts/fit_tiny_vae.py to fit the current one."
+        )
+    vae = AutoencoderKLWan(**config)
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return vae.eval()
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:
