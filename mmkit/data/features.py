@@ -105,6 +105,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         item["text_context"] = self.pad_text(t["text_context"])
         item["null_text_context"] = self.pad_text(self.null_text)  # for caption dropout
         item["caption"] = rec["caption"]
+        item["index"] = torch.tensor(index)  # with "epoch": the sample visit training keys its noise on
+        item["epoch"] = torch.tensor(key.epoch if isinstance(key, SampleKey) else 0)
         item["data_state"] = (
             {"epoch": key.epoch, "consumed": key.consumed} if isinstance(key, SampleKey) else None
         )

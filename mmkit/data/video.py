@@ -367,6 +367,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 "video": video,
                 "caption": cap,
                 "index": j,
+                "epoch": epoch,
                 "path": clip.path,
                 "skipped": skipped,
                 "data_state": state,
@@ -437,7 +438,8 @@ class VideoDataset(torch.utils.data.Dataset):
 def collate_videos(items: list[dict]) -> dict:
     """Stack VideoDataset items into a batch.
 
-    Returns {"video": (B, 3, T, H, W), "caption": [str] * B, "index": (B,) long, "path": [str],
+    Returns {"video": (B, 3, T, H, W), "caption": [str] * B, "index": (B,) long, "epoch": (B,) long
+    ((epoch, index) names a sample visit; training keys its noise on it), "path": [str],
     "skipped": all items' skip records, "data_state": the last item's position (None for int keys)}.
     Example: `DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate_videos)`.
     """
@@ -447,6 +449,7 @@ def collate_videos(items: list[dict]) -> dict:
         "video": torch.stack([it["video"] for it in items]),
         "caption": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "epoch": torch.tensor([it.get("epoch", 0) for it in items], dtype=torch.long),
         "path": [it["path"] for it in items],
         "skipped": [rec for it in items for rec in it["skipped"]],
         "data_state": items[-1]["data_state"],

@@ -93,19 +93,39 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, extra_group=None) -> float:
     """Global L2 norm of the gradients (before clipping) as a float; clips in place when max_norm > 0.
 
-    Works for plain tensors and DTensors (FSDP2 / TP shards: the norm is reduced over the mesh).
+    Plain tensors and DTensors on any mix of meshes (FSDP2 shards, TP shards, both): squared norms of the
+    local shards are summed per (mesh, placements) and all-reduced over the mesh dimensions they are
+    sharded on (replicated dimensions hold copies and are counted once). `extra_group` adds one more sum
+    (pipeline stages hold disjoint parameters). Clipping multiplies by min(1, max_norm / (norm + 1e-6)),
+    as `torch.nn.utils.clip_grad_norm_` does.
     Example: `grad_norm = clip_grad_norm_(model.parameters(), cfg.train.grad_clip)`.
     """
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+    by_spec: dict = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
+        by_spec.setdefault(key, []).append(g.to_local() if key is not None else g)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for key, local in by_spec.items():
+        sq = torch.stack(torch._foreach_norm(local, 2.0)).float().square().sum() if local else total * 0
+        if key is not None:
+            mesh, placements = key
+            for dim, pl in enumerate(placements):
+                if pl.is_shard() and mesh.size(dim) > 1:
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+        total += sq
+    if extra_group is not None:
+        dist.all_reduce(total, group=extra_group)
+    norm = total.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
-    if hasattr(norm, "full_tensor"):  # a DTensor: partial norms reduced over the mesh
-        norm = norm.full_tensor()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype) if not hasattr(g, "device_mesh") else float(coef))
     return float(norm)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,8 @@ import torch.distributed as dist
 from mmkit.config import Config
 from mmkit.device import dist_backend, resolve_device
 from mmkit.parallel.ac import apply_ac
+from mmkit.parallel.dims import ParallelDims, check_model_layout, process_group_timeout
+from mmkit.parallel.plans import parallelize
 from mmkit.train.checkpoint import CheckpointManager
 from mmkit.train.ema import EMA
 from mmkit.train.lr import build_lr_scheduler
@@ -30,9 +31,9 @@ from mmkit.train.metrics import MetricsLogger
 from mmkit.train.optim import build_optimizer, clip_grad_norm_
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """The RNG of one micro-batch, a pure function of (seed, step, micro); with several data-parallel
-    processes `micro` is the global micro-batch index (local index x world size + rank)."""
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """The RNG of a step, a pure function of (seed, step, micro). Tasks key each sample's stream off its
+    seed and the sample's (epoch, index), so the draws do not depend on the process layout."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + micro)
 
 
@@ -45,7 +46,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(dist_backend(device), timeout=timedelta(minutes=10))
+        dist.init_process_group(dist_backend(device), timeout=process_group_timeout())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -64,14 +65,24 @@ class Trainer:
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.rank, self.world = init_distributed(self.device)
-        if self.world > 1 and (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp) != (1, 1, 1):
-            raise ValueError(
-                "parallel.tp/pp/cp > 1: this trainer runs plain data parallelism so far; set them to 1"
-            )
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
+        if self.dims.pp > 1:
+            raise ValueError("parallel.pp > 1: pipeline parallelism is not wired into the trainer yet; set pp=1")
+        self.mesh = self.dims.build_mesh(self.device.type) if self.world > 1 else None
         self.task = build_task(cfg, self.device)  # builds model + frozen encoders
         self.model = self.task.model
-        apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
-        self.data, self.sampler, self.loader = build_data(cfg, self.task, self.rank, self.world)
+        p = cfg.parallel
+        check_model_layout(
+            cfg.model.family, self.model.cfg, tp=p.tp, cp=p.cp, cp_algo=p.cp_algo,
+            ulysses_degree=p.ulysses_degree, pp=p.pp, pp_layers=p.pp_layers,
+        )  # fmt: skip
+        self.plan = None
+        if self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
+            self.plan = parallelize(self.task, self.dims, self.mesh, cfg)
+        else:
+            apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
+        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.data, self.sampler, self.loader = build_data(cfg, self.task, dp_rank, self.dims.dp)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_lr_scheduler(self.opt, cfg.optim, cfg.train.steps)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
@@ -109,18 +120,22 @@ class Trainer:
             total = torch.zeros((), dtype=torch.float64)
             count, samples, tokens = 0, 0, 0
             self.opt.zero_grad(set_to_none=True)
-            for micro in range(self.accum):
+            g = step_generator(cfg.train.seed, step)  # per-sample streams are keyed off it (tasks)
+            for _ in range(self.accum):
                 batch = next(batches)
                 data_state = batch.get("data_state", data_state)
-                g = step_generator(cfg.train.seed, step, micro * self.world + self.rank)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = self.task.loss(batch, g)
+                    if self.plan is None:
+                        out = self.task.loss(batch, g)
+                    else:
+                        out = self.plan(self.task.prepare(batch, g))
                 out.loss_sum.backward()
                 total += out.loss_sum.detach().double()
                 count += int(out.count)
                 samples, tokens = samples + out.samples, tokens + out.tokens
-            if self.world > 1:  # sum losses, counts and gradients over the data-parallel processes
-                total, count, samples, tokens = self._all_reduce_step(total, count, samples, tokens)
+            if self.plan is not None:  # gradients: FSDP2 summed them over dp x cp; tp partials here
+                self.plan.finalize_grads()
+                total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
             for p in self.model.parameters():  # mean over everything the step saw
                 if p.grad is not None:
                     p.grad.div_(count)
@@ -154,17 +169,14 @@ class Trainer:
             self.data.report()
         return losses
 
-    def _all_reduce_step(self, total, count, samples, tokens):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        stats = torch.tensor([total.item(), count, samples, tokens], dtype=torch.float64)
-        dist.all_reduce(stats)
-        return stats[0], int(stats[1]), int(stats[2]), int(stats[3])
+    def _reduce_stats(self, total, count, samples, tokens):
+        """Loss sum, count and tokens are partial over sequence shards and data ranks; samples over data ranks."""
+        stats = torch.tensor([total.item(), count, tokens], dtype=torch.float64)
+        self.plan.reduce_stats(stats)
+        per_dp = torch.tensor([*stats.tolist(), samples], dtype=torch.float64)
+        if self.dims.dp > 1:
+            dist.all_reduce(per_dp, group=self.mesh["dp"].get_group())
+        return per_dp[0], int(per_dp[1]), int(per_dp[3]), int(per_dp[2])
 
     def close(self) -> None:
         """Leave the process group (with a barrier first: gloo can abort a rank exiting early)."""

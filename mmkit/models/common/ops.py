@@ -38,6 +38,8 @@ _ACTS = {
 def _fast_path(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (
         ONEDNN
+        and type(x) is torch.Tensor  # not a distributed tensor (tensor-parallel plans use F.linear)
+        and type(w) in (torch.Tensor, nn.Parameter)
         and x.device.type == "cpu"
         and x.numel() >= MIN_ROWS * x.shape[-1]
         and x.dtype in (torch.float32, torch.bfloat16)

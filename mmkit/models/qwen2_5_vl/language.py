@@ -73,6 +73,11 @@ def packed_causal_attention(
 
 
 class TextAttention(nn.Module):
+    """GQA self-attention with M-RoPE. `heads` / `kv_heads` are this process's head counts (a tensor-
+    parallel plan lowers them); `packed_attn` is the kernel for packed rows (a context-parallel plan swaps it)."""
+
+    packed_attn = staticmethod(packed_causal_attention)
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -102,7 +107,7 @@ class TextAttention(nn.Module):
         q = q * cos[:, :, -sq:] + rotate_half(q) * sin[:, :, -sq:]
         k = k * cos + rotate_half(k) * sin
         if cu_seqlens is not None:  # packed row (B = 1, no cache): per-sample causal attention
-            out = packed_causal_attention(q, k, v, cu_seqlens)
+            out = self.packed_attn(q, k, v, cu_seqlens)
             return self.o_proj(out.transpose(1, 2).reshape(b, sq, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

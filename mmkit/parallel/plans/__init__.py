@@ -1,0 +1,146 @@
+"""Parallel plans: how each model family is tensor-, sequence-, context- and data-parallelised.
+
+`parallelize(task, dims, mesh, cfg)` applies, in order, TP/SP -> CP -> activation checkpointing ->
+FSDP2 to the task's model (from outside: the model code stays single-device) and returns the plan.
+Its `module` is what the trainer calls: `plan.module(prep)` returns the micro-batch's `LossOut`, where
+`prep` is the task's `prepare(batch, generator)` output.
+
+Gradient bookkeeping (what `finalize_grads` and the trainer rely on):
+- the sequence is cut over cp ranks with a "local" backward: every parameter's gradient is partial
+  over cp and FSDP2 sums it over `dp_shard_cp` (its divide factor is set to 1: the trainer divides by
+  the global token count once);
+- with sequence parallelism, tensors enter the sequence-sharded region through ops whose backward
+  all-reduces over tp, so parameters upstream get complete gradients; the replicated parameters used
+  on sequence-sharded tokens (norms, modulation, head) get partial ones, summed by `finalize_grads`;
+- the loss, its count and the token count are partial over cp (and tp with SP): `reduce_stats` sums them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mmkit.parallel.dims import ParallelDims
+
+
+class ParallelPlan(nn.Module):
+    """Base: holds the groups; families implement `apply_tp`, `setup_cp`, `forward(prep)`.
+
+    It is an nn.Module wrapping the model (`self.inner`, not part of checkpoints: the trainer saves
+    `task.model`) so that FSDP2's root hooks run around the whole family-specific forward.
+    """
+
+    def __init__(self, task, dims: ParallelDims, mesh, cfg):
+        super().__init__()
+        self.task, self.dims, self.mesh, self.cfg = task, dims, mesh, cfg
+        self.inner = task.model
+        self.tp_mesh = mesh["tp"] if dims.tp > 1 else None
+        self.tp_group = self.tp_mesh.get_group() if dims.tp > 1 else None
+        self.sp = dims.tp > 1 and dims.sequence_parallel
+        self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        self.cp_attn = None
+        if dims.cp > 1:
+            from mmkit.parallel.sequence import ContextParallel
+
+            uly = mesh["cp_ulysses"].get_group() if dims.ulysses > 1 else None
+            ring = mesh["cp_ring"].get_group() if dims.cp // dims.ulysses > 1 else None
+            self.cp_attn = ContextParallel(uly, ring, dims.ring_window)
+        self._tp_partial_names: list[str] = []  # replicated params used on sequence-sharded tokens
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def apply(self) -> ParallelPlan:
+        """TP/SP -> CP -> activation checkpointing -> FSDP2, in place on `task.model`."""
+        from mmkit.parallel.ac import apply_ac
+
+        if self.dims.tp > 1:
+            self.apply_tp()
+            self.record_tp_partial()
+        if self.dims.cp > 1:
+            self.setup_cp()
+        m = self.cfg.model
+        apply_ac(self.inner, m.activation_checkpointing, m.ac_every_k)
+        if self.dims.fsdp:
+            self.apply_fsdp()
+        return self
+
+    def sp_partial_names(self) -> list[str]:
+        """Names of replicated parameters used on sequence-sharded tokens (family-specific)."""
+        return []
+
+    def record_tp_partial(self) -> None:
+        """Remember the replicated parameters whose gradients are partial over tp (after TP, before FSDP:
+        DTensor-sharded parameters are complete and excluded)."""
+        if not self.sp:
+            return
+        prefixes = tuple(self.sp_partial_names())
+        self._tp_partial_names = [
+            n
+            for n, p in self.inner.named_parameters()
+            if n.startswith(prefixes) and not hasattr(p, "device_mesh") and p.requires_grad
+        ]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules that get their own FSDP2 unit (the repeated blocks)."""
+        from mmkit.parallel.ac import block_lists
+
+        return [b for blocks in block_lists(self.inner) for b in blocks]
+
+    def apply_fsdp(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        d = self.dims
+        mesh = self.mesh["dp_replicate", "dp_shard_cp"] if d.dp_replicate > 1 else self.mesh["dp_shard_cp"]
+        for unit in self.fsdp_units():
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        fully_shard(self, mesh=mesh, reshard_after_forward=True)
+        for mod in self.modules():
+            if hasattr(mod, "set_gradient_divide_factor"):
+                mod.set_gradient_divide_factor(1.0)  # sum: the trainer divides by the global count
+                mod.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+    def setup_cp(self) -> None:
+        raise NotImplementedError
+
+    def apply_tp(self) -> None:
+        raise NotImplementedError
+
+    # ---- per step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize_grads(self) -> None:
+        """Sum the partial gradients of replicated sequence-parallel parameters over tp."""
+        if not self.sp:
+            return
+        params = dict(self.inner.named_parameters())
+        grads = []
+        for n in self._tp_partial_names:
+            g = params[n].grad
+            if g is not None:
+                grads.append(g.to_local() if hasattr(g, "to_local") else g)
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.tp_group)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off : off + g.numel()].view_as(g))
+                off += g.numel()
+
+    def reduce_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum per-micro-batch statistics that are partial over the sequence shards (cp, tp with SP)."""
+        if self.cp_group is not None:
+            dist.all_reduce(stats, group=self.cp_group)
+        if self.sp:
+            dist.all_reduce(stats, group=self.tp_group)
+        return stats
+
+
+def parallelize(task, dims: ParallelDims, mesh, cfg) -> ParallelPlan:
+    """The family's plan, applied. Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(prep)`."""
+    family = cfg.model.family
+    if family == "wan":
+        from mmkit.parallel.plans.wan import WanPlan as cls
+    elif family == "qwen2_5_vl":
+        from mmkit.parallel.plans.qwen2_5_vl import Qwen2_5_VLPlan as cls
+    else:
+        raise ValueError(f"model.family={family!r}: no parallel plan (known: wan, qwen2_5_vl)")
+    return cls(task, dims, mesh, cfg).apply()

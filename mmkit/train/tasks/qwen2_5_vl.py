@@ -84,32 +84,43 @@ class VLMSFTTask:
         seq = tokens / max(samples, 1)
         return 6.0 * self._llm_matmul_params * tokens + 6.0 * self._attn_width * seq * tokens
 
-    def loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOut:
-        """Summed next-token CE over supervised positions and their count. `generator` is unused (SFT
-        has no randomness); it is part of the task interface."""
-        model = self.model
-        dev = model.language.embed_tokens.weight.device
-        media = {k: batch[k].to(dev) for k in _MEDIA if k in batch}
+    def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Model inputs + labels on the model's device. Packed (`cu_seqlens` in the batch): the real
+        tokens of all rows as one flat row, {"input_ids" (1, N), "position_ids" (3, 1, N), "cu_seqlens"
+        [ints], "labels" (1, N), media...}; padded: {"input_ids", "attention_mask", "position_ids",
+        "labels", media...}. `generator` is unused (SFT has no randomness)."""
+        dev = self.model.language.embed_tokens.weight.device
+        prep = {k: batch[k].to(dev) for k in _MEDIA if k in batch}
         valid = batch["attention_mask"].bool()
         if "cu_seqlens" in batch:  # packed: the real tokens of all rows as one flat row (1, N)
-            ids = batch["input_ids"][valid][None].to(dev)
-            labels = batch["labels"][valid][None].to(dev)
-            pos = batch["position_ids"][:, valid][:, None].to(dev)  # (3, 1, N)
-            cu = batch["cu_seqlens"].tolist()
-            hidden = model(ids, position_ids=pos, cu_seqlens=cu, return_hidden=True, **media)
-            samples = len(cu) - 1
+            prep["input_ids"] = batch["input_ids"][valid][None].to(dev)
+            prep["labels"] = batch["labels"][valid][None].to(dev)
+            prep["position_ids"] = batch["position_ids"][:, valid][:, None].to(dev)  # (3, 1, N)
+            prep["cu_seqlens"] = [int(c) for c in batch["cu_seqlens"].tolist()]
         else:
-            ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
-            hidden = model(
-                ids,
-                attention_mask=batch["attention_mask"].to(dev),
-                position_ids=batch["position_ids"].to(dev),
-                return_hidden=True,
-                **media,
-            )
-            samples = ids.shape[0]
+            for k in ("input_ids", "labels", "attention_mask", "position_ids"):
+                prep[k] = batch[k].to(dev)
+        return prep
+
+    def forward(self, prep: dict) -> torch.Tensor:
+        """Final-normed hidden states (B, S, D) of the prepared inputs."""
+        kw = {k: v for k, v in prep.items() if k != "labels"}
+        return self.model(**kw, return_hidden=True)
+
+    def criterion(self, hidden: torch.Tensor, prep: dict) -> LossOut:
+        """Summed CE at supervised positions (the LM head runs only there) and its counters."""
+        labels = prep["labels"]
         targets = labels[:, 1:]  # position i predicts token i + 1
         keep = targets != IGNORE_INDEX
-        logits = model.language.lm_head(hidden[:, :-1][keep])  # (K, vocab), K supervised positions
+        logits = self.model.language.lm_head(hidden[:, :-1][keep])  # (K, vocab), K supervised positions
         total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return LossOut(total, int(keep.sum()), samples, int(valid.sum()))
+        if "cu_seqlens" in prep:
+            samples, tokens = len(prep["cu_seqlens"]) - 1, labels.shape[1]
+        else:
+            samples, tokens = labels.shape[0], int(prep["attention_mask"].sum())
+        return LossOut(total, int(keep.sum()), samples, tokens)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOut:
+        """Summed next-token CE over supervised positions and its count (`prepare`, model, `criterion`)."""
+        prep = self.prepare(batch, generator)
+        return self.criterion(self.forward(prep), prep)

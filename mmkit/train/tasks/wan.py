@@ -93,12 +93,23 @@ class WanTask:
         return 3.0 * (tokens * per_tok + samples * per_sample_text)
 
     # ---- the loss --------------------------------------------------------------------------
-    def loss(self, batch: dict, generator: torch.Generator) -> LossOut:
-        """`batch`: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str] * B} or precomputed
-        {"latents", "text_context", "null_text_context", "caption"[, "cond", "image_context"]}. Randomness (dropout, timesteps,
-        noise) comes only from `generator`, so a run is reproducible bit for bit."""
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """Everything the DiT and the criterion need, without running the DiT: {"latents" (model input,
+        noisy latents [+ i2v condition]), "timestep" (B,), "text_context", "image_context" or None,
+        "target", "weight" or None}.
+
+        `batch`: {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str] * B} or precomputed features
+        {"latents", "text_context", "null_text_context", "caption"[, "cond", "image_context"]}, plus
+        optional "index"/"epoch" (B,) naming each sample visit. Every random draw (caption dropout, then
+        the timestep, then the noise) comes from the sample's own generator, seeded from
+        `generator.initial_seed()` and (epoch, index): a sample gets the same noise whichever process,
+        micro-batch or parallel layout it lands in, so every layout reproduces the single-process loss.
+        """
         B = len(batch["caption"])
-        drop = torch.rand(B, generator=generator) < self.cfg.text_dropout  # drawn first on both paths
+        index = batch.get("index", torch.arange(B))
+        epoch = batch.get("epoch", torch.zeros(B, dtype=torch.long))
+        gens = [sample_generator(generator, int(e), int(i)) for e, i in zip(epoch.tolist(), index.tolist())]
+        drop = torch.stack([torch.rand((), generator=g) for g in gens]) < self.cfg.text_dropout
         if "latents" in batch:  # precomputed features (mmkit.data.features)
             x0 = batch["latents"].float()
             ctx = torch.where(drop[:, None, None], batch["null_text_context"], batch["text_context"])
@@ -110,23 +121,54 @@ class WanTask:
             cond = clip = None
             if self.cfg.task == "i2v":
                 cond, clip = self.image_condition(video, video.shape[2])
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+        dev = x0.device
         weight = None
         if self.cfg.loss == "flow":
-            sigma = L.sample_flow_sigmas(B, self.cfg.timestep_sampling, self.cfg.flow_shift, generator)
-            xt, target = L.flow_noisy(x0, noise, sigma.to(x0.device))
-            timestep = sigma.to(x0.device) * 1000
+            sigma = torch.cat(
+                [L.sample_flow_sigmas(1, self.cfg.timestep_sampling, self.cfg.flow_shift, g) for g in gens]
+            )
         else:
-            t = torch.randint(0, len(self.alphas_cumprod), (B,), generator=generator)
-            xt, target = L.v_noisy(x0, noise, t.to(x0.device), self.alphas_cumprod)
-            timestep = t.to(x0.device).float()
+            t = torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in gens]).to(dev)
+        if self.cfg.loss == "flow":
+            xt, target = L.flow_noisy(x0, noise, sigma.to(dev))
+            timestep = sigma.to(dev) * 1000
+        else:
+            xt, target = L.v_noisy(x0, noise, t.to(dev), self.alphas_cumprod)
+            timestep = t.to(dev).float()
             if self.cfg.min_snr_gamma:
-                weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(
-                    x0.device
-                )
+                weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(dev)
         x_in = torch.cat([xt, cond], dim=1) if cond is not None else xt
-        pred = self.model(x_in, timestep, ctx, clip)
-        total, count = L.mse_sum(pred, target, weight=weight)
+        return {
+            "latents": x_in,
+            "timestep": timestep,
+            "text_context": ctx,
+            "image_context": clip,
+            "target": target,
+            "weight": weight,
+        }
+
+    def criterion(self, pred: torch.Tensor, prep: dict) -> LossOut:
+        """Summed (weighted) squared error of the DiT output against the target, and its counters."""
+        target = prep["target"]
+        total, count = L.mse_sum(pred, target, weight=prep.get("weight"))
+        B = target.shape[0]
         pt, ph, pw = self.model.cfg.patch_size
-        tokens = B * (x0.shape[2] // pt) * (x0.shape[3] // ph) * (x0.shape[4] // pw)
+        tokens = B * (target.shape[2] // pt) * (target.shape[3] // ph) * (target.shape[4] // pw)
         return LossOut(total, count, B, tokens)
+
+    def loss(self, batch: dict, generator: torch.Generator) -> LossOut:
+        """`prepare`, the DiT, `criterion`. Randomness comes only from `generator` (see `prepare`), so a
+        run is reproducible bit for bit."""
+        prep = self.prepare(batch, generator)
+        pred = self.model(prep["latents"], prep["timestep"], prep["text_context"], prep["image_context"])
+        return self.criterion(pred, prep)
+
+
+def sample_generator(generator: torch.Generator, epoch: int, index: int) -> torch.Generator:
+    """The RNG of one sample visit: a pure function of the step generator's seed and (epoch, index).
+
+    Example: `g = sample_generator(torch.Generator().manual_seed(7), epoch=0, index=12)`.
+    """
+    seed = (generator.initial_seed() * 1_000_003 + epoch) * 1_000_033 + index
+    return torch.Generator().manual_seed(seed % (2**63))

@@ -1,0 +1,113 @@
+"""Qwen2.5-VL SFT: tensor + sequence parallel on the LLM, context parallel, FSDP2.
+
+Forward under a plan (`Qwen2_5_VLPlan.forward(prep)`, packed rows):
+  vision tower + token embeddings on the whole packed row (replicated; a rank whose micro-batch has no
+  image still runs the tower on a dummy patch grid with zero weight, so every rank issues the same
+  FSDP collectives and none waits forever)
+  -> pad N to a multiple of cp x tp(SP), cut over cp, then over tp (SP)
+  -> decoder layers: attention and MLP all-gather the tp pieces (heads / MLP columns split over tp);
+     attention is causal inside each packed sample, context-parallel over cp
+  -> final norm and LM head on this rank's supervised positions -> summed cross-entropy.
+TP shards (DTensor) q/k/v/o and gate/up/down of every decoder layer. The vision tower, embeddings,
+norms and LM head stay replicated (FSDP2 shards them over data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmkit.data.sft import IGNORE_INDEX
+from mmkit.models.qwen2_5_vl.language import packed_causal_attention
+from mmkit.parallel.comm import copy_to_group, split_seq
+from mmkit.parallel.dims import padded_len
+from mmkit.parallel.plans import ParallelPlan
+from mmkit.parallel.tp import gather_inputs, shard_linears
+from mmkit.train.tasks.wan import LossOut
+
+
+class Qwen2_5_VLPlan(ParallelPlan):
+    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch))`."""
+
+    def sp_partial_names(self) -> list[str]:
+        return ["language.layers.", "language.norm."]
+
+    def apply_tp(self) -> None:
+        sp, tp = self.sp, self.tp_mesh
+        for layer in self.inner.language.layers:
+            shard_linears(layer.attn, tp, ["q_proj", "k_proj", "v_proj"], ["o_proj"], sp)
+            layer.attn.heads //= self.dims.tp
+            layer.attn.kv_heads //= self.dims.tp
+            gather_inputs(layer.attn, tp, 7, sp)  # (x, cos, sin, mask, cache, keep, cu_seqlens)
+            shard_linears(layer.mlp, tp, ["gate_proj", "up_proj"], ["down_proj"], sp)
+            gather_inputs(layer.mlp, tp, 1, sp)
+
+    def setup_cp(self) -> None:
+        pass  # the packed-attention kernel is set per forward, see `forward`
+
+    def _packed_attention(self, q, k, v, cu_seqlens):
+        """Causal attention inside each packed sample, over this rank's piece of the row."""
+        if self.cp_attn is not None:
+            return self.cp_attn.attention(q, k, v, causal=True, segment_ids=self._segments, valid_len=self._valid)
+        return packed_causal_attention(q, k, v, self._cu)
+
+    def _vision_keepalive(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Run the vision tower on a 2x2-patch dummy image, weighted 0 (see the module docstring)."""
+        v = self.inner.cfg.vision
+        m = v.spatial_merge_size
+        dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        grid = torch.tensor([[1, m, m]], device=embeds.device)
+        pix = torch.zeros(m * m, dim, device=embeds.device, dtype=embeds.dtype)
+        return embeds + 0.0 * self.inner.visual(pix, grid).sum().to(embeds.dtype)
+
+    def forward(self, prep: dict) -> LossOut:
+        if "cu_seqlens" not in prep:
+            raise ValueError(
+                "parallel training of Qwen2.5-VL runs on packed rows: set data.packing=true "
+                "(padding is never computed, and context parallelism needs sample boundaries)"
+            )
+        m = self.inner
+        ids, labels, pos, cu = prep["input_ids"], prep["labels"], prep["position_ids"], prep["cu_seqlens"]
+        embeds = m.embed(
+            ids,
+            prep.get("pixel_values"),
+            prep.get("image_grid_thw"),
+            prep.get("pixel_values_videos"),
+            prep.get("video_grid_thw"),
+        )  # (1, N, D)
+        if prep.get("pixel_values") is None and prep.get("pixel_values_videos") is None:
+            embeds = self._vision_keepalive(embeds)
+        cos, sin = m.language.rope(pos, embeds.dtype)  # (1, N, Dh)
+        N = ids.shape[1]
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i + 1
+        segments = torch.repeat_interleave(
+            torch.arange(len(cu) - 1, device=ids.device), torch.tensor(cu, device=ids.device).diff()
+        )
+        N_pad = padded_len(N, self.dims.seq_shards)
+        if N_pad > N:  # padding: its own segment, no labels
+            embeds = F.pad(embeds, (0, 0, 0, N_pad - N))
+            cos = F.pad(cos, (0, 0, 0, N_pad - N), value=1.0)
+            sin = F.pad(sin, (0, 0, 0, N_pad - N))
+            targets = F.pad(targets, (0, N_pad - N), value=IGNORE_INDEX)
+            segments = F.pad(segments, (0, N_pad - N), value=-1)
+        self._segments, self._valid, self._cu = segments, N, list(cu) + ([N_pad] if N_pad > N else [])
+        for layer in m.language.layers:
+            getattr(layer, "_checkpoint_wrapped_module", layer).attn.packed_attn = self._packed_attention
+
+        x = split_seq(embeds, 1, self.cp_group, backward="local")
+        cos, sin = split_seq(cos, 1, self.cp_group), split_seq(sin, 1, self.cp_group)
+        targets, seg = split_seq(targets, 1, self.cp_group), split_seq(segments, 0, self.cp_group)
+        if self.sp:
+            x = split_seq(x, 1, self.tp_group, backward="gather")
+            targets, seg = split_seq(targets, 1, self.tp_group), split_seq(seg, 0, self.tp_group)
+        n_loc = cos.shape[1]
+        for layer in m.language.layers:
+            x = layer(x, cos, sin, None, None, 0, [0, n_loc])
+        x = m.language.norm(x)
+        keep = targets != IGNORE_INDEX
+        w = m.language.lm_head.weight
+        if self.sp:  # the head runs on this rank's tokens: complete gradient for the (maybe tied) weight
+            w = copy_to_group(w, self.tp_group)
+        logits = F.linear(x[keep], w)  # (K, vocab), K supervised positions on this rank
+        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return LossOut(total, int(keep.sum()), len(cu) - 1, int((seg >= 0).sum()))
