@@ -118,7 +118,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, extra_g
         if key is not None:
             mesh, placements = key
             for dim, pl in enumerate(placements):
-                if pl.is_shard() and mesh.size(dim) > 1:
+                sharded = pl.is_shard() or type(pl).__name__ == "_StridedShard"  # FSDP2 over TP shards
+                if sharded and mesh.size(dim) > 1:
                     dist.all_reduce(sq, group=mesh.get_group(dim))
         total += sq
     if extra_group is not None:
