@@ -1,12 +1,66 @@
-"""`mmkit convert ...`: checkpoint conversion. Actions: `mm-to-hf CKPT OUTDIR [--ema] [--layout L]`.
+"""`mmkit convert ...`: checkpoint conversion. Actions, each a subparser with its own `_convert_run` handler:
 
-Each action is a subparser with its own `_convert_run` handler, so later ones (`hf-to-mm`, `resplit`,
-`vae-convert`) are one more subparser here. The work lives in `mmkit.convert`.
+- `hf-to-mm HF_DIR OUT [--tp N] [--pp N] [--pp-layers JSON] [--vit-pp-layers JSON]`: HF folder -> mmkit
+  checkpoint (unsplit DCP for tp = pp = 1, else MindSpeed-style per-rank folders);
+- `mm-to-hf CKPT OUTDIR [--ema] [--layout L]`: any mmkit checkpoint (trained, converted, pre-split) -> HF folder;
+- `resplit IN OUT [--tp N] [--pp N] [--pp-layers JSON]`: any mmkit checkpoint -> another layout;
+- `vae-convert IN OUT --to diffusers|original`: the Wan2.1 VAE between its release file and diffusers.
+The work lives in `mmkit.convert` (checkpoint_io.py, layouts.py, vae.py, export.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+
+# training-config field names in layout errors -> this CLI's flags
+FLAG_NAMES = {
+    "parallel.tp": "--tp",
+    "parallel.pp_layers": "--pp-layers",
+    "parallel.pp": "--pp",
+    "vit_pp_layers": "--vit-pp-layers",
+}
+
+
+def parse_layers(text: str | None, flag: str) -> list | None:
+    """A layer-count list from the command line: JSON `[12,16]` / `[[6,8],[7,7]]`, or `12,16`.
+
+    Example: `parse_layers("[[12,16]]", "--pp-layers")` -> `[[12, 16]]`.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text if text.strip().startswith("[") else f"[{text}]")
+    except json.JSONDecodeError:
+        value = None
+    flat = [x for v in (value or []) for x in (v if isinstance(v, list) else [v])]
+    if not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+        raise ValueError(f"{flag} {text!r}: give layer counts as JSON, e.g. [12,16] or [[6,8],[7,7]]")
+    return value
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target layout (default 1)")
+    p.add_argument(
+        "--pp", type=int, default=None, help="pipeline ranks (default: what --pp-layers implies, else 1)"
+    )
+    p.add_argument(
+        "--pp-layers",
+        metavar="JSON",
+        default=None,
+        help="layers per pipeline stage, e.g. [12,16]; nested lists for virtual stages, [[a,b],[c,d]] = "
+        "pp 2 x 2 chunks (rank 0 holds a and c). Default: an even split",
+    )
+    p.add_argument(
+        "--vit-pp-layers",
+        metavar="JSON",
+        default=None,
+        help="qwen2_5_vl: vision blocks per stage; the tower sits on stage 0, e.g. [[32,0]]",
+    )
+    p.add_argument(
+        "--max-shard-size", metavar="SIZE", default="5GB", help="largest safetensors file (default 5GB)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,12 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     mm_to_hf = actions.add_parser(
         "mm-to-hf",
-        help="mmkit training checkpoint -> Hugging Face folder (diffusers / transformers)",
-        description="Export a training checkpoint (a checkpoint.dir or one step_N folder) as a folder that "
-        "diffusers (Wan: a full pipeline, frozen parts copied from model.init_from) or transformers "
-        "(Qwen2.5-VL) loads. The family comes from the run's config.toml.",
+        help="mmkit checkpoint (trained, converted or pre-split) -> Hugging Face folder",
+        description="Export a training checkpoint (a checkpoint.dir or one step_N folder), or a checkpoint "
+        "written by hf-to-mm / resplit (pre-split ones are merged first), as a folder that diffusers (Wan: "
+        "a full pipeline, frozen parts copied from model.init_from / the recorded source) or transformers "
+        "(Qwen2.5-VL) loads. The family comes from the run's config.toml or the layout.json.",
     )
-    mm_to_hf.add_argument("ckpt", help="checkpoint.dir of a run (its latest step) or a step_N folder")
+    mm_to_hf.add_argument(
+        "ckpt", help="checkpoint.dir of a run (its latest step), a step_N folder, or a converted checkpoint"
+    )
     mm_to_hf.add_argument("outdir", help="output folder (new or empty)")
     mm_to_hf.add_argument("--ema", action="store_true", help="export the EMA weights (the run had train.ema)")
     mm_to_hf.add_argument(
@@ -52,6 +109,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mm_to_hf.add_argument("--quiet", action="store_true", help="no progress bars")
     mm_to_hf.set_defaults(_convert_run=_mm_to_hf)
 
+    hf_to_mm = actions.add_parser(
+        "hf-to-mm",
+        help="Hugging Face folder -> mmkit checkpoint, optionally pre-split for a tp/pp layout",
+        description="Convert a diffusers Wan folder (pipeline, transformer/ or original release DiT) or a "
+        "transformers Qwen2.5-VL folder into an mmkit checkpoint: a DCP training checkpoint for tp=pp=1, "
+        "else per-rank folders mp_rank_TT_PPP/ plus layout.json. The layout is checked against the model "
+        "config first (as training does).",
+    )
+    hf_to_mm.add_argument("hf_dir", help="Hugging Face model folder")
+    hf_to_mm.add_argument("out", help="output folder (new or empty)")
+    _layout_flags(hf_to_mm)
+    hf_to_mm.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast weights (default: as stored)"
+    )
+    hf_to_mm.set_defaults(_convert_run=_hf_to_mm)
+
+    resplit = actions.add_parser(
+        "resplit",
+        help="mmkit checkpoint (any layout) -> the same weights in another tp/pp layout",
+        description="Merge an mmkit checkpoint (pre-split, converted or trained) and split it for the "
+        "target layout; tp=pp=1 writes the unsplit DCP format.",
+    )
+    resplit.add_argument("src", help="mmkit checkpoint folder (or an HF folder)")
+    resplit.add_argument("out", help="output folder (new or empty)")
+    _layout_flags(resplit)
+    resplit.add_argument(
+        "--init-from", metavar="DIR", default=None, help="HF folder to use instead of the recorded source"
+    )
+    resplit.set_defaults(_convert_run=_resplit)
+
+    vae = actions.add_parser(
+        "vae-convert",
+        help="Wan2.1 VAE: original release file (Wan2.1_VAE.pth) <-> diffusers AutoencoderKLWan",
+        description="--to diffusers: IN is Wan2.1_VAE.pth/.safetensors (or a folder with it), OUT a new "
+        "folder. --to original: IN is a diffusers VAE (or pipeline) folder, OUT a .safetensors file or a "
+        "folder for Wan2.1_VAE.safetensors. .pth files are read with torch.load(weights_only=True).",
+    )
+    vae.add_argument("src", help="input VAE file or folder")
+    vae.add_argument("out", help="output folder or .safetensors file")
+    vae.add_argument("--to", required=True, choices=("diffusers", "original"), help="target layout")
+    vae.add_argument("--quiet", action="store_true", help="no progress bars")
+    vae.set_defaults(_convert_run=_vae_convert)
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action. Example: `run(build_parser().parse_args(["convert", "mm-to-hf", C, O]))`."""
@@ -59,9 +159,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mm_to_hf(args: argparse.Namespace) -> int:
-    from mmkit.convert.export import export_to_hf, parse_size
+    from mmkit.convert.checkpoint_io import mm_to_hf
+    from mmkit.convert.export import parse_size
 
-    out = export_to_hf(
+    out = mm_to_hf(
         args.ckpt,
         args.outdir,
         which="ema" if args.ema else "model",
@@ -72,5 +173,43 @@ def _mm_to_hf(args: argparse.Namespace) -> int:
         max_shard_bytes=parse_size(args.max_shard_size),
         progress=not args.quiet,
     )
-    print(f"exported {'EMA' if args.ema else 'trained'} weights -> {out}")
+    print(f"exported {'EMA' if args.ema else 'model'} weights -> {out}")
+    return 0
+
+
+def _layout_kwargs(args: argparse.Namespace) -> dict:
+    from mmkit.convert.export import parse_size
+
+    return dict(
+        tp=args.tp,
+        pp=args.pp,
+        pp_layers=parse_layers(args.pp_layers, "--pp-layers"),
+        vit_pp_layers=parse_layers(args.vit_pp_layers, "--vit-pp-layers"),
+        max_shard_bytes=parse_size(args.max_shard_size),
+        names=FLAG_NAMES,
+        progress=not args.quiet,
+    )
+
+
+def _hf_to_mm(args: argparse.Namespace) -> int:
+    from mmkit.convert.checkpoint_io import hf_to_mm
+
+    out = hf_to_mm(args.hf_dir, args.out, dtype=args.dtype, **_layout_kwargs(args))
+    print(f"converted {args.hf_dir} -> {out}")
+    return 0
+
+
+def _resplit(args: argparse.Namespace) -> int:
+    from mmkit.convert.checkpoint_io import resplit
+
+    out = resplit(args.src, args.out, init_from=args.init_from, **_layout_kwargs(args))
+    print(f"resplit {args.src} -> {out}")
+    return 0
+
+
+def _vae_convert(args: argparse.Namespace) -> int:
+    from mmkit.convert.vae import convert_vae
+
+    out = convert_vae(args.src, args.out, to=args.to, progress=not args.quiet)
+    print(f"converted VAE ({args.to} layout) -> {out}")
     return 0

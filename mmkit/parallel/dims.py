@@ -46,7 +46,11 @@ def model_shape(family: str, model_cfg) -> ModelShape:
     if family == "qwen2_5_vl":
         t = model_cfg.text
         return ModelShape(
-            "qwen2_5_vl", t.num_attention_heads, t.num_key_value_heads, t.num_hidden_layers, model_cfg.vision.depth
+            "qwen2_5_vl",
+            t.num_attention_heads,
+            t.num_key_value_heads,
+            t.num_hidden_layers,
+            model_cfg.vision.depth,
         )
     raise LayoutError(f"model.family={family!r}: no parallel plan (known: wan, qwen2_5_vl)")
 
@@ -55,14 +59,14 @@ def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp
     """Layers per pipeline stage, in stage order (with virtual stages: chunk-major, i.e. rank 0's first
     chunk, rank 1's first chunk, ..., then everyone's second chunk).
 
-    `pp_layers` is None (even split, the first stages take the remainder), a flat list with one entry
+    `pp_layers` is None (even split, the last stages take the remainder), a flat list with one entry
     per stage (`[12, 16]`), or nested lists `[[a, b], [c, d]]` = chunks per virtual round (MindSpeed's
     notation; `[[12, 16]]` is the same as `[12, 16]`).
     Example: `stage_layers(2, 28, [[6, 8], [7, 7]])` -> `[6, 8, 7, 7]`.
     """
-    if pp_layers is None:
+    if pp_layers is None:  # the last stages take the remainder (stage 0 also holds the embeddings)
         base, extra = divmod(layers, pp)
-        counts = [base + (1 if i < extra else 0) for i in range(pp)]
+        counts = [base + (1 if i >= pp - extra else 0) for i in range(pp)]
     elif all(isinstance(x, (list, tuple)) for x in pp_layers) and pp_layers:
         rounds = [list(r) for r in pp_layers]
         bad = [r for r in rounds if len(r) != pp]
@@ -81,7 +85,9 @@ def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp
                 "for virtual stages"
             )
     else:
-        raise LayoutError(f"{field}={pp_layers}: give a list of ints ([12, 16]) or of lists ([[6, 8], [7, 7]])")
+        raise LayoutError(
+            f"{field}={pp_layers}: give a list of ints ([12, 16]) or of lists ([[6, 8], [7, 7]])"
+        )
     if sum(counts) != layers:
         raise LayoutError(
             f"{field}={pp_layers}: the stages hold {sum(counts)} layers but the model has {layers}; "

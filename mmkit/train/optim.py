@@ -93,13 +93,16 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, extra_group=None) -> float:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, extra_group=None, norm_params=None
+) -> float:
     """Global L2 norm of the gradients (before clipping) as a float; clips in place when max_norm > 0.
 
     Plain tensors and DTensors on any mix of meshes (FSDP2 shards, TP shards, both): squared norms of the
     local shards are summed per (mesh, placements) and all-reduced over the mesh dimensions they are
     sharded on (replicated dimensions hold copies and are counted once). `extra_group` adds one more sum
-    (pipeline stages hold disjoint parameters). Clipping multiplies by min(1, max_norm / (norm + 1e-6)),
+    (pipeline stages hold disjoint parameters); `norm_params` (default: all) are the ones counted in the
+    norm (a tied weight held by two stages is counted once, clipped on both). Clipping multiplies by min(1, max_norm / (norm + 1e-6)),
     as `torch.nn.utils.clip_grad_norm_` does.
     Example: `grad_norm = clip_grad_norm_(model.parameters(), cfg.train.grad_clip)`.
     """
@@ -108,8 +111,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, extra_g
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
+    counted = grads if norm_params is None else [p.grad for p in norm_params if p.grad is not None]
     by_spec: dict = {}
-    for g in grads:
+    for g in counted:
         key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
         by_spec.setdefault(key, []).append(g.to_local() if key is not None else g)
     total = torch.zeros((), dtype=torch.float32, device=grads[0].device)

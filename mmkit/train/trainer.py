@@ -50,6 +50,15 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _counts(prep: dict) -> tuple[int, int]:
+    """(samples, tokens) of a prepared micro-batch (for throughput metrics under pipeline parallelism)."""
+    if "cu_seqlens" in prep:
+        return len(prep["cu_seqlens"]) - 1, int(prep["input_ids"].shape[1])
+    if "labels" in prep:
+        return prep["labels"].shape[0], int(prep["attention_mask"].sum())
+    return prep["latents"].shape[0], int(prep["target"][:, 0].numel())
+
+
 class Trainer:
     """Example:
     cfg = parse_cli(["--config", "recipes/tiny/wan_t2v.toml", "--train.steps", "20"])
@@ -66,8 +75,11 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.rank, self.world = init_distributed(self.device)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
-        if self.dims.pp > 1:
-            raise ValueError("parallel.pp > 1: pipeline parallelism is not wired into the trainer yet; set pp=1")
+        if self.dims.pp > 1 and (self.dims.tp > 1 or self.dims.cp > 1):
+            raise ValueError(
+                f"parallel.pp={self.dims.pp} with tp={self.dims.tp} / cp={self.dims.cp}: pipeline parallelism "
+                "combines with data parallelism (dp_shard / dp_replicate) only so far; set tp=1 and cp=1"
+            )
         self.mesh = self.dims.build_mesh(self.device.type) if self.world > 1 else None
         self.task = build_task(cfg, self.device)  # builds model + frozen encoders
         self.model = self.task.model
@@ -76,18 +88,22 @@ class Trainer:
             cfg.model.family, self.model.cfg, tp=p.tp, cp=p.cp, cp_algo=p.cp_algo,
             ulysses_degree=p.ulysses_degree, pp=p.pp, pp_layers=p.pp_layers,
         )  # fmt: skip
-        self.plan = None
-        if self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
+        self.accum = cfg.grad_accum_steps
+        self.plan = self.pipe = None
+        self.owned = self.model  # the parameters this process optimises and checkpoints
+        if self.dims.pp > 1:  # activation checkpointing -> stages -> FSDP2 per stage
+            apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
+            self._build_pipeline()
+        elif self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
             self.plan = parallelize(self.task, self.dims, self.mesh, cfg)
         else:
             apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
         dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.data, self.sampler, self.loader = build_data(cfg, self.task, dp_rank, self.dims.dp)
-        self.opt = build_optimizer(self.model, cfg.optim)
+        self.opt = build_optimizer(self.owned, cfg.optim)
         self.sched = build_lr_scheduler(self.opt, cfg.optim, cfg.train.steps)
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema else None
+        self.ema = EMA(self.owned, cfg.train.ema_decay) if cfg.train.ema else None
         self.ckpt = CheckpointManager(cfg.checkpoint, config=cfg)
-        self.accum = cfg.grad_accum_steps
         self.amp = cfg.train.mixed_precision == "bf16"
 
     def _batches(self):
@@ -100,7 +116,7 @@ class Trainer:
     def fit(self) -> list[float]:
         """Train to `train.steps`, resuming if a checkpoint exists; returns the per-step losses."""
         cfg = self.cfg
-        resumed = self.ckpt.resume(self.model, self.opt, self.sched, ema=self.ema)
+        resumed = self.ckpt.resume(self.owned, self.opt, self.sched, ema=self.ema)
         start = resumed.step if resumed else 0
         if resumed and resumed.data_state:
             self.sampler.load_state_dict(resumed.data_state)
@@ -121,7 +137,22 @@ class Trainer:
             count, samples, tokens = 0, 0, 0
             self.opt.zero_grad(set_to_none=True)
             g = step_generator(cfg.train.seed, step)  # per-sample streams are keyed off it (tasks)
-            for _ in range(self.accum):
+            if self.pipe is not None:  # all micro-batches of the step go through the pipeline at once
+                micro = [next(batches) for _ in range(self.accum)]
+                data_state = micro[-1].get("data_state", data_state)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    preps = [self.task.prepare(b, g) for b in micro]
+                    preps = [{k: v for k, v in pr.items() if v is not None} for pr in preps]
+                    loss_sum, count = self.pipe.step(preps)
+                total += loss_sum.detach().double().cpu()
+                for pr in preps:
+                    n, t = _counts(pr)
+                    samples, tokens = samples + n, tokens + t
+                if self.dims.dp > 1:
+                    stats = torch.tensor([total.item(), count, samples, tokens], dtype=torch.float64)
+                    dist.all_reduce(stats, group=self.mesh["dp"].get_group())
+                    total, count, samples, tokens = stats[0], int(stats[1]), int(stats[2]), int(stats[3])
+            for _ in range(self.accum if self.pipe is None else 0):
                 batch = next(batches)
                 data_state = batch.get("data_state", data_state)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -136,17 +167,20 @@ class Trainer:
             if self.plan is not None:  # gradients: FSDP2 summed them over dp x cp; tp partials here
                 self.plan.finalize_grads()
                 total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
-            for p in self.model.parameters():  # mean over everything the step saw
+            for p in self.owned.parameters():  # mean over everything the step saw
                 if p.grad is not None:
                     p.grad.div_(count)
             grad_norm = clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], cfg.train.grad_clip
+                [p for p in self.owned.parameters() if p.grad is not None],
+                cfg.train.grad_clip,
+                extra_group=self.mesh["pp"].get_group() if self.pipe is not None else None,
+                norm_params=self.pipe.unique_parameters() if self.pipe is not None else None,
             )
             lr = self.opt.param_groups[0]["lr"]
             self.opt.step()
             self.sched.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.owned)
             loss = (total / count).item()
             losses.append(loss)
             log.step(
@@ -162,12 +196,43 @@ class Trainer:
                 }
             )
             self.ckpt.maybe_save(
-                step, cfg.train.steps, self.model, self.opt, self.sched, ema=self.ema, data_state=data_state
+                step, cfg.train.steps, self.owned, self.opt, self.sched, ema=self.ema, data_state=data_state
             )
         log.close()
         if hasattr(self.data, "report"):
             self.data.report()
         return losses
+
+    def _build_pipeline(self) -> None:
+        """Split the model into this rank's pipeline stages (parallel/pp.py), FSDP2 per stage over the
+        data-parallel ranks, and the schedule that runs the step's micro-batches."""
+        from torch.distributed.fsdp import fully_shard
+
+        from mmkit.parallel.pp import Pipeline, merge_stages, split_stages
+
+        cfg, d = self.cfg, self.dims
+        pp_mesh = self.mesh["pp"]
+        layers = cfg.parallel.pp_layers
+        nested = bool(layers) and all(isinstance(x, (list, tuple)) for x in layers)
+        virtual = len(layers) if nested else (2 if cfg.parallel.pp_schedule == "interleaved_1f1b" else 1)
+        stages = split_stages(
+            self.model, cfg.model.family, d.pp, pp_mesh.get_local_rank(), layers if not nested or virtual > 1
+            else layers[0], virtual=virtual,
+        )  # fmt: skip
+        if d.fsdp:
+            dp_mesh = (
+                self.mesh["dp_replicate", "dp_shard_cp"] if d.dp_replicate > 1 else self.mesh["dp_shard_cp"]
+            )
+            for st in stages:
+                fully_shard(st, mesh=dp_mesh)
+                st.set_gradient_divide_factor(1.0)
+                st.set_force_sum_reduction_for_comms(True)
+        seq_len = cfg.data.cutoff_len if cfg.model.family == "qwen2_5_vl" else None
+        self.pipe = Pipeline(
+            stages, cfg.model.family, pp_mesh.get_group(), cfg.parallel.pp_schedule, self.accum, self.device,
+            seq_len=seq_len,
+        )  # fmt: skip
+        self.owned = merge_stages(stages)
 
     def _reduce_stats(self, total, count, samples, tokens):
         """Loss sum, count and tokens are partial over sequence shards and data ranks; samples over data ranks."""

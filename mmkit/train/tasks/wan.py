@@ -129,7 +129,9 @@ class WanTask:
             )
         else:
             t = torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in gens]).to(dev)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, dtype=torch.float32) for g in gens]).to(
+            dev
+        )
         if self.cfg.loss == "flow":
             xt, target = L.flow_noisy(x0, noise, sigma.to(dev))
             timestep = sigma.to(dev) * 1000
