@@ -15,6 +15,6 @@ def wan_train_root(tmp_path_factory):
     from mmkit.models.wan.tiny import create_tiny_wan
 
     root = tmp_path_factory.mktemp("wan_train_root")
-    create_tiny_wan(root / "wan", task="t2v", seed=0)
+    create_tiny_wan(root / "wan", task="t2v", seed=0, vae="random")
     synth_shapes(root / "shapes", videos=8, num_frames=9, height=32, width=32, seed=0, progress=False)
     return root

@@ -7,6 +7,27 @@ import torch
 from mmkit.config import Config
 
 
+def mm_checkpoint(path: str | None):
+    """The `MMCheckpoint` (full state, config, HF side files) if `path` is an mmkit checkpoint (from
+    `mmkit convert hf-to-mm` / `resplit`, pre-split or not, or a training run), else None (an HF folder).
+
+    Example: `mm_checkpoint("ckpt/wan_tp2pp2")`.
+    """
+    from pathlib import Path
+
+    p = Path(path) if path else None
+    if p is None or not p.is_dir():
+        return None
+    marks = ("layout.json", "train_state.json", "latest")
+    if not any((d / f).is_file() for d in (p, p.parent) for f in marks[:1]) and not any(
+        (p / f).is_file() for f in marks[1:]
+    ):
+        return None
+    from mmkit.convert.checkpoint_io import read_mm
+
+    return read_mm(p)
+
+
 def build_task(cfg: Config, device: torch.device):
     """The training task of `cfg.model.family`. Example: `task = build_task(cfg, torch.device("cpu"))`."""
     if cfg.model.family == "wan":
@@ -25,8 +46,12 @@ def _wan_task(cfg: Config, device: torch.device):
             "model.init_from: Wan training needs a diffusers-layout folder for its frozen VAE and umT5 "
             "(and the DiT to start from); e.g. `mmkit create-tiny wan-t2v DIR` then --model.init_from DIR"
         )
-    pipe = load_pipeline(cfg.model.init_from, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
+    mm = mm_checkpoint(cfg.model.init_from)  # an mmkit checkpoint (converted, pre-split or trained)
+    src = str(mm.source) if mm is not None else cfg.model.init_from
+    pipe = load_pipeline(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
     dit = pipe.transformer
+    if mm is not None:
+        dit.load_state_dict(mm.state)
     dit.to_dtype(torch.float32)  # trainable weights are the fp32 master copy
     for p in dit.parameters():
         p.requires_grad_(True)
@@ -97,7 +122,18 @@ def _qwen_task(cfg: Config, device: torch.device):
     from mmkit.train.tasks.qwen2_5_vl import VLMSFTTask, VLMTaskConfig
 
     m = cfg.model
-    if m.init_from:
+    mm = mm_checkpoint(m.init_from) if m.init_from else None
+    if mm is not None:  # an mmkit checkpoint: config + state from it, tokenizer from its HF side files
+        from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
+
+        model = Qwen2_5_VLModel(mm.model_cfg)
+        missing, unexpected = model.load_state_dict(mm.state, strict=False)
+        tied = {"language.lm_head.weight"} if mm.model_cfg.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"model.init_from={m.init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.to(device)
+        processor = Qwen2_5_VLProcessor.from_pretrained(str(mm.hf_files))
+    elif m.init_from:
         from mmkit.models.qwen2_5_vl.load import load_model
 
         model = load_model(m.init_from, device=str(device), dtype="fp32")  # fp32 master weights

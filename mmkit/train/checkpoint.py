@@ -243,6 +243,23 @@ def _split_optim(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     return tensors, others
 
 
+def _untied(sd: dict) -> tuple[dict, dict[str, str]]:
+    """Drop second names of shared tensors (tied embeddings: LM head = token embedding), which DCP's
+    safetensors storage cannot write twice; returns (state, {alias: kept name}) to re-tie on load."""
+    seen: dict = {}
+    out, aliases = {}, {}
+    for k, v in sd.items():
+        t = v.to_local() if hasattr(v, "to_local") else v
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out, aliases
+
+
 def save_checkpoint(
     ckpt_dir: str | os.PathLike,
     step: int,
@@ -281,7 +298,7 @@ def save_checkpoint(
     _barrier()
 
     # 1. Tensors, sharded: each rank writes the pieces it owns (replicated tensors once).
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {"model": _untied(get_model_state_dict(model))[0]}
     hparams: dict = {}
     if optimizer is not None:
         state["optim"], hparams = _split_optim(model, optimizer)
@@ -438,7 +455,8 @@ def load_checkpoint(
             f"checkpoint {step_dir} has no EMA weights; resume with train.ema=false or start a new run"
         )
 
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    model_sd, aliases = _untied(get_model_state_dict(model))
+    state: dict[str, Any] = {"model": model_sd}
     hparams_live: dict = {}
     if use_optim:
         state["optim"], hparams_live = _split_optim(model, optimizer)
@@ -446,7 +464,7 @@ def load_checkpoint(
         state["ema"] = ema.state_dict()
     _dcp_load(state, step_dir)
 
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, {**state["model"], **{a: state["model"][o] for a, o in aliases.items()}})
     ranks = _read_rank_files(step_dir)
     if use_optim:
         saved: dict = {}

@@ -48,7 +48,9 @@ class Qwen2_5_VLPlan(ParallelPlan):
     def _packed_attention(self, q, k, v, cu_seqlens):
         """Causal attention inside each packed sample, over this rank's piece of the row."""
         if self.cp_attn is not None:
-            return self.cp_attn.attention(q, k, v, causal=True, segment_ids=self._segments, valid_len=self._valid)
+            return self.cp_attn.attention(
+                q, k, v, causal=True, segment_ids=self._segments, valid_len=self._valid
+            )
         return packed_causal_attention(q, k, v, self._cu)
 
     def _vision_keepalive(self, embeds: torch.Tensor) -> torch.Tensor:

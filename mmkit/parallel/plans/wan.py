@@ -42,7 +42,10 @@ class WanPlan(ParallelPlan):
     def apply_tp(self) -> None:
         m, tp, sp = self.inner, self.tp_mesh, self.sp
         for block in m.blocks:
-            for attn, col in ((block.attn, ["q", "k", "v"]), (block.cross, ["q", "k", "v", "k_img", "v_img"])):
+            for attn, col in (
+                (block.attn, ["q", "k", "v"]),
+                (block.cross, ["q", "k", "v", "k_img", "v_img"]),
+            ):
                 shard_linears(attn, tp, col, ["out"], sp)
                 for name in ("norm_q", "norm_k", "norm_k_img"):
                     if hasattr(attn, name):
