@@ -686,6 +686,23 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             )
     if p.ring_window is not None and p.ring_window < 1:
         bad("parallel.ring_window", "must be >= 1, or unset for a single ring")
+    elif p.ring_window is not None and p.cp >= 1 and p.cp_algo in ("ring", "hybrid"):
+        u = p.ulysses_degree if p.cp_algo == "hybrid" and p.ulysses_degree else 1
+        ring = p.cp // u if u >= 1 and p.cp % u == 0 else p.cp
+        if ring % p.ring_window:
+            bad(
+                "parallel.ring_window",
+                f"the double ring splits the ring of {ring} ranks into inner rings of ring_window ranks; "
+                f"use a divisor of {ring}: {[w for w in range(1, ring + 1) if ring % w == 0]}",
+            )
+    if p.cp > 1 and p.cp_algo not in ("ring", "hybrid") and p.ring_window is not None:
+        bad("parallel.ring_window", f"only applies to cp_algo ring or hybrid, not {p.cp_algo!r}; unset it")
+    if m.family == "qwen2_5_vl" and world > 1 and not cfg.data.packing:
+        bad(
+            "data.packing",
+            "multi-process Qwen2.5-VL training runs on packed rows (no padding is computed, and context "
+            "parallelism needs sample boundaries); set data.packing=true",
+        )
 
     # The batch rule needs a resolved data-parallel size.
     if p.dp_shard > 0 and t.micro_batch >= 1 and t.global_batch >= 1:

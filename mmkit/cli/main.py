@@ -15,7 +15,10 @@ COMMANDS = {
     "train": ("mmkit.cli.train", "train or fine-tune from a recipe (TOML) with dotted overrides"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
     "plot": ("mmkit.cli.plot", "plot a training metric (loss, ...) from a metrics JSONL file to PNG"),
-    "convert": ("mmkit.cli.convert", "convert checkpoints: hf-to-mm, mm-to-hf, resplit (any tp/pp layout), vae-convert"),
+    "convert": (
+        "mmkit.cli.convert",
+        "convert checkpoints: hf-to-mm, mm-to-hf, resplit (any tp/pp layout), vae-convert",
+    ),
 }
 
 

@@ -130,7 +130,9 @@ def _qwen_task(cfg: Config, device: torch.device):
         missing, unexpected = model.load_state_dict(mm.state, strict=False)
         tied = {"language.lm_head.weight"} if mm.model_cfg.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
-            raise ValueError(f"model.init_from={m.init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"model.init_from={m.init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         model.to(device)
         processor = Qwen2_5_VLProcessor.from_pretrained(str(mm.hf_files))
     elif m.init_from:

@@ -105,6 +105,9 @@ class Trainer:
         self.ema = EMA(self.owned, cfg.train.ema_decay) if cfg.train.ema else None
         self.ckpt = CheckpointManager(cfg.checkpoint, config=cfg)
         self.amp = cfg.train.mixed_precision == "bf16"
+        # autocast keeps a bf16 copy of every weight until the forward ends: full-size, so with sharded
+        # weights (FSDP2) it would undo the sharding; there the copies are made per use instead
+        self.amp_cache = not (self.dims.fsdp or self.pipe is not None)
 
     def _batches(self):
         """Endless batches; the sampler starts the next epoch when one ends."""
@@ -140,7 +143,9 @@ class Trainer:
             if self.pipe is not None:  # all micro-batches of the step go through the pipeline at once
                 micro = [next(batches) for _ in range(self.accum)]
                 data_state = micro[-1].get("data_state", data_state)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with torch.autocast(
+                    self.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=self.amp_cache
+                ):
                     preps = [self.task.prepare(b, g) for b in micro]
                     preps = [{k: v for k, v in pr.items() if v is not None} for pr in preps]
                     loss_sum, count = self.pipe.step(preps)
@@ -155,7 +160,9 @@ class Trainer:
             for _ in range(self.accum if self.pipe is None else 0):
                 batch = next(batches)
                 data_state = batch.get("data_state", data_state)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with torch.autocast(
+                    self.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=self.amp_cache
+                ):
                     if self.plan is None:
                         out = self.task.loss(batch, g)
                     else:
