@@ -247,7 +247,7 @@ def estimate_memory(
     image_tokens: int = 0,
     supervised: float = 1.0,
     ema: bool = False,
-    autocast_cache: bool = True,
+    autocast_cache: bool | None = None,
     bf16_params: bool = False,
     cp_kernel: str = "flash",
 ) -> dict:
@@ -258,7 +258,8 @@ def estimate_memory(
     on stage 0, replicated over tp and cp). supervised: fraction of tokens with a label (only those
     get logits). microbatches: pipeline micro-batches per step (default pp x virtual_stages).
     ac_every_k: selective checkpointing's k (blocks i % k == 0 are checkpointed). autocast_cache:
-    torch.autocast's weight-cast cache (on in mmkit's trainer). bf16_params: an FSDP2
+    torch.autocast's weight-cast cache (default: as mmkit's trainer, on for one process, off under
+    FSDP2 or pipeline stages). bf16_params: an FSDP2
     MixedPrecisionPolicy(param_dtype=bf16) instead (no cache, half-size gathers). cp_kernel: "flash"
     or "math" (ContextParallel's fp32 score blocks).
     Returns params, grads, optimizer, ema, activations, logits, autocast_cache, fwd_working,
@@ -307,6 +308,8 @@ def estimate_memory(
     fsdp = dp_replicate * dp_shard * cp > 1  # ParallelDims.fsdp
     shard = dp_shard * cp if fsdp else 1  # the "dp_shard_cp" mesh
     fused = bf16_params and tp == 1  # the TP plan's head-sharded RMSNorm always computes in fp32
+    if autocast_cache is None:  # the trainer turns the cache off where weights are sharded (FSDP2) or staged
+        autocast_cache = not (fsdp or pp > 1)
     cast_cache = autocast_cache and not bf16_params
     m_micro = microbatches or pp * virtual_stages
     b = micro_batch
@@ -424,7 +427,6 @@ WAN_LAYOUTS = [  # (GPUs, estimate_memory kwargs)
     (8, dict(dp_shard=8, ac="none")),
     (8, dict(dp_shard=8, ac="selective", ac_every_k=2)),
     (8, dict(dp_shard=8)),
-    (8, dict(dp_shard=8, autocast_cache=False)),
     (8, dict(dp_shard=8, bf16_params=True)),
     (8, dict(dp_shard=4, cp=2)),
     (8, dict(dp_shard=2, cp=4)),
@@ -449,12 +451,10 @@ QWEN_LAYOUTS = [
     (32, dict(dp_shard=4, tp=8)),
     (64, dict(dp_shard=64, ac="none")),
     (64, dict(dp_shard=64)),
-    (64, dict(dp_shard=64, autocast_cache=False)),
     (64, dict(dp_shard=64, bf16_params=True)),
     (64, dict(dp_replicate=8, dp_shard=8)),
     (64, dict(dp_shard=16, tp=4)),
     (64, dict(dp_shard=8, tp=8)),
-    (64, dict(dp_shard=8, tp=8, autocast_cache=False)),
     (64, dict(dp_shard=8, tp=4, cp=2)),
     (64, dict(dp_shard=4, tp=8, cp=2, cp_algo="ring")),
     (64, dict(dp_shard=8, pp=8)),

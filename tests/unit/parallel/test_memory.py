@@ -204,7 +204,7 @@ def test_vit_block_formula_equals_saved_bytes(monkeypatch, bf16_params):
 # ---- what each parallel dimension divides ----------------------------------------------------------------
 def test_hand_computed_case():
     """Wan2.1-14B on 8 GPUs, FSDP over all 8, full checkpointing, 480p: every term by hand."""
-    m = estimate_memory("wan2.1-14b", dp_shard=8, seq_len=32_760, ac="full")
+    m = estimate_memory("wan2.1-14b", dp_shard=8, seq_len=32_760, ac="full", autocast_cache=True)
     st = model_stats("wan2.1-14b")
     n, h, f, heads, s = 14_288_491_584, 5120, 13824, 40, 32_760
     assert m["params"] * GIB == pytest.approx(4 * n / 8)
@@ -212,8 +212,10 @@ def test_hand_computed_case():
     # saved: 40 block inputs (bf16 residual) + RoPE cos/sin (2 x 128 bf16) + head (fp32 LayerNorm input
     # + bf16 proj input)
     assert m["activations"] * GIB == pytest.approx(s * (40 * 2 * h + 4 * 128 + 6 * h))
-    # autocast keeps a bf16 copy of all 14.29B weights until the forward ends
+    # with the cache on, autocast keeps a bf16 copy of all 14.29B weights until the forward ends
+    # (the trainer turns it off under FSDP2: the default below)
     assert m["autocast_cache"] * GIB == pytest.approx(2 * n)
+    assert estimate_memory("wan2.1-14b", dp_shard=8, seq_len=32_760, ac="full")["autocast_cache"] == 0
     # backward: one block recomputed (66h + 4f + small terms per token), its bf16 weight copies, two
     # gathered fp32 blocks + one block's fp32 grads, the root unit gathered + the head's grads
     block = st.layer_params
@@ -281,8 +283,8 @@ def test_dp_replicate_copies_instead_of_sharding():
 
 def test_tp_splits_the_block_weights_and_activations():
     s = model_stats("qwen2.5-vl-72b")
-    one = estimate_memory("qwen2.5-vl-72b", dp_shard=8, seq_len=8192)
-    four = estimate_memory("qwen2.5-vl-72b", dp_shard=8, tp=4, seq_len=8192)
+    one = estimate_memory("qwen2.5-vl-72b", dp_shard=8, seq_len=8192, autocast_cache=True)
+    four = estimate_memory("qwen2.5-vl-72b", dp_shard=8, tp=4, seq_len=8192, autocast_cache=True)
     # the Qwen plan splits the decoder layers' Linear weights; ViT, embeddings and LM head stay whole
     saved = s.layers * s.layer_tp_params * (1 - 1 / 4)
     assert (one["params"] - four["params"]) * GIB == pytest.approx(4 * saved / 8)
