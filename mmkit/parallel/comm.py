@@ -40,14 +40,17 @@ class _Split(torch.autograd.Function):
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
+    def forward(ctx, x, dim, group, backward):
+        ctx.dim, ctx.group, ctx.backward = dim, group, backward
         return _all_gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
         n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return g.chunk(n, dim=ctx.dim)[r].contiguous(), None, None
+        if ctx.backward == "reduce_scatter":  # every rank's gradient is partial: sum, keep this piece
+            g = g.contiguous()
+            dist.all_reduce(g, group=ctx.group)
+        return g.chunk(n, dim=ctx.dim)[r].contiguous(), None, None, None
 
 
 def split_seq(x: torch.Tensor, dim: int, group, backward: str = "local") -> torch.Tensor:
@@ -62,11 +65,15 @@ def split_seq(x: torch.Tensor, dim: int, group, backward: str = "local") -> torc
     return _Split.apply(x, dim, group, backward)
 
 
-def gather_seq(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """All pieces of `x` along `dim`, in rank order. Example: `x = gather_seq(x_local, 1, cp_group)`."""
+def gather_seq(x: torch.Tensor, dim: int, group, backward: str = "slice") -> torch.Tensor:
+    """All pieces of `x` along `dim`, in rank order. The backward keeps this rank's piece of the
+    gradient ("slice": the gradient is the same on every rank) or sums the ranks' gradients first
+    ("reduce_scatter": each rank's is partial, e.g. computed from its vocabulary shard).
+    Example: `x = gather_seq(x_local, 1, cp_group)`.
+    """
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _Gather.apply(x, dim, group)
+    return _Gather.apply(x, dim, group, backward)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -117,3 +124,27 @@ def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return x
     return _CopyToGroup.apply(x, group)
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """All-reduce (sum) forward; identity backward (the result is used identically on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of the ranks' partial `x`, where every rank then uses the sum the same way (a vocabulary-
+    parallel embedding's output): the gradient passes through unchanged.
+    Example: `embeds = reduce_from_group(local_rows, tp_group)`.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _ReduceFromGroup.apply(x, group)

@@ -7,7 +7,9 @@ the sequence-sharded activations in front of attention and MLP. Parameters stay 
 distributed checkpoints see global shapes and reshard into any other layout.
 
 What DTensor has no style for lives here: `HeadShardedRMSNorm`, Wan's RMSNorm over *all* heads of q
-or k, whose weight and input are split by heads; it sums the squares over the tensor-parallel group.
+or k, whose weight and input are split by heads; it sums the squares over the tensor-parallel group;
+`VocabParallelEmbedding` and `vocab_parallel_cross_entropy`, the LLM's embedding table and LM head
+split over vocabulary rows (a 152k x 8192 table is 5 GB in fp32).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from mmkit.parallel.comm import all_reduce_sum
+from mmkit.parallel.comm import all_reduce_sum, reduce_from_group
 
 
 class HeadShardedRMSNorm(nn.Module):
@@ -74,3 +76,59 @@ def gather_inputs(module: nn.Module, tp_mesh, n_args: int, sp: bool) -> None:
         tp_mesh,
         PrepareModuleInput(input_layouts=(first, *rest), desired_input_layouts=(Replicate(), *rest)),
     )
+
+
+def vocab_shard(n: int, group) -> tuple[int, int]:
+    """(first row, rows) of this rank's piece of `n` vocabulary rows under DTensor's Shard(0) (chunks
+    of ceil(n / size), the last ones smaller). Example: `vocab_shard(406, tp_group)` -> `(0, 203)`."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = -(-n // size)
+    start = min(rank * c, n)
+    return start, max(min(n, start + c) - start, 0)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """nn.Embedding whose rows (vocabulary) are split over the tensor-parallel group; each rank looks up
+    the ids it holds and the partial rows are summed (identity backward: the result is used identically
+    on every rank). Keeps the parameter name `weight` (a Shard(0) DTensor).
+    Example: `lang.embed_tokens = VocabParallelEmbedding(lang.embed_tokens.weight, tp_mesh)`.
+    """
+
+    def __init__(self, weight: torch.Tensor, tp_mesh):
+        super().__init__()
+        self.group = tp_mesh.get_group()
+        if hasattr(weight, "device_mesh"):
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        else:
+            self.weight = nn.Parameter(distribute_tensor(weight.data, tp_mesh, [Shard(0)]))
+        self.num_embeddings = self.weight.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        start, n = vocab_shard(self.num_embeddings, self.group)
+        local = self.weight.to_local()  # (n, D)
+        mine = (ids >= start) & (ids < start + n)
+        rows = torch.nn.functional.embedding((ids - start).clamp(0, max(n - 1, 0)), local)
+        return reduce_from_group(rows * mine.unsqueeze(-1).to(rows.dtype), self.group)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group, vocab: int
+) -> torch.Tensor:
+    """Per-token cross-entropy (K,) from this rank's vocabulary columns of the logits (K, V / tp): the
+    max, the sum of exponentials and the target logit are combined over the group, so no rank ever holds
+    the full (K, V) logits. Equal to `F.cross_entropy(full_logits, target, reduction="none")`.
+    Example: `ce = vocab_parallel_cross_entropy(h @ w_local.T, labels, tp_group, vocab=152064)`.
+    """
+    import torch.distributed as dist
+
+    start, n = vocab_shard(vocab, group)
+    logits = logits.float()
+    m = logits.detach().max(dim=-1).values if n else logits.new_full(logits.shape[:1], -float("inf"))
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # stabiliser (no gradient needed)
+    shifted = logits - m[:, None]
+    sumexp = all_reduce_sum(shifted.exp().sum(-1), group)
+    mine = (target >= start) & (target < start + n)
+    t = shifted.gather(1, (target - start).clamp(0, max(n - 1, 0))[:, None])[:, 0] * mine
+    return sumexp.log() - all_reduce_sum(t, group)

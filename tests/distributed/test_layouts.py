@@ -109,6 +109,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     layouts = [
         {"name": "fsdp2", "args": []},
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
+        {"name": "tp2_no_sp", "args": ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]},
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
@@ -123,7 +124,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     ]  # fmt: skip
     _launch(2, 29761, base, layouts, tmp_path / "out")
     out = tmp_path / "out"
-    for name in ("fsdp2", "tp2", "cp2_ulysses", "cp2_ring", "pp2_1f1b"):
+    for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring", "pp2_1f1b"):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
     for name in ("cp2_ring_27_tokens", "cp2_ulysses_27_tokens"):
         _assert_same(ref_big, _metrics(out / name / "metrics.jsonl"), name)
@@ -188,6 +189,7 @@ def test_qwen_layouts_two_processes(qwen_root, tmp_path):
     layouts = [
         {"name": "fsdp2", "args": []},
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
+        {"name": "tp2_no_sp", "args": ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]},
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
         {"name": "pp2_1f1b", "args": [*q4, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]},
@@ -198,7 +200,7 @@ def test_qwen_layouts_two_processes(qwen_root, tmp_path):
     ]  # fmt: skip
     _launch(2, 29763, base, layouts, tmp_path / "out")
     out = tmp_path / "out"
-    for name in ("fsdp2", "tp2", "cp2_ulysses", "cp2_ring"):
+    for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring"):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
     for name in ("pp2_1f1b", "pp2_v2_interleaved"):
         _assert_same(ref4, _metrics(out / name / "metrics.jsonl"), name)

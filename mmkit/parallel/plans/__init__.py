@@ -31,6 +31,8 @@ class ParallelPlan(nn.Module):
     `task.model`) so that FSDP2's root hooks run around the whole family-specific forward.
     """
 
+    loss_split_over_tp = False  # True: each tp rank's loss covers its own tokens even without SP
+
     def __init__(self, task, dims: ParallelDims, mesh, cfg):
         super().__init__()
         self.task, self.dims, self.mesh, self.cfg = task, dims, mesh, cfg
@@ -129,7 +131,7 @@ class ParallelPlan(nn.Module):
         """Sum per-micro-batch statistics that are partial over the sequence shards (cp, tp with SP)."""
         if self.cp_group is not None:
             dist.all_reduce(stats, group=self.cp_group)
-        if self.sp:
+        if self.sp or (self.loss_split_over_tp and self.tp_group is not None):
             dist.all_reduce(stats, group=self.tp_group)
         return stats
 

@@ -8,32 +8,50 @@ Forward under a plan (`Qwen2_5_VLPlan.forward(prep)`, packed rows):
   -> decoder layers: attention and MLP all-gather the tp pieces (heads / MLP columns split over tp);
      attention is causal inside each packed sample, context-parallel over cp
   -> final norm and LM head on this rank's supervised positions -> summed cross-entropy.
-TP shards (DTensor) q/k/v/o and gate/up/down of every decoder layer. The vision tower, embeddings,
-norms and LM head stay replicated (FSDP2 shards them over data-parallel ranks).
+TP shards (DTensor) q/k/v/o and gate/up/down of every decoder layer, and the token embedding and LM
+head over vocabulary rows (`VocabParallelEmbedding`, `vocab_parallel_cross_entropy`: no rank holds the
+full logits). The vision tower and the norms stay replicated (FSDP2 shards them over data ranks).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from mmkit.data.sft import IGNORE_INDEX
 from mmkit.models.qwen2_5_vl.language import packed_causal_attention
-from mmkit.parallel.comm import copy_to_group, split_seq
+from mmkit.parallel.comm import copy_to_group, gather_seq, split_seq
 from mmkit.parallel.dims import padded_len
 from mmkit.parallel.plans import ParallelPlan
-from mmkit.parallel.tp import gather_inputs, shard_linears
+from mmkit.parallel.tp import (
+    VocabParallelEmbedding,
+    gather_inputs,
+    shard_linears,
+    vocab_parallel_cross_entropy,
+)
 from mmkit.train.tasks.wan import LossOut
 
 
 class Qwen2_5_VLPlan(ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch))`."""
 
+    loss_split_over_tp = True  # the vocabulary-parallel loss counts each token on one tp rank
+
     def sp_partial_names(self) -> list[str]:
         return ["language.layers.", "language.norm."]
 
     def apply_tp(self) -> None:
         sp, tp = self.sp, self.tp_mesh
+        lang = self.inner.language
+        tied = lang.lm_head.weight is lang.embed_tokens.weight
+        lang.embed_tokens = VocabParallelEmbedding(lang.embed_tokens.weight, tp)
+        head = (
+            lang.embed_tokens.weight if tied else distribute_tensor(lang.lm_head.weight.data, tp, [Shard(0)])
+        )
+        lang.lm_head.weight = head if isinstance(head, nn.Parameter) else nn.Parameter(head)
         for layer in self.inner.language.layers:
             shard_linears(layer.attn, tp, ["q_proj", "k_proj", "v_proj"], ["o_proj"], sp)
             layer.attn.heads //= self.dims.tp
@@ -99,6 +117,7 @@ class Qwen2_5_VLPlan(ParallelPlan):
         x = split_seq(embeds, 1, self.cp_group, backward="local")
         cos, sin = split_seq(cos, 1, self.cp_group), split_seq(sin, 1, self.cp_group)
         targets, seg = split_seq(targets, 1, self.cp_group), split_seq(segments, 0, self.cp_group)
+        targets_cp = targets
         if self.sp:
             x = split_seq(x, 1, self.tp_group, backward="gather")
             targets, seg = split_seq(targets, 1, self.tp_group), split_seq(seg, 0, self.tp_group)
@@ -106,10 +125,23 @@ class Qwen2_5_VLPlan(ParallelPlan):
         for layer in m.language.layers:
             x = layer(x, cos, sin, None, None, 0, [0, n_loc])
         x = m.language.norm(x)
-        keep = targets != IGNORE_INDEX
-        w = m.language.lm_head.weight
-        if self.sp:  # the head runs on this rank's tokens: complete gradient for the (maybe tied) weight
-            w = copy_to_group(w, self.tp_group)
-        logits = F.linear(x[keep], w)  # (K, vocab), K supervised positions on this rank
-        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return LossOut(total, int(keep.sum()), len(cu) - 1, int((seg >= 0).sum()))
+        if self.tp_group is None:
+            keep = targets != IGNORE_INDEX
+            logits = F.linear(x[keep], m.language.lm_head.weight)  # (K, vocab), supervised positions here
+            total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            return LossOut(total, int(keep.sum()), len(cu) - 1, int((seg >= 0).sum()))
+        # vocabulary-parallel head: every tp rank scores all tokens of the cp piece against its vocabulary
+        # rows; the loss counts this rank's own tokens (with SP) so it stays partial like the rest
+        if self.sp:
+            h = gather_seq(x, 1, self.tp_group, backward="reduce_scatter")
+        else:
+            h = copy_to_group(x, self.tp_group)  # the vocabulary shards' gradients are partial: summed
+        n_tp, r_tp = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        own = torch.arange(h.shape[1], device=h.device) % n_tp == r_tp  # tokens this rank's loss counts
+        keep = targets_cp != IGNORE_INDEX  # (1, n) over the cp piece
+        w = m.language.lm_head.weight.to_local()  # (V / tp, D)
+        ce = vocab_parallel_cross_entropy(
+            F.linear(h[keep], w), targets_cp[keep], self.tp_group, m.language.lm_head.weight.shape[0]
+        )
+        mine = own[None].expand_as(keep)[keep]
+        return LossOut(ce[mine].sum(), int(mine.sum()), len(cu) - 1, int((seg >= 0).sum()))
