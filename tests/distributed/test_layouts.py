@@ -142,6 +142,8 @@ def test_wan_layouts_four_processes(wan_train_root, tmp_path):
         {"name": "cp4_hybrid", "args": ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid",
                                         "--parallel.ulysses_degree", "2"]},
         {"name": "tp2_fsdp2", "args": ["--parallel.tp", "2", "--parallel.dp_shard", "2"]},
+        {"name": "hsdp_2x2", "args": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2",
+                                      "--train.micro_batch", "1"]},
         {"name": "cp2_ring_window_fsdp2", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring",
                                                    "--parallel.dp_shard", "2", "--parallel.ring_window", "1"]},
     ]  # fmt: skip
