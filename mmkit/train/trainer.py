@@ -5,10 +5,18 @@ The trainer knows nothing about models: a *task* (see `train/tasks/`) owns the t
 of a step and the gradient is divided once by the total count, so the step does not depend on
 how the global batch is split.
 
-Reproducibility: all randomness of a micro-batch (noise, timesteps, caption dropout) comes from
-a generator seeded with (train.seed, step, micro-batch index), and the data order from the
-sampler's (seed, epoch) permutation and its saved position. A run resumed from a checkpoint
-therefore continues the identical loss curve, bit for bit on CPU.
+Several processes (torchrun): the `parallel` section becomes a DeviceMesh (`parallel/dims.py`); the
+family's plan (`parallel/plans/`) applies TP/SP, CP, activation checkpointing and FSDP2 and runs
+`task.prepare(batch, g)` -> loss on this rank's piece of the sequence; or, with `parallel.pp > 1`, the
+model is cut into pipeline stages (`parallel/pp.py`) that run all micro-batches of a step. Either way
+gradients end up summed over every process that saw different tokens, and divided once by the global
+count: every layout reproduces the single-process loss curve (tests/distributed/test_layouts.py).
+
+Reproducibility: all randomness of a sample (noise, timestep, caption dropout) comes from a generator
+seeded with (train.seed, step) and the sample's (epoch, dataset index), whatever process or
+micro-batch it lands in; the data order comes from the sampler's (seed, epoch) permutation and its
+saved position. A run resumed from a checkpoint therefore continues the identical loss curve, bit for
+bit on CPU, and a checkpoint saved under one layout resumes under another (DCP reshards).
 """
 
 from __future__ import annotations
