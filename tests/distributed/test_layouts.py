@@ -114,7 +114,10 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
         {"name": "cp2_ulysses_27_tokens", "args": ["--parallel.cp", "2", *big]},
-        {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]},
+        {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
+                                      "--checkpoint.interval", "2"]},
+        # the pipeline's step-2 checkpoint (each rank saved its stages) resumed under fsdp2
+        {"name": "pp_to_fsdp2", "args": ["--checkpoint.resume", str(tmp_path / "out" / "pp2_1f1b" / "step_2")]},
         {"name": "pp2_v2_interleaved", "args": [
             "--model.init_from", str(wan4), "--train.micro_batch", "1", "--parallel.pp", "2",
             "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_layers", "[[1,1],[1,1]]"]},
@@ -129,9 +132,10 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     for name in ("cp2_ring_27_tokens", "cp2_ulysses_27_tokens"):
         _assert_same(ref_big, _metrics(out / name / "metrics.jsonl"), name)
     _assert_same(ref4, _metrics(out / "pp2_v2_interleaved" / "metrics.jsonl"), "pp2_v2_interleaved")
-    resumed = _metrics(out / "resume_b" / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [3, 4]  # the tp2 run continued after the fsdp2 checkpoint
-    _assert_same(ref, resumed, "fsdp2 -> tp2 resume", steps={3, 4})
+    for name, what in (("resume_b", "fsdp2 -> tp2 resume"), ("pp_to_fsdp2", "pp2 -> fsdp2 resume")):
+        resumed = _metrics(out / name / "metrics.jsonl")
+        assert [r["step"] for r in resumed] == [3, 4]  # continued after the other layout's checkpoint
+        _assert_same(ref, resumed, what, steps={3, 4})
     assert ref[-1]["loss"] < ref[0]["loss"]  # the reference trains
 
 
