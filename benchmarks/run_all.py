@@ -10,7 +10,7 @@ SKIP = {"run_all.py", "common.py"}
 if __name__ == "__main__":
     rc = 0
     for script in sorted(HERE.glob("*.py")):
-        if script.name in SKIP:
+        if script.name in SKIP or script.name.startswith("_"):  # _name.py: helpers, not benchmarks
             continue
         print(f"=== {script.name}", flush=True)
         rc |= subprocess.call([sys.executable, str(script)], cwd=HERE)
