@@ -3,8 +3,9 @@ at each of 4 steps, same global batch and seed, for the tiny Wan t2v and tiny Qw
 
 Each torchrun launch (gloo, 2 or 4 processes, a subprocess timeout so a hang fails fast) trains several
 layouts one after another (`_layout_worker.py`); the single-process references run in this process.
-Also covered: save under fsdp2 then resume under tp2 (the curve continues), a sequence that does not
-divide by the context-parallel degree, and a VLM step where only one data-parallel rank has an image.
+Also covered: save under fsdp2 then resume under tp2, save under pp2 then resume under fsdp2 (the curve
+continues), a sequence that does not divide by the context-parallel degree, and a VLM step where only
+one data-parallel rank has an image (every rank must issue the same collectives, or the step hangs).
 """
 
 import json
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from mmkit.config import parse_cli
+from mmkit.train.checkpoint import export_model_state, find_latest
 from mmkit.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,15 +107,16 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     ref = _single(base, tmp_path / "ref")
     ref4 = _single([*_wan_base(root, wan4), "--train.micro_batch", "1"], tmp_path / "ref4")
     ref_big = _single([*base, *big], tmp_path / "ref_big")
-    resume_dir = str(tmp_path / "out" / "resume")
+    resume_dir = str(tmp_path / "out" / "fsdp2")
     layouts = [
-        {"name": "fsdp2", "args": []},
+        {"name": "fsdp2", "args": ["--checkpoint.interval", "2"]},
+        # save under fsdp2 at step 2, then resume from that checkpoint under tp2 to step 4
+        {"name": "resume_b", "args": ["--parallel.tp", "2", "--checkpoint.resume", f"{resume_dir}/step_2"]},
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
         {"name": "tp2_no_sp", "args": ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]},
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
-        {"name": "cp2_ulysses_27_tokens", "args": ["--parallel.cp", "2", *big]},
         {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
                                       "--checkpoint.interval", "2"]},
         # the pipeline's step-2 checkpoint (each rank saved its stages) resumed under fsdp2
@@ -121,22 +124,21 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         {"name": "pp2_v2_interleaved", "args": [
             "--model.init_from", str(wan4), "--train.micro_batch", "1", "--parallel.pp", "2",
             "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_layers", "[[1,1],[1,1]]"]},
-        # save under fsdp2 at step 2, then resume from that checkpoint under tp2 to step 4
-        {"name": "resume_a", "args": ["--checkpoint.interval", "2", "--checkpoint.dir", resume_dir]},
-        {"name": "resume_b", "args": ["--parallel.tp", "2", "--checkpoint.resume", f"{resume_dir}/step_2"]},
     ]  # fmt: skip
     _launch(2, 29761, base, layouts, tmp_path / "out")
     out = tmp_path / "out"
     for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring", "pp2_1f1b"):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
-    for name in ("cp2_ring_27_tokens", "cp2_ulysses_27_tokens"):
-        _assert_same(ref_big, _metrics(out / name / "metrics.jsonl"), name)
+    _assert_same(ref_big, _metrics(out / "cp2_ring_27_tokens" / "metrics.jsonl"), "cp2_ring_27_tokens")
     _assert_same(ref4, _metrics(out / "pp2_v2_interleaved" / "metrics.jsonl"), "pp2_v2_interleaved")
     for name, what in (("resume_b", "fsdp2 -> tp2 resume"), ("pp_to_fsdp2", "pp2 -> fsdp2 resume")):
         resumed = _metrics(out / name / "metrics.jsonl")
         assert [r["step"] for r in resumed] == [3, 4]  # continued after the other layout's checkpoint
         _assert_same(ref, resumed, what, steps={3, 4})
     assert ref[-1]["loss"] < ref[0]["loss"]  # the reference trains
+    state = export_model_state(find_latest(out / "fsdp2"))  # the sharded checkpoint reads back whole
+    assert state["blocks.0.attn.q.weight"].shape == (64, 64)
+    assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def test_wan_layouts_four_processes(wan_train_root, tmp_path):
