@@ -75,6 +75,11 @@ class ModelConfig:
         "none", "recompute activations in backward: none, full (every block) or selective (every k-th)"
     )
     ac_every_k: int = _f(1, "selective activation checkpointing: checkpoint every k-th block (k >= 1)")
+    compile: str = _f(
+        "none",
+        "torch.compile every block (after TP/CP/checkpointing, before FSDP2): none, inductor, or aot_eager "
+        "(no codegen; for checks). Off by default: no gain on CPU, and compiling costs seconds per shape",
+    )
     dtype: str = _f(
         "fp32",
         "storage dtype of the frozen parts (text encoder, VAE, CLIP, frozen towers): fp32, bf16 or fp16. "
@@ -246,6 +251,7 @@ ALIASES = {"metrics-file": "logging.metrics_file", "log-tps": "logging.log_tps"}
 _CHOICES = {
     "model.family": ("wan", "qwen2_5_vl"),
     "model.activation_checkpointing": ("none", "full", "selective"),
+    "model.compile": ("none", "inductor", "aot_eager"),
     "model.dtype": ("fp32", "bf16", "fp16"),
     "train.mixed_precision": ("bf16", "fp32"),
     "train.loss": ("flow", "v_pred_zero_snr"),

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from mmkit.config import Config
 from mmkit.device import dist_backend, resolve_device
 from mmkit.parallel.ac import apply_ac
+from mmkit.parallel.compile import apply_compile
 from mmkit.parallel.dims import ParallelDims, check_model_layout, process_group_timeout
 from mmkit.parallel.plans import parallelize
 from mmkit.train.checkpoint import CheckpointManager
@@ -99,13 +100,15 @@ class Trainer:
         self.accum = cfg.grad_accum_steps
         self.plan = self.pipe = None
         self.owned = self.model  # the parameters this process optimises and checkpoints
-        if self.dims.pp > 1:  # activation checkpointing -> stages -> FSDP2 per stage
+        if self.dims.pp > 1:  # activation checkpointing -> compile -> stages -> FSDP2 per stage
             apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
+            apply_compile(self.model, cfg.model.compile)
             self._build_pipeline()
         elif self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
             self.plan = parallelize(self.task, self.dims, self.mesh, cfg)
         else:
             apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
+            apply_compile(self.model, cfg.model.compile)
         dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.data, self.sampler, self.loader = build_data(cfg, self.task, dp_rank, self.dims.dp)
         self.opt = build_optimizer(self.owned, cfg.optim)

@@ -1,7 +1,7 @@
 """Parallel plans: how each model family is tensor-, sequence-, context- and data-parallelised.
 
 `parallelize(task, dims, mesh, cfg)` applies, in order, TP/SP -> CP -> activation checkpointing ->
-FSDP2 to the task's model (from outside: the model code stays single-device) and returns the plan.
+compile -> FSDP2 to the task's model (from outside: the model code stays single-device) and returns the plan.
 Its `module` is what the trainer calls: `plan.module(prep)` returns the micro-batch's `LossOut`, where
 `prep` is the task's `prepare(batch, generator)` output.
 
@@ -52,8 +52,9 @@ class ParallelPlan(nn.Module):
 
     # ---- set-up ------------------------------------------------------------------------------
     def apply(self) -> ParallelPlan:
-        """TP/SP -> CP -> activation checkpointing -> FSDP2, in place on `task.model`."""
+        """TP/SP -> CP -> activation checkpointing -> compile -> FSDP2, in place on `task.model`."""
         from mmkit.parallel.ac import apply_ac
+        from mmkit.parallel.compile import apply_compile
 
         if self.dims.tp > 1:
             self.apply_tp()
@@ -62,6 +63,7 @@ class ParallelPlan(nn.Module):
             self.setup_cp()
         m = self.cfg.model
         apply_ac(self.inner, m.activation_checkpointing, m.ac_every_k)
+        apply_compile(self.inner, m.compile)
         if self.dims.fsdp:
             self.apply_fsdp()
         return self
