@@ -101,8 +101,17 @@ def _wan_base(root: Path, wan_dir: Path) -> list[str]:
 
 
 def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
+    from mmkit.models.wan.tiny import create_tiny_wan
+
     root = wan_train_root
     base = _wan_base(root, root / "wan")
+    i2v = [
+        "--model.task",
+        "i2v",
+        "--model.init_from",
+        str(create_tiny_wan(tmp_path / "i2v", "i2v", vae="random")),
+    ]
+    ref_i2v = _single([*base, *i2v], tmp_path / "ref_i2v")
     big = ["--data.height", "48", "--data.width", "48"]  # 3 x 3 x 3 = 27 tokens: cp 2 does not divide
     ref = _single(base, tmp_path / "ref")
     ref4 = _single([*_wan_base(root, wan4), "--train.micro_batch", "1"], tmp_path / "ref4")
@@ -117,6 +126,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
+        {"name": "i2v_tp2", "args": [*i2v, "--parallel.tp", "2"]},  # + image K/V and its head-sharded norm
         {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
                                       "--checkpoint.interval", "2"]},
         # the pipeline's step-2 checkpoint (each rank saved its stages) resumed under fsdp2
@@ -130,6 +140,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring", "pp2_1f1b"):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
     _assert_same(ref_big, _metrics(out / "cp2_ring_27_tokens" / "metrics.jsonl"), "cp2_ring_27_tokens")
+    _assert_same(ref_i2v, _metrics(out / "i2v_tp2" / "metrics.jsonl"), "i2v_tp2")
     _assert_same(ref4, _metrics(out / "pp2_v2_interleaved" / "metrics.jsonl"), "pp2_v2_interleaved")
     for name, what in (("resume_b", "fsdp2 -> tp2 resume"), ("pp_to_fsdp2", "pp2 -> fsdp2 resume")):
         resumed = _metrics(out / name / "metrics.jsonl")
