@@ -4,6 +4,9 @@
 (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, and for i2v image_encoder/ and
 image_processor/), only with small random weights, so diffusers' `WanPipeline.from_pretrained(outdir)` and
 mmkit's loader read it through the same code path as a real checkpoint, offline, in seconds on a CPU.
+The VAE is by default not random: its small weights were fitted once on synthetic shape clips
+(`scripts/fit_tiny_vae.py`, shipped as `mmkit/assets/tiny_wan_vae.safetensors`), so that a DiT trained
+on those clips decodes to visible shapes; `vae="random"` gives a random one.
 
 Every parameter is perturbed away from its init (zero biases, unit norm weights included) so that a parity
 test comparing mmkit with diffusers/transformers on these weights can actually fail.
@@ -255,9 +258,9 @@ def create_tiny_wan(
 def random_tiny_vae(seed: int = 0):
     """The tiny `AutoencoderKLWan` (`TINY_VAE`) with perturbed random weights drawn from `seed`.
 
-    Its decoder turns any latent into coloured noise, so it serves parity tests (every weight off its init)
-    and is the starting point `scripts/fit_tiny_vae.py` fits from. The per-channel `latents_mean` /
-    `latents_std` are random too, away from (0, 1), so a pipeline that skips (de)normalising differs.
+    Its decoder turns any latent into coloured noise; it serves tests that want every weight random and off
+    its init. The per-channel `latents_mean` / `latents_std` are random too, away from (0, 1), so a pipeline
+    that skips (de)normalising differs.
     Example: `random_tiny_vae(seed=0).save_pretrained("/tmp/vae")`.
     """
     from diffusers import AutoencoderKLWan
@@ -298,7 +301,9 @@ def fitted_tiny_vae(path: str | os.PathLike | None = None):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
-        raise ValueError(f"{path}: no 'config' in the safetensors metadata; rewrite it with scripts/fit_tiny_vae.py.")
+        raise ValueError(
+            f"{path}: no 'config' in the safetensors metadata; rewrite it with scripts/fit_tiny_vae.py."
+        )
     config = json.loads(meta["config"])
     arch = {k: v for k, v in config.items() if k not in ("latents_mean", "latents_std")}
     if arch != TINY_VAE:
