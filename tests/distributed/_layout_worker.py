@@ -6,6 +6,7 @@ Each layout trains with `base + args` and writes OUT_DIR/<name>/metrics.jsonl (r
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def main() -> None:
         dist.barrier()
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # metrics are written; skip interpreter teardown (gloo threads can abort it under load)
 
 
 if __name__ == "__main__":

@@ -158,11 +158,18 @@ def _worker(out: Path) -> None:
 
         local = torch.arange(4.0).reshape(2, 2) + r
         measure(
-            "dtensor_shard_to_replicate", lambda: DTensor.from_local(local, mesh, [Shard(0)]).full_tensor()
+            "dtensor_shard_to_replicate",
+            lambda: float(DTensor.from_local(local, mesh, [Shard(0)]).full_tensor().sum()),  # waits
         )
         part = lambda n: DTensor.from_local(torch.ones(n), mesh, [Partial()])  # noqa: E731
-        measure("dtensor_partial_to_replicate", lambda: part(3).redistribute(mesh, [Replicate()]).to_local())
-        measure("dtensor_partial_to_shard", lambda: part(4).redistribute(mesh, [Shard(0)]).to_local())
+        # float(...sum()) waits for the async collective: an unwaited one can abort gloo at exit
+        measure(
+            "dtensor_partial_to_replicate",
+            lambda: float(part(3).redistribute(mesh, [Replicate()]).to_local().sum()),
+        )
+        measure(
+            "dtensor_partial_to_shard", lambda: float(part(4).redistribute(mesh, [Shard(0)]).to_local().sum())
+        )
 
         torch.manual_seed(0)
         lin = torch.nn.Linear(4, 4, bias=False)
@@ -181,6 +188,7 @@ def _worker(out: Path) -> None:
     (out / f"rank{r}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # results are written; skip interpreter teardown (gloo threads can abort it under load)
 
 
 if __name__ == "__main__":
