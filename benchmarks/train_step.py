@@ -5,7 +5,8 @@ tied; ViT 1280 wide) with 2 LLM layers and 2 vision layers (block 1 full attenti
 random weights from one seed, shared by both sides. Data: synthetic shape Q&A (`synth_shapes_qa`),
 a mix of 112 px one-question and 224 px two-question records, so samples differ in length.
 - mmkit: `VLMSFTTask` on `PackingCollator` batches (one packed row, per-sample causal attention, the
-  LM head only at supervised positions), AdamW from `build_optimizer`.
+  LM head only at supervised positions, a sparse lookup gradient added in place into the tied head's),
+  AdamW from `build_optimizer` (torch's fused AdamW: no per-parameter temporaries).
 - reference: transformers' `Qwen2_5_VLForConditionalGeneration(**batch, labels=...)` on
   `SFTCollator` batches (right-padded to the longest sample), `.loss.backward()`, torch AdamW.
 Both sides see the same samples in the same order; one step = forward + backward + AdamW step.
@@ -19,10 +20,14 @@ Run: `.venv/bin/python benchmarks/train_step.py [--which vlm|wan|all] [--repeats
 
 Wan t2v (`--which wan`): the DiT at Wan2.1-1.3B widths (dim 1536, 12 heads, ffn 8960), `--wan-layers`
 blocks, latent (1, 16, `--wan-frames`, 40, 60) (5 frames = 3000 tokens) + 512 text tokens, fp32, MSE to a fixed target,
-torch AdamW; mmkit's `WanTransformer` (plain, and with selective activation checkpointing of every
-2nd block) against a plain loop around diffusers' `WanTransformer3DModel` on the same weights, each
-side in its own subprocess. Goals: >= 1.0x the speed; with selective AC <= 0.6x the peak memory at
-<= 1.25x the step time.
+AdamW (mmkit sides: `build_optimizer`, diffusers: torch's default); mmkit's `WanTransformer` (plain,
+and with selective activation checkpointing: every 2nd block recomputed whole, and every block keeping
+only what is costly to recompute, see `WanBlock.recompute_hidden`) against a plain loop around
+diffusers' `WanTransformer3DModel` (no gradient checkpointing) on the same weights, each side in its
+own subprocess. Goals: >= 1.0x the speed; with selective AC <= 0.6x the peak memory at <= 1.25x the
+step time. At 2 layers the fixed part of the peak (weights, gradients and Adam's moments, 16 bytes per
+parameter, about 1.8 GB, plus the interpreter) is most of it at 3000 tokens, so the memory goal needs
+activation-heavy shapes (`--wan-frames 13`: 7800 tokens).
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def vlm_batches(workdir: Path, cfg, steps: int, batch: int, packed: bool) -> lis
     return [collate([ds[(s * batch + i) % n] for i in range(batch)]) for s in range(steps)]
 
 
-def vlm_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = False) -> dict:
+def vlm_child(side: str, workdir: Path, steps: int, batch: int) -> dict:
     """Train `steps` + 1 steps (the first is warm-up) on one side; returns timings and peak RSS."""
     from mmkit.config import OptimConfig
     from mmkit.train.optim import build_optimizer
@@ -126,8 +131,6 @@ def vlm_child(side: str, workdir: Path, steps: int, batch: int, fused: bool = Fa
     if side == "mmkit":
         task = VLMSFTTask(vlm_model(cfg))
         opt = build_optimizer(task.model, optim)
-        if fused:  # the same groups in torch's fused AdamW: no per-parameter temporaries, one kernel
-            opt = torch.optim.AdamW(opt.param_groups, lr=optim.lr, fused=True)
 
         def step(b):
             out = task.loss(b)
@@ -184,7 +187,6 @@ def run_vlm(args) -> None:
             for side in ("mmkit", "transformers"):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"vlm-{side}"]
                 cmd += ["--workdir", str(work), "--steps", str(args.steps), "--batch", str(args.batch)]
-                cmd += ["--fused-adamw"] if args.fused_adamw and side == "mmkit" else []
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 print(
@@ -211,8 +213,6 @@ def run_vlm(args) -> None:
     print(
         f"  ratio peak RSS (mmkit / transformers): {m['peak_rss_mb'] / t['peak_rss_mb']:.2f}x  (goal <= 0.8x)"
     )
-    if args.fused_adamw:
-        print("  (mmkit side with torch's fused AdamW over build_optimizer's groups)")
     print(f"  first-step loss: mmkit {m['first_loss']:.6f}, transformers {t['first_loss']:.6f}")
 
 
@@ -226,10 +226,12 @@ def wan_child(side: str, args) -> dict:
     """One side of the Wan step benchmark in its own process: mmkit | mmkit-ac | diffusers."""
     from diffusers import WanTransformer3DModel
 
+    from mmkit.config import OptimConfig
     from mmkit.models.wan import hf
     from mmkit.models.wan.config import WanConfig
     from mmkit.models.wan.model import WanTransformer
     from mmkit.parallel.ac import apply_ac
+    from mmkit.train.optim import build_optimizer
 
     torch.manual_seed(0)
     ref = WanTransformer3DModel(
@@ -262,7 +264,10 @@ def wan_child(side: str, args) -> dict:
     WAN_LATENT[2], steps = args.wan_frames, args.steps
     x, target = torch.randn(WAN_LATENT, generator=g), torch.randn(WAN_LATENT, generator=g)
     ctx, t = torch.randn(1, 512, 4096, generator=g), torch.tensor([500.0])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    if side == "diffusers":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    else:
+        opt = build_optimizer(model, OptimConfig(lr=1e-5, weight_decay=0.0))
     times, losses = [], []
     for _ in range(steps + 1):  # the first step is warm-up (and allocates the optimizer state)
         t0 = time.perf_counter()
@@ -348,11 +353,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds per side; best is kept")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (after 1 warm-up)")
     ap.add_argument("--batch", type=int, default=16, help="VLM: samples per step")
-    ap.add_argument(
-        "--fused-adamw",
-        action="store_true",
-        help="VLM: mmkit side steps its AdamW groups with torch's fused AdamW (see the report)",
-    )
     ap.add_argument("--wan-layers", type=int, default=2, help="Wan: DiT layers (1.3B widths)")
     ap.add_argument("--wan-frames", type=int, default=5, help="Wan: latent frames (x 20 x 30 tokens each)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -363,7 +363,7 @@ def main() -> None:
         if args.child.startswith("wan"):
             print(json.dumps(fn(side, args)))
         else:
-            print(json.dumps(fn(side, Path(args.workdir), args.steps, args.batch, args.fused_adamw)))
+            print(json.dumps(fn(side, Path(args.workdir), args.steps, args.batch)))
         return
     which = list(SECTIONS) if args.which == "all" else [args.which]
     for name in which:

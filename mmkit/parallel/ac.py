@@ -1,8 +1,13 @@
 """Activation checkpointing, applied from outside the model (models stay plain PyTorch).
 
 `full` recomputes every transformer block in backward; `selective` recomputes every k-th block
-(k = `ac_every_k`), trading part of the memory saving for less recompute. Blocks are found by the
-model's `blocks` (DiT) or `language.layers` / `visual.blocks` (VLM) ModuleLists.
+(k = `ac_every_k`), trading part of the memory saving for less recompute, and in every block turns
+on the cheaper recomputes the model's modules offer: a module class with a `recompute_hidden`
+attribute (Wan's MLP) then keeps only its input for backward and recomputes its large hidden
+activations there, chunk by chunk. That matters because a checkpointed block is recomputed whole in
+backward: its full activations are alive at once, so a block's own footprint bounds the peak however
+many blocks are checkpointed. Blocks are found by the model's `blocks` (DiT) or `language.layers` /
+`visual.blocks` (VLM) ModuleLists.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 def apply_ac(model: nn.Module, mode: str = "full", every_k: int = 1) -> int:
     """Wrap blocks of `model` in place; returns how many were wrapped.
 
-    Example: `apply_ac(dit, "selective", every_k=2)` checkpoints blocks 0, 2, 4, ...
+    Example: `apply_ac(dit, "selective", every_k=2)` checkpoints blocks 0, 2, 4, ... and turns on
+    `recompute_hidden` in all blocks.
     """
     if mode not in MODES:
         raise ValueError(f"model.activation_checkpointing={mode!r}: choose one of {', '.join(MODES)}")
@@ -40,6 +46,10 @@ def apply_ac(model: nn.Module, mode: str = "full", every_k: int = 1) -> int:
     n = 0
     for blocks in block_lists(model):
         for i in range(len(blocks)):
+            if mode == "selective":
+                for mod in blocks[i].modules():
+                    if hasattr(type(mod), "recompute_hidden"):
+                        mod.recompute_hidden = True
             if i % k == 0:
                 blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
                 n += 1

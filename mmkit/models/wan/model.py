@@ -80,7 +80,11 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def norm_to_heads(
-    x: torch.Tensor, norm: nn.RMSNorm, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor,
+    norm: nn.RMSNorm,
+    heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_input: bool = False,
 ) -> torch.Tensor:
     """RMSNorm across heads, then optional RoPE, written as contiguous (B, H, S, Dh) heads.
 
@@ -93,8 +97,14 @@ def norm_to_heads(
         torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
     ):
         # autograd path (no in-place or out= ops); also any norm a parallel plan swapped in (e.g. the
-        # tensor-parallel RMSNorm that reduces its statistics across the heads of all ranks)
-        y = norm(x).view(B, S, heads, D // heads).transpose(1, 2)
+        # tensor-parallel RMSNorm that reduces its statistics across the heads of all ranks).
+        # keep_input (training, `WanBlock.recompute_hidden`): the norm keeps only x for backward.
+        if keep_input and type(norm) is nn.RMSNorm:
+            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+            y = _RMSNormKeepInput.apply(x, norm.weight, eps)
+        else:
+            y = norm(x)
+        y = y.view(B, S, heads, D // heads).transpose(1, 2)
         if rope is not None:
             y = torch.addcmul(y * rope[0], y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2), rope[1])
         return y.contiguous()
@@ -145,12 +155,24 @@ class WanSelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.out = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prenorm: tuple | None = None
+    ) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D). `prenorm = (fn, args)`: attend over fn(x, *args), keeping less for
+        backward (training, from `WanBlock` with `recompute_hidden`)."""
         B, S, _ = x.shape
-        q, k, v = project(x, self.q, self.k, self.v)  # 3 x (B, S, D_local)
-        q = norm_to_heads(q, self.norm_q, self.heads, rope)  # (B, H, S, Dh)
-        k = norm_to_heads(k, self.norm_k, self.heads, rope)
+        lean = prenorm is not None
+        if lean:
+            q, k, v = _NormedLinears.apply(
+                prenorm[0], len(prenorm[1]), x, *prenorm[1], *_wb(self.q, self.k, self.v)
+            )
+        else:
+            q, k, v = project(x, self.q, self.k, self.v)  # 3 x (B, S, D_local)
+        q = norm_to_heads(q, self.norm_q, self.heads, rope, keep_input=lean)  # (B, H, S, Dh)
+        k = norm_to_heads(k, self.norm_k, self.heads, rope, keep_input=lean)
         o = self.attn_fn(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
+        if lean:
+            return _HeadsLinear.apply(o, self.out.weight, self.out.bias)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -171,15 +193,222 @@ class WanCrossAttention(nn.Module):
             self.v_img = Linear(dim, dim)
             self.norm_k_img = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, ctx_img: torch.Tensor | None, prenorm: tuple | None = None
+    ) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D); `prenorm` as in `WanSelfAttention.forward`."""
         B, S, _ = x.shape
-        q = norm_to_heads(self.q(x), self.norm_q, self.heads)  # (B, H, S, Dh)
+        lean = prenorm is not None
+        if lean:
+            (q,) = _NormedLinears.apply(prenorm[0], len(prenorm[1]), x, *prenorm[1], *_wb(self.q))
+        else:
+            q = self.q(x)
+        q = norm_to_heads(q, self.norm_q, self.heads, keep_input=lean)  # (B, H, S, Dh)
         k, v = project(ctx, self.k, self.v)  # (B, L, D_local) each
         o = attention(q, norm_to_heads(k, self.norm_k, self.heads), to_heads(v, self.heads))
         if ctx_img is not None:
             ki, vi = project(ctx_img, self.k_img, self.v_img)
             o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
+        if lean:
+            return _HeadsLinear.apply(o, self.out.weight, self.out.bias)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
+
+
+def _row_chunks(n: int, chunk: int) -> list[slice]:
+    """`n` rows cut into ceil(n / chunk) near-equal slices of at most `chunk` rows."""
+    k = max(1, -(-n // chunk))
+    return [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def _plain(*params: torch.Tensor) -> bool:
+    """True for ordinary parameters (not distributed tensors a parallel plan made)."""
+    return all(type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in params)
+
+
+# ---- training with recomputed activations (`WanBlock.recompute_hidden`) ----------------------------------
+# Autograd keeps, per block, about 22 (tokens, width) tensors plus two (tokens, ffn) ones. These functions
+# give the same forward (the same operations on the same tensors) but keep only what is expensive to
+# recompute: norm outputs are recomputed from the norm inputs, the MLP's hidden activations from its input,
+# and the attention output is kept once (as the kernel keeps it) instead of twice. Gradients equal
+# autograd's up to float rounding. A prologue `norm = (fn, args)` is a row-wise fn(x, *args) (a modulated
+# LayerNorm) recomputed in backward under the forward's autocast state.
+
+
+def _renorm(ctx, x: torch.Tensor, args: tuple, need: tuple) -> tuple[torch.Tensor, list]:
+    """The prologue recomputed with autograd on fresh leaves: (normed, leaves of x and args)."""
+    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip((x, *args), need)]
+    dev, enabled, dtype = ctx.amp
+    with torch.enable_grad(), torch.autocast(dev, dtype, enabled=enabled):
+        y = ctx.norm(*leaves)
+    return y, leaves
+
+
+def _renorm_grads(y: torch.Tensor, leaves: list, gy: torch.Tensor) -> list:
+    """Gradients of the prologue's inputs from the gradient of its output (None where not needed)."""
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(y, wanted, gy.view(y.shape).to(y.dtype)) if wanted else ())
+    return [next(got) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _amp(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    dev = x.device.type
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+class _NormedLinears(torch.autograd.Function):
+    """[F.linear(fn(x, *args), w_i, b_i)] keeping x (not the normed tensor) for backward."""
+
+    @staticmethod
+    def forward(ctx, fn, n_args: int, x, *tensors):
+        args, wbs = tensors[:n_args], tensors[n_args:]
+        y = fn(x, *args)
+        ctx.norm, ctx.n_args, ctx.amp = fn, n_args, _amp(x)
+        ctx.save_for_backward(x, *tensors)
+        return tuple(F.linear(y, w, b) for w, b in zip(wbs[0::2], wbs[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *tensors = ctx.saved_tensors
+        n = ctx.n_args
+        need = ctx.needs_input_grad[2:]  # x, args..., w0, b0, w1, b1, ...
+        y, leaves = _renorm(ctx, x, tuple(tensors[:n]), need[: n + 1])
+        y2 = y.detach().reshape(-1, y.shape[-1])  # (N, D)
+        gy, wgrads = None, []
+        for i, g in enumerate(grads):
+            w, b = tensors[n + 2 * i], tensors[n + 2 * i + 1]
+            need_w, need_b = need[n + 1 + 2 * i], need[n + 2 + 2 * i]
+            g2 = g.reshape(-1, g.shape[-1])  # (N, D_i) in the matmul's compute dtype
+            wgrads.append((g2.t() @ y2.to(g.dtype)).to(w.dtype) if need_w else None)
+            wgrads.append(g2.sum(0).to(b.dtype) if need_b else None)
+            part = (g2 @ w.to(g.dtype)).to(y2.dtype)  # (N, D), summed in the normed tensor's dtype
+            gy = part if gy is None else gy.add_(part)
+        return (None, None, *_renorm_grads(y, leaves, gy), *wgrads)
+
+
+class _HeadsLinear(torch.autograd.Function):
+    """F.linear(o.transpose(1, 2).reshape(B, S, H * Dh), w, b) keeping o, which the attention kernel
+    keeps anyway, instead of the (B, S, H * Dh) copy."""
+
+    @staticmethod
+    def forward(ctx, o, w, b):
+        B, H, S, Dh = o.shape
+        ctx.save_for_backward(o, w)
+        return F.linear(o.transpose(1, 2).reshape(B, S, H * Dh), w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        o, w = ctx.saved_tensors
+        B, H, S, Dh = o.shape
+        need_o, need_w, need_b = ctx.needs_input_grad
+        g2 = g.reshape(B * S, -1)  # (N, D_out)
+        dw = (g2.t() @ o.transpose(1, 2).reshape(B * S, H * Dh).to(g.dtype)).to(w.dtype) if need_w else None
+        db = g2.sum(0).to(w.dtype) if need_b else None
+        do = (g2 @ w.to(g.dtype)).view(B, S, H, Dh).transpose(1, 2).to(o.dtype) if need_o else None
+        return do, dw, db
+
+
+class _RMSNormKeepInput(torch.autograd.Function):
+    """F.rms_norm keeping its input only (autograd's decomposition also keeps the normalized tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
+        xh = xf * r  # normalized input
+        gf = g.float()
+        dw = (gf * xh).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
+        gxh = gf * w.float()
+        dx = gxh.addcmul_(xh, (gxh * xh).mean(-1, keepdim=True), value=-1).mul_(r)
+        return dx.to(x.dtype), dw, None
+
+
+class _RecomputedMLP(torch.autograd.Function):
+    """fc2(gelu_tanh(fc1(fn(x, *args)))) keeping only x for backward.
+
+    Autograd would keep fc1's output and the GELU output, two (tokens, ffn) tensors: at ffn = 5.8 x
+    width they are most of a block's activations. Here the forward and the backward run in row chunks
+    of `chunk` tokens, so no (tokens, ffn) tensor ever exists (the backward recomputes fc1 and the
+    GELU chunk by chunk; cost: fc1 once more). Weight gradients are summed over the chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, n_args: int, chunk: int, x, *tensors):
+        args, (w1, b1, w2, b2) = tensors[:n_args], tensors[n_args:]
+        y = fn(x, *args)
+        yf = y.reshape(-1, y.shape[-1])  # (N, D)
+        outs = []
+        for rows in _row_chunks(yf.shape[0], chunk):
+            h = F.linear(yf[rows], w1, b1)  # (n, ffn)
+            torch.ops.aten.gelu_(h, approximate="tanh")
+            outs.append(F.linear(h, w2, b2))  # (n, D_out)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        ctx.norm, ctx.n_args, ctx.chunk, ctx.amp, ctx.dtype = fn, n_args, chunk, _amp(x), h.dtype
+        ctx.save_for_backward(x, *tensors)
+        return out.view(*y.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *tensors = ctx.saved_tensors
+        n = ctx.n_args
+        w1, b1, w2, _ = tensors[n:]
+        need = ctx.needs_input_grad[3:]  # x, args..., w1, b1, w2, b2
+        need_w1, need_b1, need_w2, need_b2 = need[n + 1 :]
+        y, leaves = _renorm(ctx, x, tuple(tensors[:n]), need[: n + 1])
+        cd = ctx.dtype  # the forward's matmul dtype (autocast's, or the weights')
+        W1, B1, W2 = w1.to(cd), b1.to(cd), w2.to(cd)  # no copies without autocast
+        yf, gf = y.detach().reshape(-1, y.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, D), (N, D_out)
+        dy = torch.empty(yf.shape, dtype=cd, device=yf.device)
+        dw1, db1, dw2 = (torch.zeros_like(p) for p in (w1, b1, w2))
+        db2 = torch.zeros(gf.shape[-1], dtype=w2.dtype, device=w2.device)
+
+        def acc(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:  # total += a @ b
+            if a.dtype == total.dtype:
+                total.addmm_(a, b)
+            else:
+                total.add_(a @ b)
+
+        for rows in _row_chunks(yf.shape[0], ctx.chunk):
+            yc, gc = yf[rows].to(cd), gf[rows].to(cd)  # (n, D), (n, D_out)
+            h = F.linear(yc, W1, B1)  # (n, ffn), recomputed
+            if need_w2:
+                acc(dw2, gc.t(), F.gelu(h, approximate="tanh"))
+            if need_b2:
+                db2 += gc.sum(0)
+            dh = torch.ops.aten.gelu_backward(gc @ W2, h, approximate="tanh")  # (n, ffn)
+            del h
+            if need_w1:
+                acc(dw1, dh.t(), yc)
+            if need_b1:
+                db1 += dh.sum(0)
+            torch.mm(dh, W1, out=dy[rows])
+        grads = (dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None)
+        return (None, None, None, *_renorm_grads(y, leaves, dy), *grads, db2 if need_b2 else None)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _layer_norm(eps: float):
+    """fn(x, weight, bias) = nn.LayerNorm's forward, as a prologue."""
+    return lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _modulated_norm(eps: float):
+    """fn(x, shift, scale) = `_modulate`, as a prologue."""
+    return lambda x, shift, scale: _modulate(x, shift, scale, eps)
+
+
+def _wb(*mods: nn.Linear) -> list[torch.Tensor]:
+    """weight, bias, weight, bias, ... of Linear layers (the inputs `_NormedLinears` takes)."""
+    return [t for m in mods for t in (m.weight, m.bias)]
 
 
 class WanMLP(nn.Module):
@@ -189,6 +418,8 @@ class WanMLP(nn.Module):
     intermediate stays small enough to be reused by the allocator and to stay in cache (the full
     one, e.g. 1950 x 8960 floats, is a fresh page-faulted mapping on every call) and peak memory
     drops by the same factor. Rows are independent, so the result is identical.
+    In training, `prenorm` (from `WanBlock` with `recompute_hidden`) makes the hidden activations
+    recomputed in backward, see `_RecomputedMLP`.
     """
 
     chunk = 512
@@ -198,8 +429,15 @@ class WanMLP(nn.Module):
         self.fc1 = Linear(dim, hidden, act="gelu_tanh")
         self.fc2 = Linear(hidden, out or dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prenorm: tuple | None = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D_out); with `prenorm = (fn, args)` the MLP of fn(x, *args) (training)."""
         S = x.shape[-2]
+        if prenorm is not None:
+            fn, args = prenorm
+            fc1, fc2 = self.fc1, self.fc2
+            return _RecomputedMLP.apply(
+                fn, len(args), self.chunk, x, *args, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+            )
         if torch.is_grad_enabled() or S < 2 * self.chunk:
             return self.fc2(self.fc1(x))
         out = torch.empty(*x.shape[:-1], self.fc2.out_features, dtype=x.dtype, device=x.device)
@@ -226,6 +464,17 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
 
 
 class WanBlock(nn.Module):
+    """Self-attention, cross-attention and MLP, each added to the residual stream (AdaLN-gated).
+
+    `recompute_hidden` (set by selective activation checkpointing, parallel/ac.py): in training with
+    plain parameters the block keeps 14 (tokens, width) tensors for backward instead of autograd's
+    22 + 2 ffn/width (34 at Wan's widths): norm outputs and the MLP's hidden activations are
+    recomputed in backward, the attention output is kept once (see `_NormedLinears` and the functions
+    next to it). Cost: one more fc1 matmul. Same forward, same gradients up to float rounding.
+    """
+
+    recompute_hidden = False
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         dim = cfg.dim
@@ -251,6 +500,17 @@ class WanBlock(nn.Module):
             1
         )  # (B, D) float32
         gate1, gate2 = gate1[:, None].to(x.dtype), gate2[:, None].to(x.dtype)  # (B, 1, D)
+        if self.recompute_hidden and torch.is_grad_enabled() and _plain(*self.parameters()):
+            mod = _modulated_norm(self.eps)
+            x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, (shift1, scale1))), gate1)
+            nc = self.norm_cross
+            cross_norm = (
+                (_layer_norm(nc.eps), (nc.weight, nc.bias))
+                if isinstance(nc, nn.LayerNorm)
+                else (_identity, ())
+            )
+            x = x + self.cross(x, ctx, ctx_img, prenorm=cross_norm)
+            return torch.addcmul(x, self.mlp(x, prenorm=(mod, (shift2, scale2))), gate2)
         x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
         x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
         return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)

@@ -107,12 +107,19 @@ class VLMSFTTask:
         kw = {k: v for k, v in prep.items() if k != "labels"}
         return self.model(**kw, return_hidden=True)
 
-    def criterion(self, hidden: torch.Tensor, prep: dict) -> LossOut:
-        """Summed CE at supervised positions (the LM head runs only there) and its counters."""
+    def criterion(self, hidden: torch.Tensor, prep: dict, head_weight: torch.Tensor | None = None) -> LossOut:
+        """Summed CE at supervised positions (the LM head runs only there) and its counters.
+
+        `head_weight`: the LM head weight (vocab, D) to use instead of the module (`loss` passes the
+        tied-weight alias of `_tied_head`)."""
         labels = prep["labels"]
         targets = labels[:, 1:]  # position i predicts token i + 1
         keep = targets != IGNORE_INDEX
-        logits = self.model.language.lm_head(hidden[:, :-1][keep])  # (K, vocab), K supervised positions
+        h = hidden[:, :-1][keep]  # (K, D), K supervised positions
+        if head_weight is None:
+            logits = self.model.language.lm_head(h)  # (K, vocab)
+        else:  # W @ h^T: W is the matmul's first operand, so its gradient is a new contiguous tensor
+            logits = torch.mm(head_weight, h.t()).t()  # (K, vocab), a transposed view
         total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         if "cu_seqlens" in prep:
             samples, tokens = len(prep["cu_seqlens"]) - 1, labels.shape[1]
@@ -123,4 +130,38 @@ class VLMSFTTask:
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOut:
         """Summed next-token CE over supervised positions and its count (`prepare`, model, `criterion`)."""
         prep = self.prepare(batch, generator)
-        return self.criterion(self.forward(prep), prep)
+        head = self._tied_head()
+        if head is None:
+            return self.criterion(self.forward(prep), prep)
+        emb = self.model.language.embed_tokens
+        sparse, emb.sparse = emb.sparse, True  # see `_tied_head`
+        try:
+            hidden = self.forward(prep)
+        finally:
+            emb.sparse = sparse
+        return self.criterion(hidden, prep, head)
+
+    def _tied_head(self) -> torch.Tensor | None:
+        """An autograd alias of the tied embedding / LM head weight, made before the forward, or None.
+
+        Why: the tied weight gets two gradients, a dense (vocab, D) one from the head and one from the
+        token lookup; autograd sums them before they reach `.grad`. Left alone, the lookup's dense
+        (vocab, D) gradient and the out-of-place sum are two more 1.2 GB tensors at a 151936 x 2048
+        vocabulary, at the end of backward when every other gradient and the Adam state are alive (the
+        step's memory peak). Instead the lookup runs with a sparse gradient (only its N rows), and the
+        head reads the weight through this alias: made before the lookup, its backward runs after the
+        lookup's, so the sparse rows are waiting when the dense gradient arrives and are added into it in
+        place. Same sum, float rounding aside. Single-process plain tensors with gradients only (a
+        parallel plan runs its own forward); None otherwise.
+        """
+        lang = self.model.language
+        w = lang.embed_tokens.weight
+        if not (
+            lang.lm_head.weight is w
+            and isinstance(lang.embed_tokens, torch.nn.Embedding)
+            and type(w) is torch.nn.Parameter
+            and w.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            return None
+        return torch.ops.aten.alias.default(w)  # its backward passes the gradient on unchanged
