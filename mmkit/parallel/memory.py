@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 
-from mmkit.parallel.dims import LayoutError, check_model_layout, padded_len, stage_layers
+from mmkit.parallel.dims import check_model_layout, padded_len, stage_layers
 from mmkit.parallel.pp_stages import plan_layers
 
 GIB = 2**30
@@ -288,11 +288,6 @@ def estimate_memory(
     if not 0.0 <= supervised <= 1.0:
         raise ValueError(f"supervised={supervised}: a fraction in [0, 1]")
     check_model_layout(s.family, _config(model), tp=tp, cp=cp, cp_algo=cp_algo, ulysses_degree=ulysses_degree)
-    if pp > 1 and (tp > 1 or cp > 1):  # as the trainer (train/trainer.py) decides today
-        raise LayoutError(
-            f"parallel.pp={pp} with tp={tp} / cp={cp}: pipeline parallelism combines with data parallelism "
-            "(dp_shard / dp_replicate) only so far; set tp=1 and cp=1"
-        )
     if pp > 1 or pp_layers is not None:
         stage_layers(pp, s.layers, pp_layers)  # the layout rules (sum, no empty stage)
     nested = bool(pp_layers) and all(isinstance(x, (list, tuple)) for x in pp_layers)
@@ -330,7 +325,12 @@ def estimate_memory(
     stages = []
     for r in range(pp):
         n = per_rank[r]
-        root = (s.first_params if r == 0 else 0) + (s.last_params if r == pp - 1 else 0)
+        # Qwen under TP: the token embedding and the LM head are split over vocabulary rows
+        vocab_rows = s.vocab * s.hidden * (1 - 1 / tp) if s.family != "wan" else 0
+        head_rows = vocab_rows if s.last_params >= s.vocab * s.hidden else 0  # tied: counted in first
+        root = (s.first_params - vocab_rows if r == 0 else 0) + (
+            s.last_params - head_rows if r == pp - 1 else 0
+        )
         vit_blocks = s.vit_layers * s.vit_layer_params if r == 0 else 0
         local = n * (s.layer_params - s.layer_tp_params * (1 - 1 / tp)) + root  # before FSDP sharding
         root -= vit_blocks  # the ViT blocks are their own FSDP units
@@ -365,7 +365,7 @@ def estimate_memory(
         # FSDP2: a block and the prefetched next one are gathered; the root unit (everything outside the
         # blocks) stays gathered from its pre-forward to its post-backward, and holds the head's
         # gradient from the start of backward (the embeddings' only at the end, when blocks are done)
-        head = s.last_params if r == pp - 1 else 0
+        head = s.last_params - head_rows if r == pp - 1 else 0
         fwd = 0.0 if cast_cache else cast_b * big_block
         bwd = recompute + cast_b * big_block
         end = 0.0
@@ -435,6 +435,7 @@ WAN_LAYOUTS = [  # (GPUs, estimate_memory kwargs)
     (8, dict(dp_shard=4, tp=2)),
     (8, dict(dp_shard=2, tp=4)),
     (8, dict(dp_shard=2, pp=4)),
+    (8, dict(pp=2, tp=4)),
     (64, dict(dp_shard=64)),
     (64, dict(dp_replicate=8, dp_shard=8)),
     (64, dict(dp_shard=16, cp=4)),
@@ -446,6 +447,7 @@ QWEN_LAYOUTS = [
     (8, dict(dp_shard=2, tp=4)),
     (8, dict(tp=8)),
     (8, dict(pp=8)),
+    (8, dict(pp=2, tp=4)),
     (32, dict(dp_shard=32)),
     (32, dict(dp_shard=8, tp=4)),
     (32, dict(dp_shard=4, tp=8)),
@@ -459,6 +461,8 @@ QWEN_LAYOUTS = [
     (64, dict(dp_shard=4, tp=8, cp=2, cp_algo="ring")),
     (64, dict(dp_shard=8, pp=8)),
     (64, dict(dp_shard=4, pp=16, pp_schedule="interleaved_1f1b", virtual_stages=2)),
+    (64, dict(dp_shard=2, pp=4, tp=8)),
+    (64, dict(dp_shard=2, pp=4, tp=4, cp=2)),
 ]
 
 

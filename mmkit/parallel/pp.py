@@ -62,8 +62,8 @@ class Pipeline:
     `schedule`: "gpipe" | "1f1b" (one stage per rank) | "interleaved_1f1b" (any number per rank).
     `seq_len` (Qwen only): fixed packed-row length every micro-batch is padded to; None = the step's
     longest row rounded up to a multiple of 64 (a new length rebuilds the schedule once).
-    `tied_group`: optional group of just the first- and last-stage ranks for the tied-embedding
-    gradient sum (default: the whole pp group, middle ranks adding zeros).
+    `tied_group`: the group of just the first- and last-stage ranks of this pipeline, for the tied-
+    embedding gradient sum; needed on those ranks when pp > 2 (with pp = 2 the pp group is that pair).
     Example:
         stages = split_stages(model, "wan", pp_size=2, pp_rank=pp_rank, pp_layers=None)
         pipe = Pipeline(stages, "wan", pp_group, "1f1b", n_microbatches=4, device=torch.device("cuda"))
@@ -131,6 +131,11 @@ class Pipeline:
         if family == "qwen2_5_vl" and self.model.cfg.tie_word_embeddings and pp_size > 1:
             self._tied = self.model.language.embed_tokens.weight
             self._tie_role = "first" if self.stages[0].is_first else "last" if self.holds_last else None
+            if pp_size > 2 and self._tie_role is not None and tied_group is None:
+                raise ValueError(
+                    f"tied embeddings with pp={pp_size}: pass tied_group, the group of this pipeline's first- "
+                    "and last-stage ranks (the trainer builds it)"
+                )
         self._schedules: OrderedDict = OrderedDict()  # shape signature -> (schedule, PipelineStages)
 
     # ---- micro-batch preparation (pure, same result on every rank) ----------------------------------
@@ -315,22 +320,14 @@ class Pipeline:
         """Sum the tied embedding/head gradient of stage 0 and the last stage across their ranks.
 
         `step` calls this; call it yourself only if you add gradients outside `step`. No-op without
-        tied embeddings. Every rank of the pp group must call it (middle ranks add zeros) unless
-        `tied_group` was given. Example: `pipe.sync_tied_grads()`.
+        tied embeddings and on middle ranks. Example: `pipe.sync_tied_grads()`.
         """
         p = self._tied
-        if p is None or not p.requires_grad:
+        if p is None or not p.requires_grad or self._tie_role is None:
             return
-        if self._tie_role is None:
-            if self.tied_group is not None:
-                return
-            buf = torch.zeros(p.shape, dtype=p.dtype, device=self.device)
-        elif p.grad is None:
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
-            buf = p.grad
-        else:
-            buf = _local(p.grad)
-        dist.all_reduce(buf, group=self.tied_group if self.tied_group is not None else self.group)
+        dist.all_reduce(_local(p.grad), group=self.tied_group if self.tied_group is not None else self.group)
 
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter of this rank's stages, once (the optimizer's and grad clipping's list; the tied

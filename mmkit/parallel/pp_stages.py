@@ -84,15 +84,17 @@ def plan_layers(
 
 
 class _Stage(nn.Module):
-    """Common bookkeeping: position in the pipeline and an unregistered handle on the full model."""
+    """Common bookkeeping: position in the pipeline, an unregistered handle on the full model, and the
+    optional parallel plan (`parallel/plans/`) whose tensor/context-parallel pieces the stage runs."""
 
-    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int]):
+    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int], plan=None):
         super().__init__()
         self.stage_index, self.num_stages, self.layer_ids = stage_index, num_stages, list(layer_ids)
         # Kept outside the module tree (no state_dict keys, no parameters()): used only for the
         # model's parameter-free helpers and its embedding methods, which read the very submodules
-        # this stage registers below.
+        # this stage registers below; the plan, when given, supplies the sequence split/head/loss.
         object.__setattr__(self, "full_model", model)
+        object.__setattr__(self, "plan", plan)
 
     @property
     def is_first(self) -> bool:
@@ -114,8 +116,8 @@ class WanStage(_Stage):
         pred = s1(*s0(latents, t, ctx, grid=(2, 4, 4)), grid=(2, 4, 4))  # == model(latents, t, ctx)
     """
 
-    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int]):
-        super().__init__(model, stage_index, num_stages, layer_ids)
+    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int], plan=None):
+        super().__init__(model, stage_index, num_stages, layer_ids, plan)
         if self.is_first:
             self.patch_embed = model.patch_embed
             self.text_embed = model.text_embed
@@ -134,21 +136,30 @@ class WanStage(_Stage):
         target: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
     ):
-        m = self.full_model
+        m, plan = self.full_model, self.plan
         if self.is_first:
             latents, timestep, text_context, *image = acts  # (B, C_in, T, H, W), (B,), (B, L, text_dim)
             x = m.patchify(latents)  # (B, S, D)
             temb, e = m.embed_time(timestep)  # (B, D), (B, 6, D) fp32
             ctx = m.embed_text(text_context)  # (B, L, D)
             ctx_img = m.image_embed(image[0].to(m.dtype)) if image else None  # (B, L_img, D)
+            if plan is not None:  # this rank's tokens from here on (B, S_local, D)
+                x, e, temb = plan.enter(x, e, temb)
         else:
             x, e, ctx, temb, *image = acts
             ctx_img = image[0] if image else None
-        rope = m._rope(tuple(grid), x.device, x.dtype)
+        if plan is not None:
+            rope = plan.local_rope(tuple(grid), x.device, x.dtype)
+        else:
+            rope = m._rope(tuple(grid), x.device, x.dtype)
         for block in self.blocks.values():
             x = block(x, e, ctx, ctx_img, rope)
         if not self.is_last:
             return (x, e, ctx, temb) + ((ctx_img,) if ctx_img is not None else ())
+        if plan is not None:
+            if target is None:
+                raise ValueError("a pipeline stage under a tensor/context-parallel plan needs `target`")
+            return plan.head_loss(x, temb, target, weight)[0]  # partial over the sequence shards
         # head: modulated norm, projection, unpatchify (as WanTransformer.forward)
         shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) fp32
         pred = m.unpatchify(self.head.proj(_modulate(x, shift, scale, m.cfg.eps)), tuple(grid)).float()
@@ -170,8 +181,8 @@ class QwenStage(_Stage):
         hidden = s1(s0(ids, **kw), **kw)  # == model(ids, position_ids=pos, cu_seqlens=..., return_hidden=True)
     """
 
-    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int]):
-        super().__init__(model, stage_index, num_stages, layer_ids)
+    def __init__(self, model: nn.Module, stage_index: int, num_stages: int, layer_ids: list[int], plan=None):
+        super().__init__(model, stage_index, num_stages, layer_ids, plan)
         lm = model.language
         if self.is_first:
             self.visual = model.visual
@@ -192,7 +203,17 @@ class QwenStage(_Stage):
         labels: torch.Tensor | None = None,
         **media: torch.Tensor,
     ):
-        lang = self.language
+        lang, plan = self.language, self.plan
+        if plan is not None:  # this rank's piece of the row (tensor/context parallel, see the plan)
+            x = plan.embed(acts[0], **media) if self.is_first else acts[0]  # (1, S, D) | (1, S_local, D)
+            meta = plan.row_meta(position_ids, cu_seqlens, labels, x.dtype)
+            x = plan.enter(x) if self.is_first else x
+            x = plan.layers(x, meta, lang.layers.values())
+            if not self.is_last:
+                return x
+            if labels is None:
+                raise ValueError("a pipeline stage under a tensor/context-parallel plan needs `labels`")
+            return plan.head_loss(x, meta)[0]  # partial over the sequence shards
         if self.is_first:
             x = self.full_model.embed(acts[0], **media)  # (1, S, D), vision features at the placeholders
         else:
@@ -218,6 +239,7 @@ def split_stages(
     pp_rank: int,
     pp_layers: list[int] | list[list[int]] | None = None,
     virtual: int = 1,
+    plan=None,
 ) -> list[nn.Module]:
     """This rank's pipeline stage modules, in stage order: stages pp_rank, pp_rank + pp_size, ...
 
@@ -236,6 +258,6 @@ def split_stages(
         num_layers, cls = len(model.blocks), WanStage
     else:
         num_layers, cls = len(model.language.layers), QwenStage
-    plan = plan_layers(num_layers, pp_size, pp_layers, virtual)
-    n = len(plan)
-    return [cls(model, s, n, plan[s]) for s in range(pp_rank, n, pp_size)]
+    layers = plan_layers(num_layers, pp_size, pp_layers, virtual)
+    n = len(layers)
+    return [cls(model, s, n, layers[s], plan) for s in range(pp_rank, n, pp_size)]

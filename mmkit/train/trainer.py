@@ -84,11 +84,6 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.rank, self.world = init_distributed(self.device)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
-        if self.dims.pp > 1 and (self.dims.tp > 1 or self.dims.cp > 1):
-            raise ValueError(
-                f"parallel.pp={self.dims.pp} with tp={self.dims.tp} / cp={self.dims.cp}: pipeline parallelism "
-                "combines with data parallelism (dp_shard / dp_replicate) only so far; set tp=1 and cp=1"
-            )
         self.mesh = self.dims.build_mesh(self.device.type) if self.world > 1 else None
         self.task = build_task(cfg, self.device)  # builds model + frozen encoders
         self.model = self.task.model
@@ -100,9 +95,10 @@ class Trainer:
         self.accum = cfg.grad_accum_steps
         self.plan = self.pipe = None
         self.owned = self.model  # the parameters this process optimises and checkpoints
-        if self.dims.pp > 1:  # activation checkpointing -> compile -> stages -> FSDP2 per stage
-            apply_ac(self.model, cfg.model.activation_checkpointing, cfg.model.ac_every_k)
-            apply_compile(self.model, cfg.model.compile)
+        if (
+            self.dims.pp > 1
+        ):  # TP/SP -> CP -> activation checkpointing -> compile -> stages -> FSDP2 per stage
+            self.plan = parallelize(self.task, self.dims, self.mesh, cfg, fsdp=False)
             self._build_pipeline()
         elif self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
             self.plan = parallelize(self.task, self.dims, self.mesh, cfg)
@@ -159,8 +155,8 @@ class Trainer:
                 ):
                     preps = [self.task.prepare(b, g) for b in micro]
                     preps = [{k: v for k, v in pr.items() if v is not None} for pr in preps]
-                    loss_sum, count = self.pipe.step(preps)
-                total += loss_sum.detach().double().cpu()
+                    loss_sum, count = self.pipe.step(preps)  # count: complete; the loss: partial over cp/tp
+                total += self.plan.reduce_stats(loss_sum.detach().double().cpu().reshape(1))[0]
                 for pr in preps:
                     n, t = _counts(pr)
                     samples, tokens = samples + n, tokens + t
@@ -184,7 +180,8 @@ class Trainer:
                 samples, tokens = samples + out.samples, tokens + out.tokens
             if self.plan is not None:  # gradients: FSDP2 summed them over dp x cp; tp partials here
                 self.plan.finalize_grads()
-                total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
+                if self.pipe is None:
+                    total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
             for p in self.owned.parameters():  # mean over everything the step saw
                 if p.grad is not None:
                     p.grad.div_(count)
@@ -235,7 +232,7 @@ class Trainer:
         virtual = len(layers) if nested else (2 if cfg.parallel.pp_schedule == "interleaved_1f1b" else 1)
         stages = split_stages(
             self.model, cfg.model.family, d.pp, pp_mesh.get_local_rank(), layers if not nested or virtual > 1
-            else layers[0], virtual=virtual,
+            else layers[0], virtual=virtual, plan=self.plan,
         )  # fmt: skip
         if d.fsdp:
             dp_mesh = (
@@ -248,9 +245,27 @@ class Trainer:
         seq_len = cfg.data.cutoff_len if cfg.model.family == "qwen2_5_vl" else None
         self.pipe = Pipeline(
             stages, cfg.model.family, pp_mesh.get_group(), cfg.parallel.pp_schedule, self.accum, self.device,
-            seq_len=seq_len,
+            seq_len=seq_len, tied_group=self._tied_group(),
         )  # fmt: skip
         self.owned = merge_stages(stages)
+
+    def _tied_group(self):
+        """With tied Qwen embeddings and pp > 2: a group of the first- and last-stage ranks of this rank's
+        pipeline (their copies' gradients are summed; middle ranks hold none and get None). None with pp = 2
+        (the pp group is that pair) or untied embeddings."""
+        cfg = self.model.cfg
+        if self.dims.pp <= 2 or not getattr(cfg, "tie_word_embeddings", False):
+            return None
+        from mmkit.parallel.dims import process_group_timeout
+
+        ranks = self.mesh.mesh.reshape(self.dims.pp, -1)  # (pp, the other dimensions flattened)
+        mine = None
+        for j in range(ranks.shape[1]):  # every rank creates every group, in the same order
+            pair = [int(ranks[0, j]), int(ranks[-1, j])]
+            g = dist.new_group(pair, timeout=process_group_timeout())
+            if self.rank in pair:
+                mine = g
+        return mine
 
     def _reduce_stats(self, total, count, samples, tokens):
         """Loss sum, count and tokens are partial over sequence shards and data ranks; samples over data ranks."""

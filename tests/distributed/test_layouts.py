@@ -163,6 +163,9 @@ def test_wan_layouts_four_processes(wan_train_root, tmp_path):
                                       "--train.micro_batch", "1"]},
         {"name": "cp2_ring_window_fsdp2", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring",
                                                    "--parallel.dp_shard", "2", "--parallel.ring_window", "1"]},
+        # pipeline stages running tensor / context parallel inside (the plan's pieces per stage)
+        {"name": "pp2_tp2", "args": ["--parallel.pp", "2", "--parallel.tp", "2"]},
+        {"name": "pp2_cp2_ulysses", "args": ["--parallel.pp", "2", "--parallel.cp", "2"]},
     ]  # fmt: skip
     _launch(4, 29762, base, layouts, tmp_path / "out")
     for lay in layouts:
@@ -181,6 +184,9 @@ def qwen_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_layouts")
     synth_shapes_qa(root / "qa", images=64, seed=0)
     create_tiny_qwen2_5_vl(root / "q4", seed=0, cfg=tiny_config(num_hidden_layers=4))
+    tied = tiny_config(num_hidden_layers=4)
+    tied.tie_word_embeddings = True  # as Qwen2.5-VL-3B: the LM head is the embedding matrix
+    create_tiny_qwen2_5_vl(root / "q4_tied", seed=0, cfg=tied)
     items = json.loads((root / "qa" / "qa.json").read_text())
     one = [items[0]] + [
         {"messages": [{"role": "user", "content": f"Say the number {i}."},
@@ -229,14 +235,25 @@ def test_qwen_layouts_two_processes(qwen_root, tmp_path):
 
 def test_qwen_layouts_four_processes(qwen_root, tmp_path):
     base = _qwen_base(qwen_root)
+    q4 = ["--model.init_from", str(qwen_root / "q4"), "--train.micro_batch", "2"]
     ref = _single(base, tmp_path / "ref")
+    ref4 = _single([*base, *q4], tmp_path / "ref4")
+    tied = ["--model.init_from", str(qwen_root / "q4_tied"), "--train.micro_batch", "2"]
+    ref_tied = _single([*base, *tied], tmp_path / "ref_tied")
     layouts = [
         {"name": "cp4_hybrid", "args": ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid",
                                         "--parallel.ulysses_degree", "2"]},
         {"name": "tp2_fsdp2", "args": ["--parallel.tp", "2", "--parallel.dp_shard", "2"]},
         {"name": "cp2_ring_window_tp2", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring",
                                                  "--parallel.tp", "2", "--parallel.ring_window", "1"]},
+        # pipeline stages with tensor / context parallel inside; pp4: the tied embedding's gradient is
+        # summed over the first and last stage only (their own group; the middle ranks hold no copy)
+        {"name": "pp2_tp2", "args": [*q4, "--parallel.pp", "2", "--parallel.tp", "2"]},
+        {"name": "pp2_cp2_ring", "args": [*q4, "--parallel.pp", "2", "--parallel.cp", "2",
+                                          "--parallel.cp_algo", "ring"]},
+        {"name": "pp4_tied", "args": [*tied, "--parallel.pp", "4"]},
     ]  # fmt: skip
     _launch(4, 29764, base, layouts, tmp_path / "out")
     for lay in layouts:
-        _assert_same(ref, _metrics(tmp_path / "out" / lay["name"] / "metrics.jsonl"), lay["name"])
+        want = ref_tied if lay["name"] == "pp4_tied" else ref4 if lay["name"].startswith("pp") else ref
+        _assert_same(want, _metrics(tmp_path / "out" / lay["name"] / "metrics.jsonl"), lay["name"])

@@ -51,8 +51,9 @@ class ParallelPlan(nn.Module):
         self._tp_partial_names: list[str] = []  # replicated params used on sequence-sharded tokens
 
     # ---- set-up ------------------------------------------------------------------------------
-    def apply(self) -> ParallelPlan:
-        """TP/SP -> CP -> activation checkpointing -> compile -> FSDP2, in place on `task.model`."""
+    def apply(self, fsdp: bool = True) -> ParallelPlan:
+        """TP/SP -> CP -> activation checkpointing -> compile -> FSDP2 (unless `fsdp` is False), in place
+        on `task.model`."""
         from mmkit.parallel.ac import apply_ac
         from mmkit.parallel.compile import apply_compile
 
@@ -64,7 +65,7 @@ class ParallelPlan(nn.Module):
         m = self.cfg.model
         apply_ac(self.inner, m.activation_checkpointing, m.ac_every_k)
         apply_compile(self.inner, m.compile)
-        if self.dims.fsdp:
+        if fsdp and self.dims.fsdp:
             self.apply_fsdp()
         return self
 
@@ -138,8 +139,11 @@ class ParallelPlan(nn.Module):
         return stats
 
 
-def parallelize(task, dims: ParallelDims, mesh, cfg) -> ParallelPlan:
-    """The family's plan, applied. Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(prep)`."""
+def parallelize(task, dims: ParallelDims, mesh, cfg, fsdp: bool = True) -> ParallelPlan:
+    """The family's plan, applied. Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(prep)`.
+
+    `fsdp=False` (pipeline parallelism): everything but FSDP2, which the trainer then applies per stage;
+    the stages (`pp_stages`) call the plan's pieces (`enter`, `local_rope` / `row_meta`, `head_loss`)."""
     family = cfg.model.family
     if family == "wan":
         from mmkit.parallel.plans.wan import WanPlan as cls
@@ -147,4 +151,4 @@ def parallelize(task, dims: ParallelDims, mesh, cfg) -> ParallelPlan:
         from mmkit.parallel.plans.qwen2_5_vl import Qwen2_5_VLPlan as cls
     else:
         raise ValueError(f"model.family={family!r}: no parallel plan (known: wan, qwen2_5_vl)")
-    return cls(task, dims, mesh, cfg).apply()
+    return cls(task, dims, mesh, cfg).apply(fsdp=fsdp)

@@ -80,56 +80,62 @@ class Qwen2_5_VLPlan(ParallelPlan):
         pix = torch.zeros(m * m, dim, device=embeds.device, dtype=embeds.dtype)
         return embeds + 0.0 * self.inner.visual(pix, grid).sum().to(embeds.dtype)
 
-    def forward(self, prep: dict) -> LossOut:
-        if "cu_seqlens" not in prep:
-            raise ValueError(
-                "parallel training of Qwen2.5-VL runs on packed rows: set data.packing=true "
-                "(padding is never computed, and context parallelism needs sample boundaries)"
-            )
+    # ---- the pieces of a sharded forward (also what pipeline stages call, `pp_stages.QwenStage`) ------
+    def row_meta(self, pos: torch.Tensor, cu: list[int], labels: torch.Tensor | None, dtype) -> dict:
+        """Per packed row (1, N): this rank's M-RoPE rows, targets and segment ids, and the state the
+        packed-attention kernel reads (sample boundaries; the padding is a segment of its own)."""
         m = self.inner
-        ids, labels, pos, cu = prep["input_ids"], prep["labels"], prep["position_ids"], prep["cu_seqlens"]
-        embeds = m.embed(
-            ids,
-            prep.get("pixel_values"),
-            prep.get("image_grid_thw"),
-            prep.get("pixel_values_videos"),
-            prep.get("video_grid_thw"),
-        )  # (1, N, D)
-        if prep.get("pixel_values") is None and prep.get("pixel_values_videos") is None:
-            embeds = self._vision_keepalive(embeds)
-        cos, sin = m.language.rope(pos, embeds.dtype)  # (1, N, Dh)
-        N = ids.shape[1]
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i + 1
+        cos, sin = m.language.rope(pos, dtype)  # (1, N, Dh)
+        N = pos.shape[-1]
         segments = torch.repeat_interleave(
-            torch.arange(len(cu) - 1, device=ids.device), torch.tensor(cu, device=ids.device).diff()
+            torch.arange(len(cu) - 1, device=pos.device), torch.tensor(cu, device=pos.device).diff()
         )
+        targets = None
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i + 1
         N_pad = padded_len(N, self.dims.seq_shards)
         if N_pad > N:  # padding: its own segment, no labels
-            embeds = F.pad(embeds, (0, 0, 0, N_pad - N))
             cos = F.pad(cos, (0, 0, 0, N_pad - N), value=1.0)
             sin = F.pad(sin, (0, 0, 0, N_pad - N))
-            targets = F.pad(targets, (0, N_pad - N), value=IGNORE_INDEX)
             segments = F.pad(segments, (0, N_pad - N), value=-1)
+            if targets is not None:
+                targets = F.pad(targets, (0, N_pad - N), value=IGNORE_INDEX)
         self._segments, self._valid, self._cu = segments, N, list(cu) + ([N_pad] if N_pad > N else [])
         for layer in m.language.layers:
             getattr(layer, "_checkpoint_wrapped_module", layer).attn.packed_attn = self._packed_attention
-
-        x = split_seq(embeds, 1, self.cp_group, backward="local")
-        cos, sin = split_seq(cos, 1, self.cp_group), split_seq(sin, 1, self.cp_group)
-        targets, seg = split_seq(targets, 1, self.cp_group), split_seq(segments, 0, self.cp_group)
-        targets_cp = targets
+        meta = {"cos": split_seq(cos, 1, self.cp_group), "sin": split_seq(sin, 1, self.cp_group)}
+        seg = split_seq(segments, 0, self.cp_group)
+        if targets is not None:
+            meta["targets_cp"] = targets = split_seq(targets, 1, self.cp_group)
         if self.sp:
-            x = split_seq(x, 1, self.tp_group, backward="gather")
-            targets, seg = split_seq(targets, 1, self.tp_group), split_seq(seg, 0, self.tp_group)
-        n_loc = cos.shape[1]
-        for layer in m.language.layers:
-            x = layer(x, cos, sin, None, None, 0, [0, n_loc])
+            seg = split_seq(seg, 0, self.tp_group)
+            targets = split_seq(targets, 1, self.tp_group) if targets is not None else None
+        meta.update(targets=targets, seg=seg, n_loc=meta["cos"].shape[1], samples=len(cu) - 1)
+        return meta
+
+    def enter(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The embedded row (1, N, D), replicated, -> this rank's piece (padding rows are zeros)."""
+        N_pad = padded_len(embeds.shape[1], self.dims.seq_shards)
+        if N_pad > embeds.shape[1]:
+            embeds = F.pad(embeds, (0, 0, 0, N_pad - embeds.shape[1]))
+        x = split_seq(embeds, 1, self.cp_group, backward="local")
+        return split_seq(x, 1, self.tp_group, backward="gather") if self.sp else x
+
+    def layers(self, x: torch.Tensor, meta: dict, layers=None) -> torch.Tensor:
+        """Decoder layers (default: all) on this rank's piece."""
+        for layer in self.inner.language.layers if layers is None else layers:
+            x = layer(x, meta["cos"], meta["sin"], None, None, 0, [0, meta["n_loc"]])
+        return x
+
+    def head_loss(self, x: torch.Tensor, meta: dict) -> tuple[torch.Tensor, int]:
+        """Final norm and LM head on this rank's supervised positions -> (summed CE, tokens it counts)."""
+        m = self.inner
         x = m.language.norm(x)
+        targets = meta["targets"]
         if self.tp_group is None:
             keep = targets != IGNORE_INDEX
             logits = F.linear(x[keep], m.language.lm_head.weight)  # (K, vocab), supervised positions here
-            total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-            return LossOut(total, int(keep.sum()), len(cu) - 1, int((seg >= 0).sum()))
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
         # vocabulary-parallel head: every tp rank scores all tokens of the cp piece against its vocabulary
         # rows; the loss counts this rank's own tokens (with SP) so it stays partial like the rest
         if self.sp:
@@ -138,10 +144,41 @@ class Qwen2_5_VLPlan(ParallelPlan):
             h = copy_to_group(x, self.tp_group)  # the vocabulary shards' gradients are partial: summed
         n_tp, r_tp = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
         own = torch.arange(h.shape[1], device=h.device) % n_tp == r_tp  # tokens this rank's loss counts
+        targets_cp = meta["targets_cp"]
         keep = targets_cp != IGNORE_INDEX  # (1, n) over the cp piece
         w = m.language.lm_head.weight.to_local()  # (V / tp, D)
         ce = vocab_parallel_cross_entropy(
             F.linear(h[keep], w), targets_cp[keep], self.tp_group, m.language.lm_head.weight.shape[0]
         )
         mine = own[None].expand_as(keep)[keep]
-        return LossOut(ce[mine].sum(), int(mine.sum()), len(cu) - 1, int((seg >= 0).sum()))
+        return ce[mine].sum(), int(mine.sum())
+
+    def embed(self, ids: torch.Tensor, **media) -> torch.Tensor:
+        """Token embeddings with vision features at the placeholders (1, N, D); without media the tower
+        still runs on a zero-weighted dummy (see the module docstring)."""
+        embeds = self.inner.embed(
+            ids,
+            media.get("pixel_values"),
+            media.get("image_grid_thw"),
+            media.get("pixel_values_videos"),
+            media.get("video_grid_thw"),
+        )
+        if media.get("pixel_values") is None and media.get("pixel_values_videos") is None:
+            embeds = self._vision_keepalive(embeds)
+        return embeds
+
+    def forward(self, prep: dict) -> LossOut:
+        if "cu_seqlens" not in prep:
+            raise ValueError(
+                "parallel training of Qwen2.5-VL runs on packed rows: set data.packing=true "
+                "(padding is never computed, and context parallelism needs sample boundaries)"
+            )
+        media = {
+            k: prep.get(k)
+            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        }
+        embeds = self.embed(prep["input_ids"], **media)  # (1, N, D)
+        meta = self.row_meta(prep["position_ids"], prep["cu_seqlens"], prep["labels"], embeds.dtype)
+        x = self.layers(self.enter(embeds), meta)
+        loss, count = self.head_loss(x, meta)
+        return LossOut(loss, count, meta["samples"], int((meta["seg"] >= 0).sum()))

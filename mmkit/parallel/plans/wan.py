@@ -13,6 +13,8 @@ cross-attention LayerNorm, head.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +59,7 @@ class WanPlan(ParallelPlan):
             gather_inputs(block.mlp, tp, 1, sp)
 
     def setup_cp(self) -> None:
-        pass  # the self-attention kernel is set per forward (`_self_attention`), see `forward`
+        pass  # the self-attention kernel is installed per micro-batch (`local_rope`)
 
     def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Self-attention over this rank's piece of the sequence; padded keys never attended."""
@@ -66,13 +68,62 @@ class WanPlan(ParallelPlan):
         n = self._valid
         return attention(q, k[:, :, :n], v[:, :, :n])
 
+    # ---- the three pieces of a sharded forward (also what pipeline stages call, `pp_stages.WanStage`) ----
+    def local_rope(self, grid: tuple[int, int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches, and the state the
+        attention kernel needs (the true token count S; keys past it are padding)."""
+        cos, sin = self.inner._rope(tuple(grid), device, dtype)  # (S, Dh)
+        S = cos.shape[0]
+        pad = padded_len(S, self.dims.seq_shards) - S
+        if pad:
+            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
+        self._valid = S
+        for block in self.inner.blocks:
+            getattr(block, "_checkpoint_wrapped_module", block).attn.attn_fn = self._self_attention
+        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
+
+    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
+        dim = 1 if t.ndim > 1 else 0
+        pad = padded_len(t.shape[dim], self.dims.seq_shards) - t.shape[dim]
+        if pad:
+            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
+        t = split_seq(t, dim, self.cp_group)
+        return split_seq(t, dim, self.tp_group) if self.sp else t
+
+    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
+        """Patch tokens (B, S, D), replicated, -> this rank's piece (padded tokens are zeros); the time
+        embeddings e (B, 6, D) / temb (B, D) made ready for rank-local tokens."""
+        pad = padded_len(x.shape[1], self.dims.seq_shards) - x.shape[1]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = split_seq(x, 1, self.cp_group, backward="local")
+        if self.sp:
+            x = split_seq(x, 1, self.tp_group, backward="gather")
+            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
+            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
+        return x, e, temb
+
+    def head_loss(
+        self, x, temb, target: torch.Tensor, weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
+        m = self.inner
+        shift, scale = (m.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
+        pred = m.head.proj(_modulate(x, shift, scale, m.cfg.eps))  # (B, S_local, C_out * patch)
+        tgt = self._local_tokens(to_tokens(target.float(), m.cfg.patch_size))  # (B, S_local, C_out * patch)
+        valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))  # pads: False
+        err = (pred.float() - tgt).pow(2) * valid[None, :, None]
+        if weight is not None:
+            err = err * weight.float().view(-1, 1, 1)
+        return err.sum(), int(valid.sum())
+
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
-        lat, target, weight = prep["latents"], prep["target"], prep.get("weight")
+        lat, target = prep["latents"], prep["target"]
         m.check_input(lat, prep.get("image_context"))
         B = lat.shape[0]
-        patch = m.cfg.patch_size
-        grid = tuple(n // p for n, p in zip(lat.shape[2:], patch))
+        grid = tuple(n // p for n, p in zip(lat.shape[2:], m.cfg.patch_size))
         timestep = torch.as_tensor(prep["timestep"], device=lat.device).reshape(-1).expand(B)
 
         x = m.patchify(lat)  # (B, S, D), replicated
@@ -80,40 +131,10 @@ class WanPlan(ParallelPlan):
         ctx = m.embed_text(prep["text_context"])
         clip = prep.get("image_context")
         ctx_img = m.image_embed(clip.to(m.dtype)) if clip is not None else None
-        cos, sin = m._rope(grid, lat.device, x.dtype)  # (S, Dh)
-
-        S = x.shape[1]
-        S_pad = padded_len(S, self.dims.seq_shards)
-        tgt = to_tokens(target.float(), patch)  # (B, S, C_out * patch)
-        valid = torch.ones(S_pad, dtype=torch.bool, device=x.device)
-        valid[S:] = False
-        if S_pad > S:  # padded tokens are zeros, masked as keys and dropped from the loss
-            x = F.pad(x, (0, 0, 0, S_pad - S))
-            tgt = F.pad(tgt, (0, 0, 0, S_pad - S))
-            cos = F.pad(cos, (0, 0, 0, S_pad - S), value=1.0)
-            sin = F.pad(sin, (0, 0, 0, S_pad - S))
-        self._valid = S
+        rope = self.local_rope(grid, lat.device, x.dtype)
+        x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
         for block in m.blocks:
-            attn = getattr(block, "_checkpoint_wrapped_module", block).attn
-            attn.attn_fn = self._self_attention
-
-        # cut the sequence: over cp (attention pieces), then over tp (sequence-parallel pieces)
-        x = split_seq(x, 1, self.cp_group, backward="local")
-        cos, sin = (split_seq(t, 0, self.cp_group) for t in (cos, sin))
-        tgt, valid = split_seq(tgt, 1, self.cp_group), split_seq(valid, 0, self.cp_group)
-        if self.sp:
-            x = split_seq(x, 1, self.tp_group, backward="gather")
-            tgt, valid = split_seq(tgt, 1, self.tp_group), split_seq(valid, 0, self.tp_group)
-            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
-            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
-
-        for block in m.blocks:
-            x = block(x, e, ctx, ctx_img, (cos, sin))
-        shift, scale = (m.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
-        pred = m.head.proj(_modulate(x, shift, scale, m.cfg.eps))  # (B, S_local, C_out * patch)
-
-        err = (pred.float() - tgt).pow(2) * valid[None, :, None]
-        if weight is not None:
-            err = err * weight.float().view(-1, 1, 1)
-        n_valid = int(valid.sum())
-        return LossOut(err.sum(), n_valid * B * tgt.shape[-1], B, n_valid * B)
+            x = block(x, e, ctx, ctx_img, rope)
+        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
+        per_token = m.cfg.out_channels * math.prod(m.cfg.patch_size)
+        return LossOut(loss, n_valid * B * per_token, B, n_valid * B)

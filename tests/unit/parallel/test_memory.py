@@ -285,8 +285,9 @@ def test_tp_splits_the_block_weights_and_activations():
     s = model_stats("qwen2.5-vl-72b")
     one = estimate_memory("qwen2.5-vl-72b", dp_shard=8, seq_len=8192, autocast_cache=True)
     four = estimate_memory("qwen2.5-vl-72b", dp_shard=8, tp=4, seq_len=8192, autocast_cache=True)
-    # the Qwen plan splits the decoder layers' Linear weights; ViT, embeddings and LM head stay whole
-    saved = s.layers * s.layer_tp_params * (1 - 1 / 4)
+    # the Qwen plan splits the decoder layers' Linear weights, and the (untied) embedding and LM head
+    # over vocabulary rows; the ViT stays whole
+    saved = (s.layers * s.layer_tp_params + 2 * s.vocab * s.hidden) * (1 - 1 / 4)
     assert (one["params"] - four["params"]) * GIB == pytest.approx(4 * saved / 8)
     assert (one["autocast_cache"] - four["autocast_cache"]) * GIB == pytest.approx(2 * saved)
     assert four["activations"] < one["activations"] / 3  # all but the gathered Linear inputs / 4
@@ -327,6 +328,14 @@ def test_pipeline_in_flight_microbatches():
     assert pp4["params"] * GIB == pytest.approx(4 * (10 * st.layer_params + st.first_params) / 2)
 
 
+def test_pipeline_with_tensor_parallel_divides_the_stage():
+    # pp x tp: a stage holds 1/pp of the layers, each split over tp; the busiest rank holds about 1/(pp*tp)
+    one = estimate_memory("qwen2.5-vl-72b", seq_len=1024)["params"]
+    both = estimate_memory("qwen2.5-vl-72b", tp=8, pp=8, seq_len=1024)
+    assert 1 / 64 < both["params"] / one < 2 / 64  # stage 0 also holds the ViT, replicated over tp
+    assert both["tokens_per_rank"] == 1024
+
+
 def test_layout_errors_name_the_field():
     with pytest.raises(LayoutError, match="parallel.tp=16"):
         estimate_memory("wan2.1-14b", tp=16, seq_len=1024)
@@ -336,8 +345,8 @@ def test_layout_errors_name_the_field():
         estimate_memory("qwen2.5-vl-72b", tp=16, seq_len=1024)
     with pytest.raises(LayoutError, match="pp_layers"):
         estimate_memory("wan2.1-14b", pp=2, pp_layers=[10, 20], seq_len=1024)
-    with pytest.raises(LayoutError, match="pipeline parallelism combines with data parallelism"):
-        estimate_memory("qwen2.5-vl-72b", tp=8, pp=8, seq_len=1024)  # the trainer refuses it too
+    with pytest.raises(LayoutError, match="parallel.tp=16"):
+        estimate_memory("wan2.1-14b", tp=16, pp=2, seq_len=1024)  # checked with pipeline stages too
     with pytest.raises(ValueError, match="unknown"):
         estimate_memory("llama-70b", seq_len=1024)
     with pytest.raises(ValueError, match="ac="):
