@@ -327,7 +327,8 @@ def estimate_memory(
         n = per_rank[r]
         # Qwen under TP: the token embedding and the LM head are split over vocabulary rows
         vocab_rows = s.vocab * s.hidden * (1 - 1 / tp) if s.family != "wan" else 0
-        head_rows = vocab_rows if s.last_params >= s.vocab * s.hidden else 0  # tied: counted in first
+        untied = s.family != "wan" and s.last_params >= s.vocab * s.hidden  # tied: counted in first_params
+        head_rows = vocab_rows if untied else 0
         root = (s.first_params - vocab_rows if r == 0 else 0) + (
             s.last_params - head_rows if r == pp - 1 else 0
         )
@@ -336,6 +337,11 @@ def estimate_memory(
         root -= vit_blocks  # the ViT blocks are their own FSDP units
         block = s.layer_params - s.layer_tp_params * (1 - 1 / tp)
         big_block = max(block, s.vit_layer_params if vit_blocks else 0)
+        untied_units = untied and pp == 1
+        if untied_units:  # the plan makes the (untied) embedding and LM head FSDP units of their own
+            table = s.vocab * s.hidden / tp
+            root -= 2 * table
+            big_block = max(big_block, table)
         held = local / shard
         copies = _in_flight(pp_schedule, pp, virtual_stages, r, m_micro) / virtual_stages
         tail = m_micro if pp_schedule == "gpipe" and pp > 1 else 1  # last chunk: backward follows forward
@@ -364,8 +370,9 @@ def estimate_memory(
             act += copies * cast_b * n_open * block
         # FSDP2: a block and the prefetched next one are gathered; the root unit (everything outside the
         # blocks) stays gathered from its pre-forward to its post-backward, and holds the head's
-        # gradient from the start of backward (the embeddings' only at the end, when blocks are done)
-        head = s.last_params - head_rows if r == pp - 1 else 0
+        # gradient from the start of backward (the embeddings' only at the end, when blocks are done),
+        # unless the head is a unit of its own (reduce-scattered right after its backward)
+        head = s.last_params - head_rows if r == pp - 1 and not untied_units else 0
         fwd = 0.0 if cast_cache else cast_b * big_block
         bwd = recompute + cast_b * big_block
         end = 0.0

@@ -113,6 +113,21 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_group(rows * mine.unsqueeze(-1).to(rows.dtype), self.group)
 
 
+class VocabParallelHead(nn.Module):
+    """The LM head over this rank's vocabulary rows: h (..., D) -> local logits (..., V / tp), to be
+    combined by `vocab_parallel_cross_entropy`. `weight` is a Shard(0) DTensor parameter (the embedding's
+    own with tied embeddings). A module (not a bare matmul) so FSDP2 can make it a unit of its own.
+    Example: `lang.lm_head = VocabParallelHead(nn.Parameter(distribute_tensor(w, tp_mesh, [Shard(0)])))`.
+    """
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.weight.to_local())
+
+
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, group, vocab: int
 ) -> torch.Tensor:

@@ -125,6 +125,11 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         {"name": "tp2_no_sp", "args": ["--parallel.tp", "2", "--parallel.sequence_parallel", "false"]},
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
+        # selective AC: block 0 recomputed whole, every block keeping only its cheap-to-recompute inputs
+        # (WanBlock.recompute_hidden) on FSDP2's gathered weights
+        {"name": "fsdp2_selective_ac", "args": ["--model.activation_checkpointing", "selective",
+                                                "--model.ac_every_k", "2"]},
+        {"name": "tp2_full_ac", "args": ["--parallel.tp", "2", "--model.activation_checkpointing", "full"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
         {"name": "i2v_tp2", "args": [*i2v, "--parallel.tp", "2"]},  # + image K/V and its head-sharded norm
         {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
@@ -137,7 +142,16 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
     ]  # fmt: skip
     _launch(2, 29761, base, layouts, tmp_path / "out")
     out = tmp_path / "out"
-    for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring", "pp2_1f1b"):
+    for name in (
+        "fsdp2",
+        "tp2",
+        "tp2_no_sp",
+        "cp2_ulysses",
+        "cp2_ring",
+        "fsdp2_selective_ac",
+        "tp2_full_ac",
+        "pp2_1f1b",
+    ):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
     _assert_same(ref_big, _metrics(out / "cp2_ring_27_tokens" / "metrics.jsonl"), "cp2_ring_27_tokens")
     _assert_same(ref_i2v, _metrics(out / "i2v_tp2" / "metrics.jsonl"), "i2v_tp2")

@@ -116,7 +116,8 @@ class ParallelPlan(nn.Module):
         """Sum the partial gradients of replicated sequence-parallel parameters over tp."""
         if not self.sp:
             return
-        params = dict(self.inner.named_parameters())
+        # names as recorded before activation checkpointing / compile wrapped the blocks
+        params = {_plain_name(n): p for n, p in self.inner.named_parameters()}
         grads = []
         for n in self._tp_partial_names:
             g = params[n].grad
@@ -137,6 +138,11 @@ class ParallelPlan(nn.Module):
         if self.sp or (self.loss_split_over_tp and self.tp_group is not None):
             dist.all_reduce(stats, group=self.tp_group)
         return stats
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without the wrappers' path pieces (`checkpoint_wrapper`, `torch.compile`)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def parallelize(task, dims: ParallelDims, mesh, cfg, fsdp: bool = True) -> ParallelPlan:

@@ -11,6 +11,7 @@ Forward under a plan (`Qwen2_5_VLPlan.forward(prep)`, packed rows):
 TP shards (DTensor) q/k/v/o and gate/up/down of every decoder layer, and the token embedding and LM
 head over vocabulary rows (`VocabParallelEmbedding`, `vocab_parallel_cross_entropy`: no rank holds the
 full logits). The vision tower and the norms stay replicated (FSDP2 shards them over data ranks).
+FSDP2 units: every decoder and vision block, and (untied) the token embedding and the LM head.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmkit.parallel.dims import padded_len
 from mmkit.parallel.plans import ParallelPlan
 from mmkit.parallel.tp import (
     VocabParallelEmbedding,
+    VocabParallelHead,
     gather_inputs,
     shard_linears,
     vocab_parallel_cross_entropy,
@@ -51,7 +53,7 @@ class Qwen2_5_VLPlan(ParallelPlan):
         head = (
             lang.embed_tokens.weight if tied else distribute_tensor(lang.lm_head.weight.data, tp, [Shard(0)])
         )
-        lang.lm_head.weight = head if isinstance(head, nn.Parameter) else nn.Parameter(head)
+        lang.lm_head = VocabParallelHead(head if isinstance(head, nn.Parameter) else nn.Parameter(head))
         for layer in self.inner.language.layers:
             shard_linears(layer.attn, tp, ["q_proj", "k_proj", "v_proj"], ["o_proj"], sp)
             layer.attn.heads //= self.dims.tp
@@ -59,6 +61,16 @@ class Qwen2_5_VLPlan(ParallelPlan):
             gather_inputs(layer.attn, tp, 7, sp)  # (x, cos, sin, mask, cache, keep, cu_seqlens)
             shard_linears(layer.mlp, tp, ["gate_proj", "up_proj"], ["down_proj"], sp)
             gather_inputs(layer.mlp, tp, 1, sp)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks, plus the token embedding and the LM head as units of their own: each is gathered only
+        around its use (a 152k-row table is 1.2-5 GB) instead of for the whole step in the root unit. A tied
+        matrix belongs to both modules, so it stays in the root."""
+        units = super().fsdp_units()
+        lang = self.inner.language
+        if lang.lm_head.weight is not lang.embed_tokens.weight:
+            units += [lang.embed_tokens, lang.lm_head]
+        return units
 
     def setup_cp(self) -> None:
         pass  # the packed-attention kernel is set per forward, see `forward`
@@ -134,7 +146,7 @@ class Qwen2_5_VLPlan(ParallelPlan):
         targets = meta["targets"]
         if self.tp_group is None:
             keep = targets != IGNORE_INDEX
-            logits = F.linear(x[keep], m.language.lm_head.weight)  # (K, vocab), supervised positions here
+            logits = m.language.lm_head(x[keep])  # (K, vocab), supervised positions here
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
         # vocabulary-parallel head: every tp rank scores all tokens of the cp piece against its vocabulary
         # rows; the loss counts this rank's own tokens (with SP) so it stays partial like the rest
@@ -146,10 +158,8 @@ class Qwen2_5_VLPlan(ParallelPlan):
         own = torch.arange(h.shape[1], device=h.device) % n_tp == r_tp  # tokens this rank's loss counts
         targets_cp = meta["targets_cp"]
         keep = targets_cp != IGNORE_INDEX  # (1, n) over the cp piece
-        w = m.language.lm_head.weight.to_local()  # (V / tp, D)
-        ce = vocab_parallel_cross_entropy(
-            F.linear(h[keep], w), targets_cp[keep], self.tp_group, m.language.lm_head.weight.shape[0]
-        )
+        head = m.language.lm_head  # this rank's vocabulary rows (V / tp, D)
+        ce = vocab_parallel_cross_entropy(head(h[keep]), targets_cp[keep], self.tp_group, head.weight.shape[0])
         mine = own[None].expand_as(keep)[keep]
         return ce[mine].sum(), int(mine.sum())
 
