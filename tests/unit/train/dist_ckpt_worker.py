@@ -5,7 +5,9 @@ Each rank shards `train_helpers.Toy` with FSDP2 (gloo, CPU; uneven and empty sha
 optimizer and EMA tensors to OUT/reference.safetensors for the single-process loader to compare with.
 """
 
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from mmkit.train.optim import build_optimizer, clip_grad_norm_  # noqa: E402
 
 
 def main(out: Path) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a hang fails fast
     torch.manual_seed(0)
     model = Toy()
     mesh = init_device_mesh("cpu", (2,))
@@ -66,3 +68,5 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    sys.stdout.flush()
+    os._exit(0)  # results are written; skip interpreter teardown (gloo threads can abort it under load)
