@@ -23,7 +23,7 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=150, help="training steps (about 0.5 s each on 2 cores)")
+    p.add_argument("--steps", type=int, default=400, help="training steps (about 0.3 s each on 2 cores)")
     p.add_argument("--videos", type=int, default=32)
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps per generated video")
 
