@@ -186,6 +186,9 @@ def block_terms(kind: str, s: ModelStats, bf16_params: bool = False, fused_norm:
         # inputs (2h each); tp: q, k, v, out of self-attention (8h), q, out of cross-attention (4h),
         # out-projection inputs (2 x 2h), GELU input and output (4f)
         return 16 * h + 24, 10 * h, norms + 16 * h + 4 * f + 12 + 8 * H, 2 * h
+    if kind == "wan_lean":  # a Wan block with `recompute_hidden` (selective AC, plain or FSDP2 weights)
+        # 14 bf16 (tokens x width) tensors (see WanBlock) + the log-sum-exp of both attentions; no FFN term
+        return 28 * s.hidden + 8 * s.heads, 0, 0, 2 * s.hidden
     if kind == "llm":  # Qwen2 decoder layer: RMSNorm, GQA attention, RMSNorm, SwiGLU
         h, kv, f, H = s.hidden, s.kv_heads * s.head_dim, s.ffn, s.heads
         tp = 4 * h + 4 * kv + 8 * f + 4 * H  # q, out; k, v; gate, silu, up, down input; lse
@@ -198,7 +201,7 @@ def block_terms(kind: str, s: ModelStats, bf16_params: bool = False, fused_norm:
         h, f, H = s.vit_hidden, s.vit_ffn, s.vit_heads
         # v stays a view of the fused qkv output, so attention keeps that whole (6h) buffer
         return 12 * h + 8, (4 if bf16_params else 6) * h, 12 * h + 8 * f + 4 * H, 2 * h
-    raise ValueError(f"block_terms: kind={kind!r}, choose wan, llm or vit")
+    raise ValueError(f"block_terms: kind={kind!r}, choose wan, wan_lean, llm or vit")
     raise AssertionError(kind)
 
 
@@ -311,6 +314,8 @@ def estimate_memory(
     tokens = padded_len(seq_len, cp * (tp if sp else 1)) // cp  # padded to every split
     uly = {"ulysses": cp, "ring": 1, "hybrid": ulysses_degree or 1}[cp_algo]
     kind = "wan" if s.family == "wan" else "llm"
+    if kind == "wan" and ac == "selective" and tp == 1:
+        kind = "wan_lean"  # selective AC turns on WanBlock.recompute_hidden (off under TP: DTensor weights)
     full, ckpt = _per_token(block_terms(kind, s, bf16_params, fused), tp, sp)
     k_ac = {"none": 0, "full": 1, "selective": ac_every_k}[ac]
     gather_b = 2 if bf16_params else 4  # bytes per all-gathered weight

@@ -3,12 +3,12 @@ actually saves in mmkit's blocks, and the divisions each parallel dimension prom
 
 import doctest
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from memory_helpers import saved_bytes
 
 from mmkit.models.qwen2_5_vl.config import TextConfig, VisionConfig
 from mmkit.models.qwen2_5_vl.config import flavor as qwen_flavor
@@ -59,23 +59,6 @@ def test_wan_sequence_lengths():
 
 
 # ---- activation formulas == bytes autograd saves -------------------------------------------------------
-def _saved_bytes(fn, ignore=()) -> int:
-    """Bytes of the distinct storages autograd saves while `fn` runs (storages in `ignore` left out)."""
-    skip = {t.untyped_storage().data_ptr() for t in ignore}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rms_norm's "mismatch dtype" notice under autocast
-        fn()
-    return sum(seen.values())
-
-
 def _per_token(run, s1=128, s2=384) -> float:
     """Saved bytes per token: the difference of two sequence lengths cancels weights and fixed inputs."""
     return (run(s2) - run(s1)) / (s2 - s1)
@@ -131,11 +114,13 @@ def _formula(kind, stats, bf16_params, fused) -> float:
 
 @pytest.mark.parametrize("heads, ffn", [(2, 256), (4, 384)])
 @pytest.mark.parametrize("bf16_params, fused", [(False, False), (True, True)])
-def test_wan_block_formula_equals_saved_bytes(monkeypatch, heads, ffn, bf16_params, fused):
+@pytest.mark.parametrize("lean", [False, True], ids=["autograd", "recompute_hidden"])
+def test_wan_block_formula_equals_saved_bytes(monkeypatch, heads, ffn, bf16_params, fused, lean):
     _cuda_autocast(monkeypatch, fused_rms_norm=fused)
     cfg = WanConfig(num_attention_heads=heads, attention_head_dim=64, ffn_dim=ffn, num_layers=1)
     torch.manual_seed(0)
     block = WanBlock(cfg)
+    block.recompute_hidden = lean  # what selective AC turns on
     if bf16_params:
         block.to(torch.bfloat16)
     dim = cfg.dim
@@ -145,10 +130,11 @@ def test_wan_block_formula_equals_saved_bytes(monkeypatch, heads, ffn, bf16_para
         x = torch.randn(1, s, dim, dtype=torch.bfloat16, requires_grad=True)  # the residual stream is bf16
         rope = torch.randn(s, 64, dtype=torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return _saved_bytes(lambda: block(x, e, ctx, None, (rope, rope)), ignore=[rope])
+            return saved_bytes(lambda: block(x, e, ctx, None, (rope, rope)), ignore=[rope])
 
     stats = _stats(hidden=dim, ffn=ffn, heads=heads, kv_heads=heads)
-    assert _per_token(run) == pytest.approx(_formula("wan", stats, bf16_params, fused), rel=1e-6)
+    kind = "wan_lean" if lean else "wan"
+    assert _per_token(run) == pytest.approx(_formula(kind, stats, bf16_params, fused), rel=1e-6)
 
 
 @pytest.mark.parametrize("heads, kv, ffn", [(4, 2, 256), (8, 4, 384)])
@@ -174,7 +160,7 @@ def test_qwen_decoder_layer_formula_equals_saved_bytes(monkeypatch, heads, kv, f
         x = torch.randn(1, s, cfg.hidden_size, dtype=dtype, requires_grad=True)
         rope = torch.randn(1, s, 64, dtype=torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return _saved_bytes(lambda: layer(x, rope, rope, None), ignore=[rope])
+            return saved_bytes(lambda: layer(x, rope, rope, None), ignore=[rope])
 
     stats = _stats(hidden=cfg.hidden_size, ffn=ffn, heads=heads, kv_heads=kv)
     assert _per_token(run) == pytest.approx(_formula("llm", stats, bf16_params, bf16_params), rel=1e-6)
@@ -195,7 +181,7 @@ def test_vit_block_formula_equals_saved_bytes(monkeypatch, bf16_params):
         x = torch.randn(n, 256, dtype=torch.bfloat16, requires_grad=True)  # patch_embed output: bf16
         rope = torch.randn(n, 1, 64)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return _saved_bytes(lambda: block(x, rope, rope, SegmentPlan([0, n], x.device)), ignore=[rope])
+            return saved_bytes(lambda: block(x, rope, rope, SegmentPlan([0, n], x.device)), ignore=[rope])
 
     stats = _stats(vit_hidden=256, vit_ffn=320, vit_heads=4)
     assert _per_token(run) == pytest.approx(_formula("vit", stats, bf16_params, bf16_params), rel=1e-6)

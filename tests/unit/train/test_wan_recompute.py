@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from memory_helpers import saved_bytes
 from wan_helpers import tiny_dit_kwargs
 
 from mmkit.models.wan.config import WanConfig
@@ -77,22 +78,6 @@ def test_recompute_hidden_under_bf16_autocast(monkeypatch):
         assert err_l < 2 * err_p + 0.01, (name, float(err_l), float(err_p))
 
 
-def _saved_bytes(fn, ignore) -> int:
-    """Bytes of the distinct storages autograd keeps while `fn` runs (storages of `ignore` left out)."""
-    skip = {t.untyped_storage().data_ptr() for t in ignore}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _saved_per_token(block: WanBlock, dim: int) -> float:
     """Bytes autograd keeps per video token for one block (difference of two lengths)."""
     e, ctx = torch.randn(1, 6, dim), torch.randn(1, 16, dim)
@@ -101,7 +86,7 @@ def _saved_per_token(block: WanBlock, dim: int) -> float:
         x = torch.randn(1, s, dim, requires_grad=True)
         rope = (torch.randn(s, 64), torch.randn(s, 64))
         run = lambda: block(x, e, ctx, None, rope)  # noqa: E731, B023 (called right here)
-        kept.append(_saved_bytes(run, ignore=[*block.parameters(), *rope, e, ctx]))
+        kept.append(saved_bytes(run, ignore=[*block.parameters(), *rope, e, ctx]))
     return (kept[1] - kept[0]) / 128
 
 
