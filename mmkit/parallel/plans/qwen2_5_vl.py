@@ -159,7 +159,9 @@ class Qwen2_5_VLPlan(ParallelPlan):
         targets_cp = meta["targets_cp"]
         keep = targets_cp != IGNORE_INDEX  # (1, n) over the cp piece
         head = m.language.lm_head  # this rank's vocabulary rows (V / tp, D)
-        ce = vocab_parallel_cross_entropy(head(h[keep]), targets_cp[keep], self.tp_group, head.weight.shape[0])
+        ce = vocab_parallel_cross_entropy(
+            head(h[keep]), targets_cp[keep], self.tp_group, head.weight.shape[0]
+        )
         mine = own[None].expand_as(keep)[keep]
         return ce[mine].sum(), int(mine.sum())
 
