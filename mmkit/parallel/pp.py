@@ -10,7 +10,9 @@ compute, so a bad batch raises the same error everywhere instead of hanging the 
 - the first stage gets the model inputs as positional arguments; every stage gets the per-micro-batch
   keywords (Wan: `grid`, `target`; Qwen: `position_ids`, `cu_seqlens`, `labels`, media), so metadata a
   later stage needs (RoPE grid, M-RoPE positions, packing boundaries) is read locally, never sent;
-- only activations cross ranks, and the last stage turns its output into the summed loss itself;
+- only activations cross ranks, and the last stage turns its output into the summed loss itself
+  (under a tensor / context-parallel plan, this rank's piece of the activations, and a loss partial
+  over the sequence shards that the trainer sums; the count returned here is always complete);
 - activations must have fixed shapes within a step: Wan micro-batches must share their shapes, Qwen
   packed rows are padded to `seq_len` with an extra segment of -100 labels (attention never crosses
   segments, so padding never changes a real token's result). Vision inputs (any size, or none) are

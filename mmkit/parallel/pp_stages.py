@@ -18,7 +18,11 @@ Stage forward contracts (what `pp.Pipeline` feeds them; tensors between stages h
 - Qwen2.5-VL: stage 0 takes input_ids (1, S) (+ media keywords); stages pass hidden (1, S, D); the
   last returns the final-normed hidden, or the summed next-token cross-entropy when given `labels`.
   Keywords `position_ids` (3, 1, S) and `cu_seqlens` (list of ints) go to every stage.
-This file holds no process-group code; `pp.py` runs the stages.
+With a parallel plan (`parallel/plans/`, tensor / context parallelism inside the stages), every stage
+calls the plan's pieces instead: stage 0 embeds and cuts the sequence (`plan.enter`), every stage runs
+its layers on this rank's piece (RoPE / packing metadata from `plan.local_rope` / `plan.row_meta`), and
+the last stage returns `plan.head_loss` (partial over the sequence shards, like the plan's own forward).
+This file holds no process-group code; `pp.py` runs the stages, the plan owns the collectives.
 """
 
 from __future__ import annotations
