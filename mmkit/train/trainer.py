@@ -8,7 +8,8 @@ how the global batch is split.
 Several processes (torchrun): the `parallel` section becomes a DeviceMesh (`parallel/dims.py`); the
 family's plan (`parallel/plans/`) applies TP/SP, CP, activation checkpointing and FSDP2 and runs
 `task.prepare(batch, g)` -> loss on this rank's piece of the sequence; or, with `parallel.pp > 1`, the
-model is cut into pipeline stages (`parallel/pp.py`) that run all micro-batches of a step. Either way
+plan applies everything but FSDP2, the model is cut into pipeline stages (`parallel/pp.py`, FSDP2 per
+stage) that run the plan's pieces and all micro-batches of a step. Either way
 gradients end up summed over every process that saw different tokens, and divided once by the global
 count: every layout reproduces the single-process loss curve (tests/distributed/test_layouts.py).
 
