@@ -186,9 +186,15 @@ def block_terms(kind: str, s: ModelStats, bf16_params: bool = False, fused_norm:
         # inputs (2h each); tp: q, k, v, out of self-attention (8h), q, out of cross-attention (4h),
         # out-projection inputs (2 x 2h), GELU input and output (4f)
         return 16 * h + 24, 10 * h, norms + 16 * h + 4 * f + 12 + 8 * H, 2 * h
-    if kind == "wan_lean":  # a Wan block with `recompute_hidden` (selective AC, plain or FSDP2 weights)
-        # 14 bf16 (tokens x width) tensors (see WanBlock) + the log-sum-exp of both attentions; no FFN term
-        return 28 * s.hidden + 8 * s.heads, 0, 0, 2 * s.hidden
+    if kind in ("wan_lean", "wan_lean_tp"):  # a Wan block with `recompute_hidden` (selective AC)
+        # 14 bf16 (tokens x width) tensors (see WanBlock): the 2 gated branch outputs (seq), the inputs of
+        # self-attention, cross-attention and MLP (gathered), q, k, v, out of self- and q, out of
+        # cross-attention (tp), and q, k, cross-q before their RMSNorm, which keeps only its input (tp);
+        # under TP the head-sharded RMSNorm keeps its fp32 input and output (8h each) and 1/rms instead.
+        # The log-sum-exp of both attentions; no FFN term (the MLP hidden is recomputed).
+        h, H = s.hidden, s.heads
+        norms = 24 * h + 12 if kind == "wan_lean_tp" else 6 * h
+        return 4 * h, 6 * h, 12 * h + norms + 8 * H, 2 * h
     if kind == "llm":  # Qwen2 decoder layer: RMSNorm, GQA attention, RMSNorm, SwiGLU
         h, kv, f, H = s.hidden, s.kv_heads * s.head_dim, s.ffn, s.heads
         tp = 4 * h + 4 * kv + 8 * f + 4 * H  # q, out; k, v; gate, silu, up, down input; lse
@@ -201,7 +207,7 @@ def block_terms(kind: str, s: ModelStats, bf16_params: bool = False, fused_norm:
         h, f, H = s.vit_hidden, s.vit_ffn, s.vit_heads
         # v stays a view of the fused qkv output, so attention keeps that whole (6h) buffer
         return 12 * h + 8, (4 if bf16_params else 6) * h, 12 * h + 8 * f + 4 * H, 2 * h
-    raise ValueError(f"block_terms: kind={kind!r}, choose wan, wan_lean, llm or vit")
+    raise ValueError(f"block_terms: kind={kind!r}, choose wan, wan_lean, wan_lean_tp, llm or vit")
     raise AssertionError(kind)
 
 
@@ -314,8 +320,9 @@ def estimate_memory(
     tokens = padded_len(seq_len, cp * (tp if sp else 1)) // cp  # padded to every split
     uly = {"ulysses": cp, "ring": 1, "hybrid": ulysses_degree or 1}[cp_algo]
     kind = "wan" if s.family == "wan" else "llm"
-    if kind == "wan" and ac == "selective" and tp == 1:
-        kind = "wan_lean"  # selective AC turns on WanBlock.recompute_hidden (off under TP: DTensor weights)
+    if kind == "wan" and ac == "selective" and (tp == 1 or sp):
+        # selective AC turns on WanBlock.recompute_hidden (under TP: with sequence parallelism only)
+        kind = "wan_lean" if tp == 1 else "wan_lean_tp"
     full, ckpt = _per_token(block_terms(kind, s, bf16_params, fused), tp, sp)
     k_ac = {"none": 0, "full": 1, "selective": ac_every_k}[ac]
     gather_b = 2 if bf16_params else 4  # bytes per all-gathered weight

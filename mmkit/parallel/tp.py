@@ -43,8 +43,9 @@ class HeadShardedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        ss = all_reduce_sum(x.float().square().sum(-1, keepdim=True), self.group)  # (..., 1) over all heads
-        y = x.float() * torch.rsqrt(ss / self.dim + eps)
+        xf = x.float()  # one fp32 copy, kept once for backward (with the normalized tensor: 8 B per element)
+        ss = all_reduce_sum(xf.square().sum(-1, keepdim=True), self.group)  # (..., 1) over all heads
+        y = xf * torch.rsqrt(ss / self.dim + eps)
         return (y * self.weight.to_local().float()).to(x.dtype)
 
 

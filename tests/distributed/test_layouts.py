@@ -130,6 +130,9 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         {"name": "fsdp2_selective_ac", "args": ["--model.activation_checkpointing", "selective",
                                                 "--model.ac_every_k", "2"]},
         {"name": "tp2_full_ac", "args": ["--parallel.tp", "2", "--model.activation_checkpointing", "full"]},
+        # the lean block path on tensor-parallel shards (partial gradients summed by DTensor / finalize_grads)
+        {"name": "tp2_selective_ac", "args": ["--parallel.tp", "2", "--model.activation_checkpointing",
+                                              "selective", "--model.ac_every_k", "2"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
         {"name": "i2v_tp2", "args": [*i2v, "--parallel.tp", "2"]},  # + image K/V and its head-sharded norm
         {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
@@ -150,6 +153,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         "cp2_ring",
         "fsdp2_selective_ac",
         "tp2_full_ac",
+        "tp2_selective_ac",
         "pp2_1f1b",
     ):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
@@ -173,6 +177,8 @@ def test_wan_layouts_four_processes(wan_train_root, tmp_path):
         {"name": "cp4_hybrid", "args": ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid",
                                         "--parallel.ulysses_degree", "2"]},
         {"name": "tp2_fsdp2", "args": ["--parallel.tp", "2", "--parallel.dp_shard", "2"]},
+        {"name": "tp2_fsdp2_selective_ac", "args": ["--parallel.tp", "2", "--parallel.dp_shard", "2",
+                                                    "--model.activation_checkpointing", "selective"]},
         {"name": "hsdp_2x2", "args": ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2",
                                       "--train.micro_batch", "1"]},
         {"name": "cp2_ring_window_fsdp2", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring",

@@ -144,6 +144,7 @@ class WanSelfAttention(nn.Module):
     plan lowers it) and `attn_fn` the attention kernel (a context-parallel plan swaps it)."""
 
     attn_fn = staticmethod(attention)
+    tp_mesh = None  # set by a tensor-parallel plan with sequence parallelism (the lean path's reductions)
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -164,7 +165,7 @@ class WanSelfAttention(nn.Module):
         lean = prenorm is not None
         if lean:
             q, k, v = _NormedLinears.apply(
-                prenorm[0], len(prenorm[1]), x, *prenorm[1], *_wb(self.q, self.k, self.v)
+                prenorm[0], len(prenorm[1]), _local_input(x), *prenorm[1], *_wb(self.q, self.k, self.v)
             )
         else:
             q, k, v = project(x, self.q, self.k, self.v)  # 3 x (B, S, D_local)
@@ -172,12 +173,14 @@ class WanSelfAttention(nn.Module):
         k = norm_to_heads(k, self.norm_k, self.heads, rope, keep_input=lean)
         o = self.attn_fn(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
         if lean:
-            return _HeadsLinear.apply(o, self.out.weight, self.out.bias)
+            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(nn.Module):
     """Attention from video tokens to text tokens (and, for i2v, to CLIP image tokens)."""
+
+    tp_mesh = None  # as WanSelfAttention.tp_mesh
 
     def __init__(self, dim: int, heads: int, eps: float, image: bool):
         super().__init__()
@@ -200,7 +203,9 @@ class WanCrossAttention(nn.Module):
         B, S, _ = x.shape
         lean = prenorm is not None
         if lean:
-            (q,) = _NormedLinears.apply(prenorm[0], len(prenorm[1]), x, *prenorm[1], *_wb(self.q))
+            (q,) = _NormedLinears.apply(
+                prenorm[0], len(prenorm[1]), _local_input(x), *prenorm[1], *_wb(self.q)
+            )
         else:
             q = self.q(x)
         q = norm_to_heads(q, self.norm_q, self.heads, keep_input=lean)  # (B, H, S, Dh)
@@ -210,7 +215,7 @@ class WanCrossAttention(nn.Module):
             ki, vi = project(ctx_img, self.k_img, self.v_img)
             o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
         if lean:
-            return _HeadsLinear.apply(o, self.out.weight, self.out.bias)
+            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -407,8 +412,45 @@ def _modulated_norm(eps: float):
 
 
 def _wb(*mods: nn.Linear) -> list[torch.Tensor]:
-    """weight, bias, weight, bias, ... of Linear layers (the inputs `_NormedLinears` takes)."""
-    return [t for m in mods for t in (m.weight, m.bias)]
+    """weight, bias, weight, bias, ... of Linear layers (the inputs `_NormedLinears` takes); this rank's
+    shards when a tensor-parallel plan made them DTensors (column-parallel: whole heads / MLP columns)."""
+    return [_local(t) for m in mods for t in (m.weight, m.bias)]
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The local shard of a DTensor parameter (its gradient lands in the DTensor's), or `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_input(x: torch.Tensor) -> torch.Tensor:
+    """A module input for the lean path. Under tensor parallelism the plan hands over the sequence
+    gathered over tp as a replicated DTensor; the lean functions use only this rank's heads / MLP
+    columns, so the gradient they return for it is partial over tp (summed by DTensor on the way back:
+    reduce-scattered to the sequence-parallel pieces)."""
+    if hasattr(x, "to_local"):
+        from torch.distributed.tensor import Partial
+
+        return x.to_local(grad_placements=[Partial()])
+    return x
+
+
+def _row_linear(fn, args: tuple, linear: nn.Linear, tp_mesh) -> torch.Tensor:
+    """`fn(*args, weight, bias)`, a lean function ending in `linear`. With a tensor-parallel plan
+    (`tp_mesh`, sequence parallel) `linear` is row-parallel: fn runs on the local weight shard without
+    the bias, the partial sums are reduce-scattered over the sequence, then the bias is added (as
+    DTensor's RowwiseParallel does)."""
+    if tp_mesh is None:
+        return fn(*args, linear.weight, linear.bias)
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    from mmkit.parallel.comm import copy_to_group
+
+    y = fn(*args, linear.weight.to_local(), None)  # (B, S, D_out), partial over tp
+    y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False).redistribute(tp_mesh, [Shard(1)])
+    y = y.to_local()  # this rank's sequence piece
+    if linear.bias is not None:  # replicated; used on this rank's tokens: its gradient summed over tp
+        y = y + copy_to_group(linear.bias.to_local(), tp_mesh.get_group())
+    return y
 
 
 class WanMLP(nn.Module):
@@ -423,6 +465,7 @@ class WanMLP(nn.Module):
     """
 
     chunk = 512
+    tp_mesh = None  # as WanSelfAttention.tp_mesh
 
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
@@ -434,10 +477,12 @@ class WanMLP(nn.Module):
         S = x.shape[-2]
         if prenorm is not None:
             fn, args = prenorm
-            fc1, fc2 = self.fc1, self.fc2
-            return _RecomputedMLP.apply(
-                fn, len(args), self.chunk, x, *args, fc1.weight, fc1.bias, fc2.weight, fc2.bias
-            )
+            w1, b1 = _wb(self.fc1)
+
+            def mlp(x, w2, b2):
+                return _RecomputedMLP.apply(fn, len(args), self.chunk, x, *args, w1, b1, w2, b2)
+
+            return _row_linear(mlp, (_local_input(x),), self.fc2, self.tp_mesh)
         if torch.is_grad_enabled() or S < 2 * self.chunk:
             return self.fc2(self.fc1(x))
         out = torch.empty(*x.shape[:-1], self.fc2.out_features, dtype=x.dtype, device=x.device)
@@ -467,7 +512,8 @@ class WanBlock(nn.Module):
     """Self-attention, cross-attention and MLP, each added to the residual stream (AdaLN-gated).
 
     `recompute_hidden` (set by selective activation checkpointing, parallel/ac.py): in training with
-    plain parameters the block keeps 14 (tokens, width) tensors for backward instead of autograd's
+    plain or FSDP2-gathered parameters, or tensor-parallel shards whose modules carry the plan's
+    `tp_mesh` (sequence parallelism), the block keeps 14 (tokens, width) tensors for backward instead of autograd's
     22 + 2 ffn/width (34 at Wan's widths): norm outputs and the MLP's hidden activations are
     recomputed in backward, the attention output is kept once (see `_NormedLinears` and the functions
     next to it). Cost: one more fc1 matmul. Same forward, same gradients up to float rounding.
@@ -500,7 +546,11 @@ class WanBlock(nn.Module):
             1
         )  # (B, D) float32
         gate1, gate2 = gate1[:, None].to(x.dtype), gate2[:, None].to(x.dtype)  # (B, 1, D)
-        if self.recompute_hidden and torch.is_grad_enabled() and _plain(*self.parameters()):
+        if (
+            self.recompute_hidden
+            and torch.is_grad_enabled()
+            and (self.attn.tp_mesh is not None or _plain(*self.parameters()))
+        ):
             mod = _modulated_norm(self.eps)
             x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, (shift1, scale1))), gate1)
             nc = self.norm_cross

@@ -137,6 +137,42 @@ def test_wan_block_formula_equals_saved_bytes(monkeypatch, heads, ffn, bf16_para
     assert _per_token(run) == pytest.approx(_formula(kind, stats, bf16_params, fused), rel=1e-6)
 
 
+def test_wan_lean_block_with_head_sharded_norms_formula(monkeypatch, tmp_path):
+    """The lean block as a tensor-parallel plan runs it: q/k RMSNorms replaced by the head-sharded ones
+    (a 1-process group: the same ops and saved tensors, nothing divided)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import mmkit.models.wan.model as wan_model
+    from mmkit.parallel.tp import HeadShardedRMSNorm
+
+    _cuda_autocast(monkeypatch, fused_rms_norm=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        cfg = WanConfig(num_attention_heads=2, attention_head_dim=64, ffn_dim=256, num_layers=1)
+        torch.manual_seed(0)
+        block = WanBlock(cfg)
+        for attn, names in ((block.attn, ("norm_q", "norm_k")), (block.cross, ("norm_q",))):
+            for name in names:
+                setattr(attn, name, HeadShardedRMSNorm(getattr(attn, name), mesh))
+        block.recompute_hidden = True
+        monkeypatch.setattr(wan_model, "_plain", lambda *p: True)  # the norms' DTensor weights aside
+        dim = cfg.dim
+        e, ctx = torch.randn(1, 6, dim), torch.randn(1, 16, dim, dtype=torch.bfloat16)
+
+        def run(s):
+            x = torch.randn(1, s, dim, dtype=torch.bfloat16, requires_grad=True)
+            rope = torch.randn(s, 64, dtype=torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return saved_bytes(lambda: block(x, e, ctx, None, (rope, rope)), ignore=[rope])
+
+        stats = _stats(hidden=dim, ffn=256, heads=2, kv_heads=2)
+        assert _per_token(run) == pytest.approx(_formula("wan_lean_tp", stats, False, False), rel=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("heads, kv, ffn", [(4, 2, 256), (8, 4, 384)])
 @pytest.mark.parametrize("bf16_params", [False, True])
 def test_qwen_decoder_layer_formula_equals_saved_bytes(monkeypatch, heads, kv, ffn, bf16_params):
