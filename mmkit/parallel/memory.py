@@ -320,8 +320,7 @@ def estimate_memory(
     tokens = padded_len(seq_len, cp * (tp if sp else 1)) // cp  # padded to every split
     uly = {"ulysses": cp, "ring": 1, "hybrid": ulysses_degree or 1}[cp_algo]
     kind = "wan" if s.family == "wan" else "llm"
-    if kind == "wan" and ac == "selective" and (tp == 1 or sp):
-        # selective AC turns on WanBlock.recompute_hidden (under TP: with sequence parallelism only)
+    if kind == "wan" and ac == "selective":  # selective AC turns on WanBlock.recompute_hidden
         kind = "wan_lean" if tp == 1 else "wan_lean_tp"
     full, ckpt = _per_token(block_terms(kind, s, bf16_params, fused), tp, sp)
     k_ac = {"none": 0, "full": 1, "selective": ac_every_k}[ac]

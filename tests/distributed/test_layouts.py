@@ -133,6 +133,8 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         # the lean block path on tensor-parallel shards (partial gradients summed by DTensor / finalize_grads)
         {"name": "tp2_selective_ac", "args": ["--parallel.tp", "2", "--model.activation_checkpointing",
                                               "selective", "--model.ac_every_k", "2"]},
+        {"name": "tp2_no_sp_selective_ac", "args": ["--parallel.tp", "2", "--parallel.sequence_parallel",
+                                                    "false", "--model.activation_checkpointing", "selective"]},
         {"name": "cp2_ring_27_tokens", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring", *big]},
         {"name": "i2v_tp2", "args": [*i2v, "--parallel.tp", "2"]},  # + image K/V and its head-sharded norm
         {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
@@ -154,6 +156,7 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
         "fsdp2_selective_ac",
         "tp2_full_ac",
         "tp2_selective_ac",
+        "tp2_no_sp_selective_ac",
         "pp2_1f1b",
     ):
         _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)

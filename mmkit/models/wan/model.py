@@ -144,7 +144,8 @@ class WanSelfAttention(nn.Module):
     plan lowers it) and `attn_fn` the attention kernel (a context-parallel plan swaps it)."""
 
     attn_fn = staticmethod(attention)
-    tp_mesh = None  # set by a tensor-parallel plan with sequence parallelism (the lean path's reductions)
+    tp_mesh = None  # set by a tensor-parallel plan (the lean path's reductions over tp)
+    tp_sp = True  # whether that plan uses sequence parallelism (row-parallel outputs reduce-scattered)
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -173,14 +174,14 @@ class WanSelfAttention(nn.Module):
         k = norm_to_heads(k, self.norm_k, self.heads, rope, keep_input=lean)
         o = self.attn_fn(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
         if lean:
-            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh)
+            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh, self.tp_sp)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(nn.Module):
     """Attention from video tokens to text tokens (and, for i2v, to CLIP image tokens)."""
 
-    tp_mesh = None  # as WanSelfAttention.tp_mesh
+    tp_mesh, tp_sp = None, True  # as WanSelfAttention's
 
     def __init__(self, dim: int, heads: int, eps: float, image: bool):
         super().__init__()
@@ -215,7 +216,7 @@ class WanCrossAttention(nn.Module):
             ki, vi = project(ctx_img, self.k_img, self.v_img)
             o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
         if lean:
-            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh)
+            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh, self.tp_sp)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -434,22 +435,25 @@ def _local_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _row_linear(fn, args: tuple, linear: nn.Linear, tp_mesh) -> torch.Tensor:
-    """`fn(*args, weight, bias)`, a lean function ending in `linear`. With a tensor-parallel plan
-    (`tp_mesh`, sequence parallel) `linear` is row-parallel: fn runs on the local weight shard without
-    the bias, the partial sums are reduce-scattered over the sequence, then the bias is added (as
-    DTensor's RowwiseParallel does)."""
+def _row_linear(fn, args: tuple, linear: nn.Linear, tp_mesh, sp: bool = True) -> torch.Tensor:
+    """`fn(*args, weight, bias)`, a lean function ending in `linear`. Under a tensor-parallel plan
+    (`tp_mesh`) `linear` is row-parallel: fn runs on the local weight shard without the bias, the
+    partial sums are reduce-scattered over the sequence (`sp`) or all-reduced, then the bias is added
+    (as DTensor's RowwiseParallel does)."""
     if tp_mesh is None:
         return fn(*args, linear.weight, linear.bias)
-    from torch.distributed.tensor import DTensor, Partial, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from mmkit.parallel.comm import copy_to_group
 
     y = fn(*args, linear.weight.to_local(), None)  # (B, S, D_out), partial over tp
-    y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False).redistribute(tp_mesh, [Shard(1)])
-    y = y.to_local()  # this rank's sequence piece
-    if linear.bias is not None:  # replicated; used on this rank's tokens: its gradient summed over tp
-        y = y + copy_to_group(linear.bias.to_local(), tp_mesh.get_group())
+    y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False)
+    y = y.redistribute(tp_mesh, [Shard(1) if sp else Replicate()]).to_local()
+    if (
+        linear.bias is not None
+    ):  # replicated; with sp used on this rank's tokens only: gradient summed over tp
+        b = linear.bias.to_local()
+        y = y + (copy_to_group(b, tp_mesh.get_group()) if sp else b)
     return y
 
 
@@ -465,7 +469,7 @@ class WanMLP(nn.Module):
     """
 
     chunk = 512
-    tp_mesh = None  # as WanSelfAttention.tp_mesh
+    tp_mesh, tp_sp = None, True  # as WanSelfAttention's
 
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
@@ -482,7 +486,7 @@ class WanMLP(nn.Module):
             def mlp(x, w2, b2):
                 return _RecomputedMLP.apply(fn, len(args), self.chunk, x, *args, w1, b1, w2, b2)
 
-            return _row_linear(mlp, (_local_input(x),), self.fc2, self.tp_mesh)
+            return _row_linear(mlp, (_local_input(x),), self.fc2, self.tp_mesh, self.tp_sp)
         if torch.is_grad_enabled() or S < 2 * self.chunk:
             return self.fc2(self.fc1(x))
         out = torch.empty(*x.shape[:-1], self.fc2.out_features, dtype=x.dtype, device=x.device)
@@ -513,7 +517,7 @@ class WanBlock(nn.Module):
 
     `recompute_hidden` (set by selective activation checkpointing, parallel/ac.py): in training with
     plain or FSDP2-gathered parameters, or tensor-parallel shards whose modules carry the plan's
-    `tp_mesh` (sequence parallelism), the block keeps 14 (tokens, width) tensors for backward instead of autograd's
+    `tp_mesh`, the block keeps 14 (tokens, width) tensors for backward instead of autograd's
     22 + 2 ffn/width (34 at Wan's widths): norm outputs and the MLP's hidden activations are
     recomputed in backward, the attention output is kept once (see `_NormedLinears` and the functions
     next to it). Cost: one more fc1 matmul. Same forward, same gradients up to float rounding.
@@ -551,16 +555,25 @@ class WanBlock(nn.Module):
             and torch.is_grad_enabled()
             and (self.attn.tp_mesh is not None or _plain(*self.parameters()))
         ):
-            mod = _modulated_norm(self.eps)
-            x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, (shift1, scale1))), gate1)
             nc = self.norm_cross
+            norm_args = [shift1, scale1, shift2, scale2] + (
+                [nc.weight, nc.bias] if isinstance(nc, nn.LayerNorm) else []
+            )
+            if self.attn.tp_mesh is not None and not self.attn.tp_sp:
+                # tensor parallel without sequence parallelism: the prologue norms' gradients come from this
+                # rank's heads / MLP columns only, but every rank must hold the complete ones (as without lean)
+                from mmkit.parallel.comm import copy_to_group
+
+                norm_args = [copy_to_group(t, self.attn.tp_mesh.get_group()) for t in norm_args]
+            mod = _modulated_norm(self.eps)
+            x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, tuple(norm_args[0:2]))), gate1)
             cross_norm = (
-                (_layer_norm(nc.eps), (nc.weight, nc.bias))
+                (_layer_norm(nc.eps), tuple(norm_args[4:]))
                 if isinstance(nc, nn.LayerNorm)
                 else (_identity, ())
             )
             x = x + self.cross(x, ctx, ctx_img, prenorm=cross_norm)
-            return torch.addcmul(x, self.mlp(x, prenorm=(mod, (shift2, scale2))), gate2)
+            return torch.addcmul(x, self.mlp(x, prenorm=(mod, tuple(norm_args[2:4]))), gate2)
         x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
         x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
         return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)

@@ -57,8 +57,8 @@ class WanPlan(ParallelPlan):
             gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, ctx_img)
             shard_linears(block.mlp, tp, ["fc1"], ["fc2"], sp)
             gather_inputs(block.mlp, tp, 1, sp)
-            if sp:  # selective AC's lean block path (`WanBlock.recompute_hidden`) on the local shards
-                block.attn.tp_mesh = block.cross.tp_mesh = block.mlp.tp_mesh = tp
+            for mod in (block.attn, block.cross, block.mlp):  # selective AC's lean path on local shards
+                mod.tp_mesh, mod.tp_sp = tp, sp
 
     def setup_cp(self) -> None:
         pass  # the self-attention kernel is installed per micro-batch (`local_rope`)
