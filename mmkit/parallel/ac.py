@@ -3,8 +3,8 @@
 `full` recomputes every transformer block in backward; `selective` recomputes every k-th block
 (k = `ac_every_k`), trading part of the memory saving for less recompute, and in every block turns
 on the cheaper recomputes the model's modules offer: a module class with a `recompute_hidden`
-attribute (Wan's MLP) then keeps only its input for backward and recomputes its large hidden
-activations there, chunk by chunk. That matters because a checkpointed block is recomputed whole in
+attribute (`WanBlock`) then keeps only what is costly to recompute for backward (its norm outputs
+and MLP hidden activations are recomputed there, the MLP chunk by chunk). That matters because a checkpointed block is recomputed whole in
 backward: its full activations are alive at once, so a block's own footprint bounds the peak however
 many blocks are checkpointed. Blocks are found by the model's `blocks` (DiT) or `language.layers` /
 `visual.blocks` (VLM) ModuleLists.

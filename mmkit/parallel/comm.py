@@ -148,3 +148,9 @@ def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return x
     return _ReduceFromGroup.apply(x, group)
+
+
+def local_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a DTensor (FSDP2 / TP parameters and gradients; autograd passes gradients
+    through to the DTensor), or `t` itself. Example: `dist.all_reduce(local_tensor(p.grad), group=g)`."""
+    return t.to_local() if hasattr(t, "to_local") else t

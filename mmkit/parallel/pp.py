@@ -38,6 +38,7 @@ from torch.distributed.pipelining import (
 )
 
 from mmkit.models.qwen2_5_vl.model import check_placeholders
+from mmkit.parallel.comm import local_tensor
 from mmkit.parallel.pp_stages import FAMILIES, IGNORE_INDEX, plan_layers, split_stages
 
 __all__ = ["SCHEDULES", "Pipeline", "plan_layers", "split_stages"]
@@ -50,11 +51,6 @@ _MEDIA = (("pixel_values", "image_grid_thw", "image"), ("pixel_values_videos", "
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The schedule's loss_fn: the last stage already returns the summed loss of its micro-batch."""
     return output
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP/TP gradients), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Pipeline:
@@ -329,7 +325,9 @@ class Pipeline:
             return
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(_local(p.grad), group=self.tied_group if self.tied_group is not None else self.group)
+        dist.all_reduce(
+            local_tensor(p.grad), group=self.tied_group if self.tied_group is not None else self.group
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter of this rank's stages, once (the optimizer's and grad clipping's list; the tied
@@ -362,7 +360,7 @@ class Pipeline:
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.unique_parameters():
             if p.grad is not None:
-                sq += _local(p.grad).double().pow(2).sum()
+                sq += local_tensor(p.grad).double().pow(2).sum()
         dist.all_reduce(sq, group=self.group)
         return sq.sqrt()
 

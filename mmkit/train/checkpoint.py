@@ -60,6 +60,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmkit.parallel.comm import local_tensor
+
 FORMAT_VERSION = 1
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -249,7 +251,7 @@ def _untied(sd: dict) -> tuple[dict, dict[str, str]]:
     seen: dict = {}
     out, aliases = {}, {}
     for k, v in sd.items():
-        t = v.to_local() if hasattr(v, "to_local") else v
+        t = local_tensor(v)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
         if key is not None and key in seen:
             aliases[k] = seen[key]

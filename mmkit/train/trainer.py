@@ -96,9 +96,7 @@ class Trainer:
         self.accum = cfg.grad_accum_steps
         self.plan = self.pipe = None
         self.owned = self.model  # the parameters this process optimises and checkpoints
-        if (
-            self.dims.pp > 1
-        ):  # TP/SP -> CP -> activation checkpointing -> compile -> stages -> FSDP2 per stage
+        if self.dims.pp > 1:  # the plan without FSDP2 -> stages -> FSDP2 per stage
             self.plan = parallelize(self.task, self.dims, self.mesh, cfg, fsdp=False)
             self._build_pipeline()
         elif self.world > 1:  # TP/SP -> CP -> activation checkpointing -> FSDP2 (parallel/plans/)
@@ -257,8 +255,6 @@ class Trainer:
         cfg = self.model.cfg
         if self.dims.pp <= 2 or not getattr(cfg, "tie_word_embeddings", False):
             return None
-        from mmkit.parallel.dims import process_group_timeout
-
         ranks = self.mesh.mesh.reshape(self.dims.pp, -1)  # (pp, the other dimensions flattened)
         mine = None
         for j in range(ranks.shape[1]):  # every rank creates every group, in the same order

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mmkit.models.common.attention import attention
 from mmkit.models.common.ops import Linear, linear
 from mmkit.models.wan.config import WanConfig
+from mmkit.parallel.comm import copy_to_group, local_tensor
 
 # Parameters kept in float32 when the model is cast to a low-precision dtype (as diffusers does):
 # they feed the float32 modulation path and are tiny.
@@ -415,12 +416,7 @@ def _modulated_norm(eps: float):
 def _wb(*mods: nn.Linear) -> list[torch.Tensor]:
     """weight, bias, weight, bias, ... of Linear layers (the inputs `_NormedLinears` takes); this rank's
     shards when a tensor-parallel plan made them DTensors (column-parallel: whole heads / MLP columns)."""
-    return [_local(t) for m in mods for t in (m.weight, m.bias)]
-
-
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The local shard of a DTensor parameter (its gradient lands in the DTensor's), or `t` itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return [local_tensor(t) for m in mods for t in (m.weight, m.bias)]
 
 
 def _local_input(x: torch.Tensor) -> torch.Tensor:
@@ -444,15 +440,11 @@ def _row_linear(fn, args: tuple, linear: nn.Linear, tp_mesh, sp: bool = True) ->
         return fn(*args, linear.weight, linear.bias)
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-    from mmkit.parallel.comm import copy_to_group
-
     y = fn(*args, linear.weight.to_local(), None)  # (B, S, D_out), partial over tp
     y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False)
     y = y.redistribute(tp_mesh, [Shard(1) if sp else Replicate()]).to_local()
-    if (
-        linear.bias is not None
-    ):  # replicated; with sp used on this rank's tokens only: gradient summed over tp
-        b = linear.bias.to_local()
+    if linear.bias is not None:
+        b = linear.bias.to_local()  # replicated; with sp used on this rank's tokens: gradient summed over tp
         y = y + (copy_to_group(b, tp_mesh.get_group()) if sp else b)
     return y
 
@@ -556,24 +548,17 @@ class WanBlock(nn.Module):
             and (self.attn.tp_mesh is not None or _plain(*self.parameters()))
         ):
             nc = self.norm_cross
-            norm_args = [shift1, scale1, shift2, scale2] + (
-                [nc.weight, nc.bias] if isinstance(nc, nn.LayerNorm) else []
-            )
+            ln = isinstance(nc, nn.LayerNorm)
+            args = [(shift1, scale1), (nc.weight, nc.bias) if ln else (), (shift2, scale2)]
             if self.attn.tp_mesh is not None and not self.attn.tp_sp:
                 # tensor parallel without sequence parallelism: the prologue norms' gradients come from this
                 # rank's heads / MLP columns only, but every rank must hold the complete ones (as without lean)
-                from mmkit.parallel.comm import copy_to_group
-
-                norm_args = [copy_to_group(t, self.attn.tp_mesh.get_group()) for t in norm_args]
+                group = self.attn.tp_mesh.get_group()
+                args = [tuple(copy_to_group(t, group) for t in a) for a in args]
             mod = _modulated_norm(self.eps)
-            x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, tuple(norm_args[0:2]))), gate1)
-            cross_norm = (
-                (_layer_norm(nc.eps), tuple(norm_args[4:]))
-                if isinstance(nc, nn.LayerNorm)
-                else (_identity, ())
-            )
-            x = x + self.cross(x, ctx, ctx_img, prenorm=cross_norm)
-            return torch.addcmul(x, self.mlp(x, prenorm=(mod, tuple(norm_args[2:4]))), gate2)
+            x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, args[0])), gate1)
+            x = x + self.cross(x, ctx, ctx_img, prenorm=(_layer_norm(nc.eps) if ln else _identity, args[1]))
+            return torch.addcmul(x, self.mlp(x, prenorm=(mod, args[2])), gate2)
         x = torch.addcmul(x, self.attn(_modulate(x, shift1, scale1, self.eps), rope), gate1)
         x = x + self.cross(self.norm_cross(x), ctx, ctx_img)
         return torch.addcmul(x, self.mlp(_modulate(x, shift2, scale2, self.eps)), gate2)

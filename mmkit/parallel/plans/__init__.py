@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mmkit.parallel.comm import local_tensor
 from mmkit.parallel.dims import ParallelDims
 
 
@@ -116,13 +117,15 @@ class ParallelPlan(nn.Module):
         """Sum the partial gradients of replicated sequence-parallel parameters over tp."""
         if not self.sp:
             return
+        from mmkit.train.ema import clean_name
+
         # names as recorded before activation checkpointing / compile wrapped the blocks
-        params = {_plain_name(n): p for n, p in self.inner.named_parameters()}
+        params = {clean_name(n): p for n, p in self.inner.named_parameters()}
         grads = []
         for n in self._tp_partial_names:
             g = params[n].grad
             if g is not None:
-                grads.append(g.to_local() if hasattr(g, "to_local") else g)
+                grads.append(local_tensor(g))
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.tp_group)
@@ -138,11 +141,6 @@ class ParallelPlan(nn.Module):
         if self.sp or (self.loss_split_over_tp and self.tp_group is not None):
             dist.all_reduce(stats, group=self.tp_group)
         return stats
-
-
-def _plain_name(name: str) -> str:
-    """A parameter name without the wrappers' path pieces (`checkpoint_wrapper`, `torch.compile`)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def parallelize(task, dims: ParallelDims, mesh, cfg, fsdp: bool = True) -> ParallelPlan:
