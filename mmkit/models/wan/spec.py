@@ -1,0 +1,111 @@
+"""The Wan2.1 family as the registry sees it (`mmkit.registry`): detection, configs, the tensor- and
+pipeline-parallel split declared once, and where its plan, stages, task and pipeline live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmkit.models.common.hf_io import read_json
+from mmkit.registry import FamilySpec, ModelShape, PPRule, TPRule
+
+# diffusers pipeline classes of the Wan2.1 releases (model_index.json `_class_name`)
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
+# the DiT's config.json `_class_name`: diffusers layout, original release layout
+TRANSFORMERS = ("WanTransformer3DModel", "WanModel")
+
+
+def detect(folder: Path) -> bool:
+    """A diffusers Wan pipeline folder, its `transformer/` folder, or an original-release DiT folder."""
+    if (folder / "model_index.json").is_file():
+        return read_json(folder / "model_index.json").get("_class_name") in PIPELINES
+    if (folder / "config.json").is_file():
+        return read_json(folder / "config.json").get("_class_name") in TRANSFORMERS
+    return False
+
+
+def _flavors():
+    """Named public sizes -> a factory of a fresh config."""
+    import dataclasses
+
+    from mmkit.models.wan.config import FLAVORS
+
+    return {name: (lambda c=cfg: dataclasses.replace(c)) for name, cfg in FLAVORS.items()}
+
+
+def _config_from_hf(d: dict):
+    from mmkit.models.wan.config import WanConfig
+
+    return WanConfig.from_dict(d).validate()
+
+
+def _build(cfg):
+    from mmkit.models.wan.model import WanTransformer
+
+    return WanTransformer(cfg)
+
+
+def _shape(cfg) -> ModelShape:
+    h = cfg.num_attention_heads
+    return ModelShape("wan", h, h, cfg.num_layers)
+
+
+def _validate(cfg, world: int) -> list[str]:
+    """Wan's own config rules: video clip geometry the VAE and patching accept."""
+    m, d = cfg.model, cfg.data
+    errs = []
+    if any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
+        errs.append(
+            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for wan"
+        )
+    if d.num_frames < 1 or (d.num_frames - 1) % 4:
+        k = max(0, round((d.num_frames - 1) / 4))
+        errs.append(
+            f"data.num_frames={d.num_frames!r}: must be 4k+1 (the VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}"
+        )
+    for name in ("height", "width"):
+        v = getattr(d, name)
+        if v < 16 or v % 16:
+            errs.append(
+                f"data.{name}={v!r}: must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}"
+            )
+    if d.train_fps <= 0:
+        errs.append(f"data.train_fps={d.train_fps!r}: must be > 0 frames per second")
+    if not 0.0 <= d.text_dropout <= 1.0:
+        errs.append(f"data.text_dropout={d.text_dropout!r}: is a probability; use a value in [0, 1]")
+    return errs
+
+
+_BLOCK = r"blocks\.\d+\."
+
+SPEC = FamilySpec(
+    name="wan",
+    title="Wan2.1",
+    tasks=("t2v", "i2v"),
+    flavors=_flavors,
+    detect=detect,
+    config_from_hf=_config_from_hf,
+    build_model=_build,
+    model_shape=_shape,
+    tp_rules=(
+        # colwise: q/k/v and the first MLP matrix split their output features (whole heads per rank)
+        TPRule(_BLOCK + r"(attn\.(q|k|v)|cross\.(q|k|v|k_img|v_img)|mlp\.fc1)", "colwise"),
+        # rowwise: output projections split their input features; their bias is added once (replicated)
+        TPRule(_BLOCK + r"(attn\.out|cross\.out|mlp\.fc2)", "rowwise"),
+        # Wan's q/k RMSNorm spans all heads, so its weight follows the heads of q/k
+        TPRule(_BLOCK + r"(attn\.norm_(q|k)|cross\.norm_(q|k|k_img))", "head_norm"),
+    ),
+    pp_rule=PPRule(
+        r"blocks\.(\d+)\.",
+        first=("patch_embed.", "text_embed.", "time_embed.", "time_proj.", "image_embed."),
+        last=("head.",),
+    ),
+    hf_layouts=("diffusers", "original"),
+    converter="WanConverter",
+    video=True,
+    validate=_validate,
+    plan="mmkit.parallel.plans.wan:WanPlan",
+    stages="mmkit.parallel.pp_stages:split_wan",
+    task="mmkit.train.tasks.wan:build_task",
+    data="mmkit.train.tasks.wan:build_data",
+    pipeline="mmkit.infer.pipelines:load_wan_pipeline",
+)
