@@ -249,7 +249,6 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its
 ALIASES = {"metrics-file": "logging.metrics_file", "log-tps": "logging.log_tps"}
 
 _CHOICES = {
-    "model.family": ("wan", "qwen2_5_vl"),
     "model.activation_checkpointing": ("none", "full", "selective"),
     "model.compile": ("none", "inductor", "aot_eager"),
     "model.dtype": ("fp32", "bf16", "fp16"),
@@ -260,7 +259,6 @@ _CHOICES = {
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.cp_algo": ("ulysses", "ring", "hybrid"),
 }
-_TASKS = {"wan": ("t2v", "i2v"), "qwen2_5_vl": ("sft",)}
 
 
 def _hints(klass: type) -> dict[str, Any]:
@@ -523,147 +521,151 @@ def _world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _model_flavors(family: str) -> list[str]:
-    """Named sizes of a family (lazy import: the model configs are only needed here)."""
-    if family == "wan":
-        from mmkit.models.wan.config import FLAVORS
-    else:
-        from mmkit.models.qwen2_5_vl.config import FLAVORS
-    return ["tiny", *FLAVORS]
+class _Errors(list):
+    """Collects `section.field=value: what is wrong; the fix` lines for one ConfigError."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+
+    def bad(self, name: str, why: str) -> None:
+        section, _, fld = name.partition(".")
+        self.append(f"{name}={getattr(getattr(self.cfg, section), fld)!r}: {why}")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every field before any compute; resolve `parallel.dp_shard=-1` and `sequence_parallel`.
 
-    `world_size` defaults to the WORLD_SIZE environment variable (torchrun sets it), else 1.
+    `world_size` defaults to the WORLD_SIZE environment variable (torchrun sets it), else 1. The rules are
+    per section, then the model family's own (`FamilySpec.validate` in `models/<family>/spec.py`).
     Raises one ConfigError listing each problem as `section.field=value: what is wrong; the fix`.
     Example: `validate(Config(), world_size=1).dp_size` -> `1`.
     """
+    from mmkit import registry
+
     world = _world_size_from_env() if world_size is None else world_size
-    errs: list[str] = []
-
-    def bad(name: str, why: str) -> None:
-        section, _, fld = name.partition(".")
-        errs.append(f"{name}={getattr(getattr(cfg, section), fld)!r}: {why}")
-
+    errs = _Errors(cfg)
     for name, choices in _CHOICES.items():
         section, _, fld = name.partition(".")
         if getattr(getattr(cfg, section), fld) not in choices:
-            bad(name, f"choose one of {', '.join(choices)}")
+            errs.bad(name, f"choose one of {', '.join(choices)}")
+    if cfg.model.family not in registry.names():
+        errs.bad("model.family", f"choose one of {', '.join(registry.names())}")
+        spec = None
+    else:
+        spec = registry.get(cfg.model.family)
+    _check_model(cfg, spec, errs)
+    _check_data(cfg, errs)
+    _check_train(cfg, errs)
+    _check_optim(cfg, errs)
+    _check_checkpoint(cfg, errs)
+    _check_parallel(cfg, world, errs)
+    _check_batch(cfg, errs)
+    _check_logging(cfg, errs)
+    if spec is not None:
+        errs.extend(spec.validate(cfg, world))
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+    return cfg
 
-    m, d, t, o, c, p, lg = (
-        cfg.model,
-        cfg.data,
-        cfg.train,
-        cfg.optim,
-        cfg.checkpoint,
-        cfg.parallel,
-        cfg.logging,
-    )
-    if m.family in _TASKS:
-        if m.task not in _TASKS[m.family]:
-            bad("model.task", f"family {m.family!r} supports task {' or '.join(_TASKS[m.family])}")
-        if m.init_from is None and m.flavor not in (flavors := _model_flavors(m.family)):
-            bad(
+
+def _check_model(cfg: Config, spec, errs: _Errors) -> None:
+    m = cfg.model
+    if spec is not None:
+        if m.task not in spec.tasks:
+            errs.bad("model.task", f"family {m.family!r} supports task {' or '.join(spec.tasks)}")
+        flavors = list(dict.fromkeys(["tiny", *spec.flavor_names()]))
+        if m.init_from is None and m.flavor not in flavors:
+            errs.bad(
                 "model.flavor",
                 f"unknown {m.family} flavor; choose one of {', '.join(flavors)} or set init_from",
             )
     if m.init_from is not None and not Path(m.init_from).is_dir():
-        bad(
+        errs.bad(
             "model.init_from",
             "no such folder; give a Hugging Face model folder (with config.json or model_index.json)",
         )
     if m.ac_every_k < 1:
-        bad("model.ac_every_k", "must be >= 1 (1 = every block)")
-    if m.family == "wan" and any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
-        errs.append(
-            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for wan"
-        )
+        errs.bad("model.ac_every_k", "must be >= 1 (1 = every block)")
 
-    video = m.family == "wan"
+
+def _check_data(cfg: Config, errs: _Errors) -> None:
+    d = cfg.data
     for i, path in enumerate(d.paths):
         if not Path(path).exists():
             errs.append(f"data.paths[{i}]={path!r}: no such file; give an existing data.txt / JSON(L) file")
-    if video:
-        if d.num_frames < 1 or (d.num_frames - 1) % 4:
-            k = max(0, round((d.num_frames - 1) / 4))
-            bad(
-                "data.num_frames",
-                f"must be 4k+1 (the VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}",
-            )
-        for name in ("height", "width"):
-            v = getattr(d, name)
-            if v < 16 or v % 16:
-                bad(
-                    f"data.{name}",
-                    f"must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}",
-                )
-        if d.train_fps <= 0:
-            bad("data.train_fps", "must be > 0 frames per second")
-        if not 0.0 <= d.text_dropout <= 1.0:
-            bad("data.text_dropout", "is a probability; use a value in [0, 1]")
-    if d.packing and m.task != "sft":
-        bad("data.packing", "applies to task sft only; set it to false")
+    if d.packing and cfg.model.task != "sft":
+        errs.bad("data.packing", "applies to task sft only; set it to false")
     if d.max_samples is not None and d.max_samples < 1:
-        bad("data.max_samples", "must be >= 1, or unset for all samples")
+        errs.bad("data.max_samples", "must be >= 1, or unset for all samples")
     if d.cutoff_len < 1:
-        bad("data.cutoff_len", "must be >= 1 token")
+        errs.bad("data.cutoff_len", "must be >= 1 token")
     if d.num_workers < 0:
-        bad("data.num_workers", "must be >= 0")
+        errs.bad("data.num_workers", "must be >= 0")
     if d.precomputed_dir is not None and not Path(d.precomputed_dir).is_dir():
-        bad("data.precomputed_dir", "no such folder; precompute features first or unset it")
+        errs.bad("data.precomputed_dir", "no such folder; precompute features first or unset it")
 
+
+def _check_train(cfg: Config, errs: _Errors) -> None:
+    t = cfg.train
     for name in ("steps", "global_batch", "micro_batch"):
         if getattr(t, name) < 1:
-            bad(f"train.{name}", "must be >= 1")
+            errs.bad(f"train.{name}", "must be >= 1")
     if t.grad_clip < 0:
-        bad("train.grad_clip", "must be >= 0 (0 disables clipping)")
+        errs.bad("train.grad_clip", "must be >= 0 (0 disables clipping)")
     if not 0.0 < t.ema_decay < 1.0:
-        bad("train.ema_decay", "must be in (0, 1), e.g. 0.9999")
+        errs.bad("train.ema_decay", "must be in (0, 1), e.g. 0.9999")
     if t.logit_std <= 0:
-        bad("train.logit_std", "must be > 0")
+        errs.bad("train.logit_std", "must be > 0")
     if t.flow_shift <= 0:
-        bad("train.flow_shift", "must be > 0 (1 = no shift)")
-    try:
-        from mmkit.device import DEVICES
+        errs.bad("train.flow_shift", "must be > 0 (1 = no shift)")
+    from mmkit.device import DEVICES
 
-        if t.device.split(":")[0] not in DEVICES:
-            bad("train.device", f"choose one of {', '.join(DEVICES)}")
-    except ImportError:  # pragma: no cover - mmkit.device is part of the package
-        pass
+    if t.device.split(":")[0] not in DEVICES:
+        errs.bad("train.device", f"choose one of {', '.join(DEVICES)}")
 
+
+def _check_optim(cfg: Config, errs: _Errors) -> None:
+    o, steps = cfg.optim, cfg.train.steps
     if o.lr <= 0:
-        bad("optim.lr", "must be > 0, e.g. 1e-4")
+        errs.bad("optim.lr", "must be > 0, e.g. 1e-4")
     if o.weight_decay < 0:
-        bad("optim.weight_decay", "must be >= 0")
+        errs.bad("optim.weight_decay", "must be >= 0")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        bad("optim.betas", "must be two values in [0, 1), e.g. [0.9, 0.999]")
+        errs.bad("optim.betas", "must be two values in [0, 1), e.g. [0.9, 0.999]")
     if o.eps <= 0:
-        bad("optim.eps", "must be > 0, e.g. 1e-8")
+        errs.bad("optim.eps", "must be > 0, e.g. 1e-8")
     if o.warmup_steps < 0:
-        bad("optim.warmup_steps", "must be >= 0")
-    elif o.warmup_steps > t.steps:
-        bad("optim.warmup_steps", f"is longer than train.steps={t.steps}; use at most {t.steps}")
+        errs.bad("optim.warmup_steps", "must be >= 0")
+    elif o.warmup_steps > steps:
+        errs.bad("optim.warmup_steps", f"is longer than train.steps={steps}; use at most {steps}")
     if not 0.0 <= o.min_lr <= max(o.lr, 0.0):
-        bad("optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
+        errs.bad("optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
 
+
+def _check_checkpoint(cfg: Config, errs: _Errors) -> None:
+    c = cfg.checkpoint
     if c.interval < 0:
-        bad("checkpoint.interval", "must be >= 0 (0 = save only at the end)")
+        errs.bad("checkpoint.interval", "must be >= 0 (0 = save only at the end)")
     if c.keep_last < 0:
-        bad("checkpoint.keep_last", "must be >= 0 (0 = keep all)")
+        errs.bad("checkpoint.keep_last", "must be >= 0 (0 = keep all)")
     if c.resume not in ("auto", "none") and not Path(c.resume).exists():
-        bad(
+        errs.bad(
             "checkpoint.resume",
             "no such checkpoint; use auto, none, or an existing step_N folder / checkpoint dir",
         )
 
+
+def _check_parallel(cfg: Config, world: int, errs: _Errors) -> None:
+    """Sizes against the world size (resolving dp_shard=-1), and the context-parallel options."""
+    p = cfg.parallel
     sizes_ok = True
     for name in ("dp_replicate", "tp", "pp", "cp"):
         if getattr(p, name) < 1:
-            bad(f"parallel.{name}", "must be >= 1")
+            errs.bad(f"parallel.{name}", "must be >= 1")
             sizes_ok = False
     if p.dp_shard == 0 or p.dp_shard < -1:
-        bad("parallel.dp_shard", "must be >= 1, or -1 to fill the world size")
+        errs.bad("parallel.dp_shard", "must be >= 1, or -1 to fill the world size")
         sizes_ok = False
     if sizes_ok:
         others = p.dp_replicate * p.tp * p.pp * p.cp
@@ -686,31 +688,30 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     if p.cp_algo == "hybrid" and p.cp >= 1:
         u = p.ulysses_degree
         if u is None or u < 1 or p.cp % u:
-            bad(
+            errs.bad(
                 "parallel.ulysses_degree",
                 f"hybrid cp needs a Ulysses group size that divides cp={p.cp}, e.g. 2",
             )
     if p.ring_window is not None and p.ring_window < 1:
-        bad("parallel.ring_window", "must be >= 1, or unset for a single ring")
+        errs.bad("parallel.ring_window", "must be >= 1, or unset for a single ring")
     elif p.ring_window is not None and p.cp >= 1 and p.cp_algo in ("ring", "hybrid"):
         u = p.ulysses_degree if p.cp_algo == "hybrid" and p.ulysses_degree else 1
         ring = p.cp // u if u >= 1 and p.cp % u == 0 else p.cp
         if ring % p.ring_window:
-            bad(
+            errs.bad(
                 "parallel.ring_window",
                 f"the double ring splits the ring of {ring} ranks into inner rings of ring_window ranks; "
                 f"use a divisor of {ring}: {[w for w in range(1, ring + 1) if ring % w == 0]}",
             )
     if p.cp > 1 and p.cp_algo not in ("ring", "hybrid") and p.ring_window is not None:
-        bad("parallel.ring_window", f"only applies to cp_algo ring or hybrid, not {p.cp_algo!r}; unset it")
-    if m.family == "qwen2_5_vl" and world > 1 and not cfg.data.packing:
-        bad(
-            "data.packing",
-            "multi-process Qwen2.5-VL training runs on packed rows (no padding is computed, and context "
-            "parallelism needs sample boundaries); set data.packing=true",
+        errs.bad(
+            "parallel.ring_window", f"only applies to cp_algo ring or hybrid, not {p.cp_algo!r}; unset it"
         )
 
-    # The batch rule needs a resolved data-parallel size.
+
+def _check_batch(cfg: Config, errs: _Errors) -> None:
+    """The global batch splits into micro-batches over the data-parallel ranks (needs a resolved dp_shard)."""
+    p, t = cfg.parallel, cfg.train
     if p.dp_shard > 0 and t.micro_batch >= 1 and t.global_batch >= 1:
         dp = p.dp_replicate * p.dp_shard
         unit = t.micro_batch * dp
@@ -722,14 +723,13 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 "or change train.micro_batch"
             )
 
-    if lg.log_interval < 1:
-        bad("logging.log_interval", "must be >= 1")
-    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
-        bad("logging.peak_tflops", "must be > 0, or unset")
 
-    if errs:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
-    return cfg
+def _check_logging(cfg: Config, errs: _Errors) -> None:
+    lg = cfg.logging
+    if lg.log_interval < 1:
+        errs.bad("logging.log_interval", "must be >= 1")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        errs.bad("logging.peak_tflops", "must be > 0, or unset")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class FamilySpec:
     hf_layouts: tuple[str, ...]  # HF layouts it exports to, the first is the default
     converter: str  # the class name `mm-convert` accepts, "WanConverter"
     video: bool = False  # trains on video clips (data.num_frames/height/width apply)
+    packed: bool = False  # trains on token rows packed to data.cutoff_len (fixed pipeline shapes)
     validate: Callable[[Any, int], list[str]] = _no_rules  # (Config, world size) -> error lines
     # import references to code above models/ ("module:attribute")
     hf: str = ""  # the HF adapter (read/write a Hugging Face folder)

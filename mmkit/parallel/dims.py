@@ -19,40 +19,24 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 
+from mmkit import registry
+from mmkit.registry import ModelShape
+
 
 class LayoutError(ValueError):
     """An impossible parallel layout for this model or world size."""
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the layout rules need to know about a model: attention heads, KV heads, layers per tower."""
-
-    family: str
-    heads: int
-    kv_heads: int
-    layers: int  # the tower that pipeline stages split (DiT blocks, LLM decoder layers)
-    vision_layers: int = 0  # Qwen2.5-VL ViT blocks (all on pipeline stage 0)
-
-
 def model_shape(family: str, model_cfg) -> ModelShape:
-    """The layout-relevant numbers of a model config (WanConfig or Qwen2_5_VLConfig).
+    """The layout-relevant numbers of a model config, from the family's registry entry.
 
     Example: `model_shape("wan", FLAVORS["14B"])` -> `ModelShape("wan", 40, 40, 40)`.
     """
-    if family == "wan":
-        h = model_cfg.num_attention_heads
-        return ModelShape("wan", h, h, model_cfg.num_layers)
-    if family == "qwen2_5_vl":
-        t = model_cfg.text
-        return ModelShape(
-            "qwen2_5_vl",
-            t.num_attention_heads,
-            t.num_key_value_heads,
-            t.num_hidden_layers,
-            model_cfg.vision.depth,
-        )
-    raise LayoutError(f"model.family={family!r}: no parallel plan (known: wan, qwen2_5_vl)")
+    try:
+        spec = registry.get(family)
+    except ValueError as e:
+        raise LayoutError(str(e)) from None
+    return spec.model_shape(model_cfg)
 
 
 def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp_layers") -> list[int]:
@@ -144,7 +128,7 @@ def check_model_layout(
                 )
     if pp > 1 or pp_layers is not None:
         stage_layers(pp, shape.layers, pp_layers)
-    if vit_pp_layers is not None and family == "qwen2_5_vl":
+    if vit_pp_layers is not None and shape.vision_layers:
         flat = [int(x) for r in vit_pp_layers for x in (r if isinstance(r, (list, tuple)) else [r])]
         if sum(flat) != shape.vision_layers or any(flat[1:]):
             raise LayoutError(

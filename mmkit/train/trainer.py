@@ -28,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from mmkit import registry
 from mmkit.config import Config
 from mmkit.device import dist_backend, resolve_device
 from mmkit.parallel.ac import apply_ac
@@ -125,10 +126,7 @@ class Trainer:
     def fit(self) -> list[float]:
         """Train to `train.steps`, resuming if a checkpoint exists; returns the per-step losses."""
         cfg = self.cfg
-        resumed = self.ckpt.resume(self.owned, self.opt, self.sched, ema=self.ema)
-        start = resumed.step if resumed else 0
-        if resumed and resumed.data_state:
-            self.sampler.load_state_dict(resumed.data_state)
+        start, data_state = self._resume()
         log = MetricsLogger(
             cfg.logging,
             cfg.train.steps,
@@ -138,63 +136,16 @@ class Trainer:
         )
         losses: list[float] = []
         batches = self._batches()
-        data_state = resumed.data_state if resumed else None
         self.model.train()
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            total = torch.zeros((), dtype=torch.float64)
-            count, samples, tokens = 0, 0, 0
             self.opt.zero_grad(set_to_none=True)
             g = step_generator(cfg.train.seed, step)  # per-sample streams are keyed off it (tasks)
-            if self.pipe is not None:  # all micro-batches of the step go through the pipeline at once
-                micro = [next(batches) for _ in range(self.accum)]
-                data_state = micro[-1].get("data_state", data_state)
-                with torch.autocast(
-                    self.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=self.amp_cache
-                ):
-                    preps = [self.task.prepare(b, g) for b in micro]
-                    preps = [{k: v for k, v in pr.items() if v is not None} for pr in preps]
-                    loss_sum, count = self.pipe.step(preps)  # count: complete; the loss: partial over cp/tp
-                total += self.plan.reduce_stats(loss_sum.detach().double().cpu().reshape(1))[0]
-                for pr in preps:
-                    n, t = _counts(pr)
-                    samples, tokens = samples + n, tokens + t
-                if self.dims.dp > 1:
-                    stats = torch.tensor([total.item(), count, samples, tokens], dtype=torch.float64)
-                    dist.all_reduce(stats, group=self.mesh["dp"].get_group())
-                    total, count, samples, tokens = stats[0], int(stats[1]), int(stats[2]), int(stats[3])
-            for _ in range(self.accum if self.pipe is None else 0):
-                batch = next(batches)
-                data_state = batch.get("data_state", data_state)
-                with torch.autocast(
-                    self.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=self.amp_cache
-                ):
-                    if self.plan is None:
-                        out = self.task.loss(batch, g)
-                    else:
-                        out = self.plan(self.task.prepare(batch, g))
-                out.loss_sum.backward()
-                total += out.loss_sum.detach().double()
-                count += int(out.count)
-                samples, tokens = samples + out.samples, tokens + out.tokens
-            if self.plan is not None:  # gradients: FSDP2 summed them over dp x cp; tp partials here
-                self.plan.finalize_grads()
-                if self.pipe is None:
-                    total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
-            for p in self.owned.parameters():  # mean over everything the step saw
-                if p.grad is not None:
-                    p.grad.div_(count)
-            grad_norm = clip_grad_norm_(
-                [p for p in self.owned.parameters() if p.grad is not None],
-                cfg.train.grad_clip,
-                extra_group=self.mesh["pp"].get_group() if self.pipe is not None else None,
-                norm_params=self.pipe.unique_parameters() if self.pipe is not None else None,
-            )
+            run = self._pipeline_step if self.pipe is not None else self._plain_step
+            (total, count, samples, tokens), data_state = run(batches, g, data_state)
+            grad_norm = self._finish_grads(count)
             lr = self.opt.param_groups[0]["lr"]
-            self.opt.step()
-            self.sched.step()
-            if self.ema is not None:
-                self.ema.update(self.owned)
+            self._update()
             loss = (total / count).item()
             losses.append(loss)
             log.step(
@@ -217,6 +168,84 @@ class Trainer:
             self.data.report()
         return losses
 
+    # ---- the steps of one optimizer step -----------------------------------------------------------
+    def _resume(self) -> tuple[int, dict | None]:
+        """(the step to continue after, the sampler state) from the latest checkpoint; (0, None) fresh."""
+        resumed = self.ckpt.resume(self.owned, self.opt, self.sched, ema=self.ema)
+        if resumed is None:
+            return 0, None
+        if resumed.data_state:
+            self.sampler.load_state_dict(resumed.data_state)
+        return resumed.step, resumed.data_state
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=self.amp_cache
+        )
+
+    def _pipeline_step(self, batches, g: torch.Generator, data_state):
+        """All micro-batches of the step through the pipeline at once; returns the global
+        (loss sum, count, samples, tokens) and the sampler state after the last micro-batch."""
+        micro = [next(batches) for _ in range(self.accum)]
+        data_state = micro[-1].get("data_state", data_state)
+        with self._autocast():
+            preps = [self.task.prepare(b, g) for b in micro]
+            preps = [{k: v for k, v in pr.items() if v is not None} for pr in preps]
+            loss_sum, count = self.pipe.step(preps)  # count: complete; the loss: partial over cp/tp
+        total = self.plan.reduce_stats(loss_sum.detach().double().cpu().reshape(1))[0]
+        samples = tokens = 0
+        for pr in preps:
+            n, t = _counts(pr)
+            samples, tokens = samples + n, tokens + t
+        if self.dims.dp > 1:
+            stats = torch.tensor([total.item(), count, samples, tokens], dtype=torch.float64)
+            dist.all_reduce(stats, group=self.mesh["dp"].get_group())
+            total, count, samples, tokens = stats[0], int(stats[1]), int(stats[2]), int(stats[3])
+        self.plan.finalize_grads()  # tp partials (FSDP2 summed the rest over dp x cp)
+        return (total, count, samples, tokens), data_state
+
+    def _plain_step(self, batches, g: torch.Generator, data_state):
+        """Gradient accumulation over `accum` micro-batches, one process or under a plan; returns the
+        global (loss sum, count, samples, tokens) and the sampler state after the last micro-batch."""
+        total = torch.zeros((), dtype=torch.float64)
+        count, samples, tokens = 0, 0, 0
+        for _ in range(self.accum):
+            batch = next(batches)
+            data_state = batch.get("data_state", data_state)
+            with self._autocast():
+                if self.plan is None:
+                    out = self.task.loss(batch, g)
+                else:
+                    out = self.plan(self.task.prepare(batch, g))
+            out.loss_sum.backward()
+            total += out.loss_sum.detach().double()
+            count += int(out.count)
+            samples, tokens = samples + out.samples, tokens + out.tokens
+        if self.plan is not None:  # gradients: FSDP2 summed them over dp x cp; tp partials here
+            self.plan.finalize_grads()
+            total, count, samples, tokens = self._reduce_stats(total, count, samples, tokens)
+        return (total, count, samples, tokens), data_state
+
+    def _finish_grads(self, count: int) -> torch.Tensor:
+        """Mean over everything the step saw, then clip; returns the global gradient norm."""
+        for p in self.owned.parameters():
+            if p.grad is not None:
+                p.grad.div_(count)
+        return clip_grad_norm_(
+            [p for p in self.owned.parameters() if p.grad is not None],
+            self.cfg.train.grad_clip,
+            extra_group=self.mesh["pp"].get_group() if self.pipe is not None else None,
+            norm_params=self.pipe.unique_parameters() if self.pipe is not None else None,
+        )
+
+    def _update(self) -> None:
+        """Optimizer, lr schedule and EMA."""
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.owned)
+
+    # ---- set-up --------------------------------------------------------------------------------
     def _build_pipeline(self) -> None:
         """Split the model into this rank's pipeline stages (parallel/pp.py), FSDP2 per stage over the
         data-parallel ranks, and the schedule that runs the step's micro-batches."""
@@ -241,7 +270,7 @@ class Trainer:
                 fully_shard(st, mesh=dp_mesh)
                 st.set_gradient_divide_factor(1.0)
                 st.set_force_sum_reduction_for_comms(True)
-        seq_len = cfg.data.cutoff_len if cfg.model.family == "qwen2_5_vl" else None
+        seq_len = cfg.data.cutoff_len if registry.get(cfg.model.family).packed else None  # fixed-length rows
         self.pipe = Pipeline(
             stages, cfg.model.family, pp_mesh.get_group(), cfg.parallel.pp_schedule, self.accum, self.device,
             seq_len=seq_len, tied_group=self._tied_group(),

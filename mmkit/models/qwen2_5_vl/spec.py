@@ -83,6 +83,7 @@ SPEC = FamilySpec(
     ),
     hf_layouts=("transformers",),
     converter="Qwen2_5_VLConverter",
+    packed=True,
     validate=_validate,
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
     stages="mmkit.parallel.pp_stages:split_qwen",

@@ -165,3 +165,88 @@ class VLMSFTTask:
         ):
             return None
         return torch.ops.aten.alias.default(w)  # its backward passes the gradient on unchanged
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders named by the family spec (models/qwen2_5_vl/spec.py)
+
+
+def build_task(cfg, device: torch.device) -> VLMSFTTask:
+    """VLMSFTTask over a model loaded from `model.init_from` (transformers folder) or, for flavor "tiny"
+    only, a random tiny model with a freshly built tiny tokenizer."""
+    from mmkit.models.qwen2_5_vl.processor import Qwen2_5_VLProcessor
+    from mmkit.train.build import mm_checkpoint
+
+    m = cfg.model
+    mm = mm_checkpoint(m.init_from) if m.init_from else None
+    if mm is not None:  # an mmkit checkpoint: config + state from it, tokenizer from its HF side files
+        from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
+
+        model = Qwen2_5_VLModel(mm.model_cfg)
+        missing, unexpected = model.load_state_dict(mm.state, strict=False)
+        tied = {"language.lm_head.weight"} if mm.model_cfg.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(
+                f"model.init_from={m.init_from}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        model.to(device)
+        processor = Qwen2_5_VLProcessor.from_pretrained(str(mm.hf_files))
+    elif m.init_from:
+        from mmkit.models.qwen2_5_vl.load import load_model
+
+        model = load_model(m.init_from, device=str(device), dtype="fp32")  # fp32 master weights
+        processor = Qwen2_5_VLProcessor.from_pretrained(m.init_from)
+    elif m.flavor == "tiny":
+        import tempfile
+
+        from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
+        from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
+        from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="mmkit-tiny-qwen-tokenizer-") as tok_dir:
+            model = Qwen2_5_VLModel(tiny_config(build_tiny_tokenizer(tok_dir)))
+            processor = Qwen2_5_VLProcessor.from_pretrained(tok_dir)  # read fully into memory
+        perturbed_init(model, seed=cfg.train.seed)
+        model.to(device)
+    else:
+        raise ValueError(
+            f"model.flavor={m.flavor!r} without model.init_from: Qwen2.5-VL SFT needs a transformers folder "
+            "(weights + tokenizer), e.g. --model.init_from /path/Qwen2.5-VL-7B-Instruct; only flavor 'tiny' "
+            "can start from random weights"
+        )
+    model.train()
+    tcfg = VLMTaskConfig(
+        freeze_vision=m.freeze_vision, freeze_merger=m.freeze_merger, freeze_llm=m.freeze_llm
+    )
+    return VLMSFTTask(model, tcfg, processor=processor)
+
+
+def build_data(cfg, task, rank: int = 0, world_size: int = 1):
+    """(SFTDataset, ResumableSampler, DataLoader) with the padding or the packing collator."""
+    from torch.utils.data import DataLoader
+
+    from mmkit.data.sft import PackingCollator, SFTCollator, SFTDataset
+    from mmkit.data.video import ResumableSampler
+
+    d = cfg.data
+    if not d.paths:
+        raise ValueError(
+            "data.paths: give SFT JSON/JSONL files, e.g. --data.paths outputs/shapes_qa/qa.json "
+            "(`mmkit data synth shapes-qa outputs/shapes_qa` writes a synthetic set)"
+        )
+    ds = SFTDataset(
+        d.paths,
+        task.processor,
+        cutoff_len=d.cutoff_len,
+        max_samples=d.max_samples,
+        media_root=d.media_root,
+        tokens_per_second=task.model.cfg.vision.tokens_per_second,
+        progress=False,
+    )
+    pad = ds.pad_token_id
+    collate = PackingCollator(pad, max_len=d.cutoff_len) if d.packing else SFTCollator(pad)
+    sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        ds, batch_size=cfg.train.micro_batch, sampler=sampler, collate_fn=collate, num_workers=d.num_workers
+    )
+    return ds, sampler, loader

@@ -174,3 +174,83 @@ def sample_generator(generator: torch.Generator, epoch: int, index: int) -> torc
     """
     seed = (generator.initial_seed() * 1_000_003 + epoch) * 1_000_033 + index
     return torch.Generator().manual_seed(seed % (2**63))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders named by the family spec (models/wan/spec.py)
+
+
+def build_task(cfg, device: torch.device) -> WanTask:
+    """The Wan task of `cfg` (`model.init_from`: a diffusers folder or an mmkit checkpoint of one).
+
+    Example: `task = build_task(cfg, torch.device("cpu"))`."""
+    from mmkit.infer.pipelines import load_pipeline
+    from mmkit.train.build import mm_checkpoint
+
+    if not cfg.model.init_from:
+        raise ValueError(
+            "model.init_from: Wan training needs a diffusers-layout folder for its frozen VAE and umT5 "
+            "(and the DiT to start from); e.g. `mmkit create-tiny wan-t2v DIR` then --model.init_from DIR"
+        )
+    mm = mm_checkpoint(cfg.model.init_from)  # an mmkit checkpoint (converted, pre-split or trained)
+    src = str(mm.source) if mm is not None else cfg.model.init_from
+    pipe = load_pipeline(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
+    dit = pipe.transformer
+    if mm is not None:
+        dit.load_state_dict(mm.state)
+    dit.to_dtype(torch.float32)  # trainable weights are the fp32 master copy
+    for p in dit.parameters():
+        p.requires_grad_(True)
+    for m in (pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    tcfg = WanTaskConfig(
+        task=cfg.model.task,
+        loss=cfg.train.loss,
+        timestep_sampling=cfg.train.timestep_sampling,
+        flow_shift=cfg.train.flow_shift,
+        text_dropout=cfg.data.text_dropout,
+    )
+    return WanTask(dit, pipe, tcfg)
+
+
+def build_data(cfg, task, rank: int = 0, world_size: int = 1):
+    """(dataset, resumable sampler, DataLoader) of video clips, or of precomputed features
+    (`data.precomputed_dir`). Example: `ds, sampler, loader = build_data(cfg, task)`."""
+    from torch.utils.data import DataLoader
+
+    from mmkit.data.video import ResumableSampler, VideoDataset, collate_videos
+
+    if cfg.data.precomputed_dir:
+        from mmkit.data.features import FeatureDataset, collate_features
+
+        ds = FeatureDataset(cfg.data.precomputed_dir, cfg.data.max_samples)
+        if ds.task != cfg.model.task:
+            raise ValueError(
+                f"data.precomputed_dir holds {ds.task} features but model.task={cfg.model.task!r}"
+            )
+        sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
+        loader = DataLoader(
+            ds, batch_size=cfg.train.micro_batch, sampler=sampler, collate_fn=collate_features,
+            num_workers=cfg.data.num_workers,
+        )  # fmt: skip
+        return ds, sampler, loader
+    ds = VideoDataset(
+        cfg.data.paths,
+        num_frames=cfg.data.num_frames,
+        height=cfg.data.height,
+        width=cfg.data.width,
+        train_fps=cfg.data.train_fps,
+        max_samples=cfg.data.max_samples,
+        seed=cfg.train.seed,
+        progress=False,
+    )
+    sampler = ResumableSampler(len(ds), seed=cfg.train.seed, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.train.micro_batch,
+        sampler=sampler,
+        collate_fn=collate_videos,
+        num_workers=cfg.data.num_workers,
+    )
+    return ds, sampler, loader
