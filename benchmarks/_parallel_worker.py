@@ -1,5 +1,5 @@
 """Train several layouts one after another in one launch, recording per step: the step time, the bytes
-every torch.distributed call sent (`mmkit.parallel.commstats.CommStats`) and the context-parallel
+every torch.distributed call sent (`mmkit.tools.commstats.CommStats`) and the context-parallel
 attention counter `plan.cp_attn.bytes_sent`, with the shapes of every attention call. Used by
 `benchmarks/parallel.py`; not a benchmark by itself.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mmkit.config import parse_cli
-from mmkit.parallel.commstats import CommStats
+from mmkit.tools.commstats import CommStats
 from mmkit.train.metrics import MetricsLogger
 from mmkit.train.trainer import Trainer
 

@@ -14,7 +14,7 @@ OMP_NUM_THREADS=1 per process, so 4 processes oversubscribe 2 cores).
 
 Reported per layout: step time (best measured step; per step the slowest rank), and the bytes one rank
 sends per step by op kind (mean over ranks and measured steps; "max" = the busiest rank) as counted by
-`mmkit.parallel.commstats.CommStats`: all_reduce 2(n-1)/n x size, all_gather (n-1)/n x output,
+`mmkit.tools.commstats.CommStats`: all_reduce 2(n-1)/n x size, all_gather (n-1)/n x output,
 reduce_scatter (n-1)/n x input, all_to_all (n-1)/n x input, p2p the tensor sent (nccl-tests' bus
 bandwidth convention; see that module).
 

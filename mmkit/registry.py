@@ -102,6 +102,23 @@ def tp_dim(rules: tuple[TPRule, ...], name: str) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """What the memory estimator (`mmkit/tools/memory.py`) needs of a family.
+
+    `kind` picks the activation formulas: "dit" (a Wan-style DiT block with cross-attention to text
+    tokens) or "vlm" (a decoder LLM with a vision tower); `names` are the public model names the tool
+    accepts (lower case) -> flavor; `stats(cfg, meta_model)` -> the sizes `ModelStats` holds;
+    `block` / `last` match the parameters of the repeated blocks / of the last pipeline stage.
+    """
+
+    kind: str
+    names: Mapping[str, str]
+    stats: Callable[[Any, Any], dict]
+    block: str
+    last: str
+
+
 def _no_rules(cfg, world: int) -> list[str]:
     return []
 
@@ -126,7 +143,6 @@ class FamilySpec:
     pp_rule: PPRule  # the pipeline split, declared once
     hf_layouts: tuple[str, ...]  # HF layouts it exports to, the first is the default
     converter: str  # the class name `mm-convert` accepts, "WanConverter"
-    video: bool = False  # trains on video clips (data.num_frames/height/width apply)
     packed: bool = False  # trains on token rows packed to data.cutoff_len (fixed pipeline shapes)
     validate: Callable[[Any, int], list[str]] = _no_rules  # (Config, world size) -> error lines
     # import references to code above models/ ("module:attribute")
@@ -136,6 +152,7 @@ class FamilySpec:
     task: str = ""  # fn(cfg, device) -> training task
     data: str = ""  # fn(cfg, task, rank, world_size) -> (dataset, sampler, loader)
     pipeline: str = ""  # fn(path, task, device, dtype) -> inference pipeline
+    estimator: EstimatorInfo | None = None  # for the memory estimator tool
     extra: Mapping[str, Any] = field(default_factory=dict)  # family-specific constants shared code may read
 
     def resolve(self, what: str) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmkit.models.common.hf_io import read_json
-from mmkit.registry import FamilySpec, ModelShape, PPRule, TPRule
+from mmkit.registry import EstimatorInfo, FamilySpec, ModelShape, PPRule, TPRule
 
 
 def detect(folder: Path) -> bool:
@@ -56,6 +56,17 @@ def _validate(cfg, world: int) -> list[str]:
     return []
 
 
+def _estimator_stats(cfg, net) -> dict:
+    """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
+    t, v = cfg.text, cfg.vision
+    d = dict(hidden=t.hidden_size, ffn=t.intermediate_size, heads=t.num_attention_heads)
+    d.update(kv_heads=t.num_key_value_heads, head_dim=t.head_dim, layers=t.num_hidden_layers)
+    d.update(vocab=t.vocab_size, vit_layers=v.depth, vit_hidden=v.hidden_size)
+    d.update(vit_ffn=v.intermediate_size, vit_heads=v.num_heads)
+    d["vit_layer_params"] = sum(p.numel() for p in net.visual.blocks[0].parameters())
+    return d
+
+
 _LAYER = r"language\.layers\.\d+\."
 
 SPEC = FamilySpec(
@@ -84,6 +95,13 @@ SPEC = FamilySpec(
     hf_layouts=("transformers",),
     converter="Qwen2_5_VLConverter",
     packed=True,
+    estimator=EstimatorInfo(
+        kind="vlm",
+        names={f"qwen2.5-vl-{n.lower()}": n for n in ("3B", "7B", "32B", "72B")},
+        stats=_estimator_stats,
+        block=_LAYER,
+        last=r"language\.(norm|lm_head)\.",
+    ),
     validate=_validate,
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
     stages="mmkit.parallel.pp_stages:split_qwen",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmkit.models.common.hf_io import read_json
-from mmkit.registry import FamilySpec, ModelShape, PPRule, TPRule
+from mmkit.registry import EstimatorInfo, FamilySpec, ModelShape, PPRule, TPRule
 
 # diffusers pipeline classes of the Wan2.1 releases (model_index.json `_class_name`)
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
@@ -75,6 +75,14 @@ def _validate(cfg, world: int) -> list[str]:
     return errs
 
 
+def _estimator_stats(cfg, net) -> dict:
+    """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
+    d = dict(hidden=cfg.dim, ffn=cfg.ffn_dim, heads=cfg.num_attention_heads)
+    d.update(kv_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, layers=cfg.num_layers)
+    d["ctx_tokens"] = cfg.text_len + (257 if cfg.image_dim is not None else 0)  # CLIP ViT-H: 257
+    return d
+
+
 _BLOCK = r"blocks\.\d+\."
 
 SPEC = FamilySpec(
@@ -101,7 +109,13 @@ SPEC = FamilySpec(
     ),
     hf_layouts=("diffusers", "original"),
     converter="WanConverter",
-    video=True,
+    estimator=EstimatorInfo(
+        kind="dit",
+        names={"wan2.1-1.3b": "1.3B", "wan2.1-14b": "14B", "wan2.1-i2v-14b": "i2v-14B-720P"},
+        stats=_estimator_stats,
+        block=r"blocks\.\d+\.",
+        last=r"head\.",
+    ),
     validate=_validate,
     plan="mmkit.parallel.plans.wan:WanPlan",
     stages="mmkit.parallel.pp_stages:split_wan",

@@ -4,7 +4,7 @@
 Parameter counts come from the real model classes built on the meta device; the bytes a block saves
 for backward come from formulas derived by listing every tensor autograd keeps in mmkit's Wan block,
 Qwen2.5-VL decoder layer and ViT block under bf16 autocast (tests/unit/parallel/test_memory.py
-re-measures them on tiny blocks). `python -m mmkit.parallel.memory --table` prints docs/parallel.md's
+re-measures them on tiny blocks). `python -m mmkit.tools.memory --table` prints docs/parallel.md's
 tables.
 
 What it models, as mmkit trains today (parallel/plans, train/trainer.py):
@@ -37,21 +37,12 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 
+from mmkit import registry
 from mmkit.parallel.dims import check_model_layout, padded_len, stage_layers
 from mmkit.parallel.pp_stages import plan_layers
 
 GIB = 2**30
 
-# accepted names -> (family, flavor); lookups ignore case
-MODELS = {
-    "wan2.1-1.3b": ("wan", "1.3B"),
-    "wan2.1-14b": ("wan", "14B"),
-    "wan2.1-i2v-14b": ("wan", "i2v-14B-720P"),
-    "qwen2.5-vl-3b": ("qwen2_5_vl", "3B"),
-    "qwen2.5-vl-7b": ("qwen2_5_vl", "7B"),
-    "qwen2.5-vl-32b": ("qwen2_5_vl", "32B"),
-    "qwen2.5-vl-72b": ("qwen2_5_vl", "72B"),
-}
 AC_MODES = ("none", "full", "selective")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -61,7 +52,8 @@ class ModelStats:
     """Sizes the estimate needs, read from the model built on the meta device."""
 
     name: str
-    family: str  # "wan" or "qwen2_5_vl"
+    family: str  # the registry name, "wan" or "qwen2_5_vl"
+    kind: str  # the activation formulas: "dit" or "vlm" (the family's `EstimatorInfo.kind`)
     hidden: int
     ffn: int
     heads: int
@@ -82,23 +74,27 @@ class ModelStats:
     vit_layer_params: int = 0  # one ViT block (its own FSDP unit, replicated over tp)
 
 
+def models() -> dict[str, tuple[str, str]]:
+    """Accepted model names (lower case) -> (family, flavor), from every family's `EstimatorInfo`."""
+    return {
+        name: (spec.name, flavor)
+        for spec in registry.specs()
+        if spec.estimator is not None
+        for name, flavor in spec.estimator.names.items()
+    }
+
+
 def resolve_model(model: str) -> tuple[str, str]:
     """A model name -> (family, flavor). Example: `resolve_model("Wan2.1-14B")` -> `("wan", "14B")`."""
-    key = model.lower()
-    if key not in MODELS:
-        raise ValueError(f"model={model!r}: unknown; choose one of {', '.join(MODELS)}")
-    return MODELS[key]
+    key, known = model.lower(), models()
+    if key not in known:
+        raise ValueError(f"model={model!r}: unknown; choose one of {', '.join(known)}")
+    return known[key]
 
 
 def _config(model: str):
     family, flavor = resolve_model(model)
-    if family == "wan":
-        from mmkit.models.wan.config import FLAVORS
-
-        return FLAVORS[flavor]
-    from mmkit.models.qwen2_5_vl.config import flavor as qwen_flavor
-
-    return qwen_flavor(flavor)
+    return registry.get(family).flavor(flavor)
 
 
 @cache
@@ -110,40 +106,24 @@ def model_stats(model: str) -> ModelStats:
     import torch
 
     family, _ = resolve_model(model)
-    cfg = _config(model)
-    if family == "wan":
-        from mmkit.models.wan.model import WanTransformer
-
-        with torch.device("meta"):
-            net = WanTransformer(cfg)
-        block, last = r"blocks\.\d+\.", r"head\."
-        dims = dict(hidden=cfg.dim, ffn=cfg.ffn_dim, heads=cfg.num_attention_heads)
-        dims.update(kv_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, layers=cfg.num_layers)
-        dims["ctx_tokens"] = cfg.text_len + (257 if cfg.image_dim is not None else 0)  # CLIP ViT-H: 257
-    else:
-        from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
-
-        t, v = cfg.text, cfg.vision
-        with torch.device("meta"):
-            net = Qwen2_5_VLModel(cfg)
-        block, last = r"language\.layers\.\d+\.", r"language\.(norm|lm_head)\."
-        dims = dict(hidden=t.hidden_size, ffn=t.intermediate_size, heads=t.num_attention_heads)
-        dims.update(kv_heads=t.num_key_value_heads, head_dim=t.head_dim, layers=t.num_hidden_layers)
-        dims.update(vocab=t.vocab_size, vit_layers=v.depth, vit_hidden=v.hidden_size)
-        dims.update(vit_ffn=v.intermediate_size, vit_heads=v.num_heads)
-        dims["vit_layer_params"] = sum(p.numel() for p in net.visual.blocks[0].parameters())
+    spec, cfg = registry.get(family), _config(model)
+    with torch.device("meta"):
+        net = spec.build_model(cfg)
+    est = spec.estimator
+    dims = est.stats(cfg, net)
     # The TP plans (parallel/plans/) split the Linear weights of the repeated blocks (Wan: also the
     # q/k RMSNorm over all heads); norms, biases, AdaLN tables, embeddings, heads and the Qwen ViT
     # stay replicated over tp.
     counts = {k: [0, 0] for k in ("layer", "first", "last")}
     for name, p in net.named_parameters():  # tied weights appear once
-        where = "layer" if re.match(block, name) else "last" if re.match(last, name) else "first"
+        where = "layer" if re.match(est.block, name) else "last" if re.match(est.last, name) else "first"
         counts[where][0] += p.numel()
         counts[where][1] += p.numel() if where == "layer" and p.ndim == 2 else 0
     n = dims["layers"]
     return ModelStats(
         name=model.lower(),
         family=family,
+        kind=est.kind,
         total_params=sum(c[0] for c in counts.values()),
         layer_params=counts["layer"][0] // n,
         layer_tp_params=counts["layer"][1] // n,
@@ -292,7 +272,7 @@ def estimate_memory(
                     ("seq_len", seq_len), ("ac_every_k", ac_every_k)):  # fmt: skip
         if v < 1:
             raise ValueError(f"{name}={v}: must be >= 1")
-    if s.family == "wan" and image_tokens:
+    if s.kind == "dit" and image_tokens:
         raise ValueError("image_tokens: only for Qwen2.5-VL (Wan's CLIP tokens are counted already)")
     if not 0.0 <= supervised <= 1.0:
         raise ValueError(f"supervised={supervised}: a fraction in [0, 1]")
@@ -319,7 +299,7 @@ def estimate_memory(
     b = micro_batch
     tokens = padded_len(seq_len, cp * (tp if sp else 1)) // cp  # padded to every split
     uly = {"ulysses": cp, "ring": 1, "hybrid": ulysses_degree or 1}[cp_algo]
-    kind = "wan" if s.family == "wan" else "llm"
+    kind = "wan" if s.kind == "dit" else "llm"
     if kind == "wan" and ac == "selective":  # selective AC turns on WanBlock.recompute_hidden
         kind = "wan_lean" if tp == 1 else "wan_lean_tp"
     full, ckpt = _per_token(block_terms(kind, s, bf16_params, fused), tp, sp)
@@ -337,8 +317,8 @@ def estimate_memory(
     for r in range(pp):
         n = per_rank[r]
         # Qwen under TP: the token embedding and the LM head are split over vocabulary rows
-        vocab_rows = s.vocab * s.hidden * (1 - 1 / tp) if s.family != "wan" else 0
-        untied = s.family != "wan" and s.last_params >= s.vocab * s.hidden  # tied: counted in first_params
+        vocab_rows = s.vocab * s.hidden * (1 - 1 / tp) if s.kind == "vlm" else 0
+        untied = s.kind == "vlm" and s.last_params >= s.vocab * s.hidden  # tied: counted in first_params
         head_rows = vocab_rows if untied else 0
         root = (s.first_params - vocab_rows if r == 0 else 0) + (
             s.last_params - head_rows if r == pp - 1 else 0
@@ -360,7 +340,7 @@ def estimate_memory(
         act = (per_token + 4 * s.head_dim) * tokens * b  # + RoPE cos/sin tables (bf16, shared)
         recompute = full * tokens * b if k_ac else 0.0
         logits = 0.0
-        if s.family == "wan":
+        if s.kind == "dit":
             # cross-attention K/V of the text (+ CLIP) tokens: whole on every cp rank, split over tp
             act += n_open * copies * (6 if fused else 12) * s.hidden * s.ctx_tokens * b / tp
             if r == pp - 1:  # head on this rank's tokens: fp32 LayerNorm input + proj input
@@ -539,7 +519,7 @@ def all_tables() -> str:
     out = []
     for title, model, seq in TABLES:
         s = model_stats(model)
-        layouts = WAN_LAYOUTS if s.family == "wan" else QWEN_LAYOUTS
+        layouts = WAN_LAYOUTS if s.kind == "dit" else QWEN_LAYOUTS
         out.append(
             f"#### {title}\n\n{s.total_params / 1e9:.2f}B parameters; GiB on the busiest rank (estimate).\n"
         )
@@ -554,11 +534,11 @@ def all_tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mmkit.parallel.memory --table`, or one layout:
-    `python -m mmkit.parallel.memory --model wan2.1-14b --seq-len 75600 --dp-shard 4 --cp 2`."""
-    ap = argparse.ArgumentParser(prog="python -m mmkit.parallel.memory", description=__doc__.split("\n")[0])
+    """`python -m mmkit.tools.memory --table`, or one layout:
+    `python -m mmkit.tools.memory --model wan2.1-14b --seq-len 75600 --dp-shard 4 --cp 2`."""
+    ap = argparse.ArgumentParser(prog="python -m mmkit.tools.memory", description=__doc__.split("\n")[0])
     ap.add_argument("--table", action="store_true", help="print the tables of docs/parallel.md")
-    ap.add_argument("--model", default="wan2.1-14b", help=f"one of {', '.join(MODELS)}")
+    ap.add_argument("--model", default="wan2.1-14b", help=f"one of {', '.join(models())}")
     ap.add_argument("--seq-len", type=int, default=wan_seq_len(81, 480, 832))
     for name in ("dp-shard", "dp-replicate", "tp", "pp", "cp", "micro-batch", "virtual-stages"):
         ap.add_argument(f"--{name}", type=int, default=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmkit.parallel.commstats import CommStats
+from mmkit.tools.commstats import CommStats
 
 REPO = Path(__file__).resolve().parents[3]
 PORTS = range(29780, 29790)  # this test's range; the first free one is used

@@ -17,9 +17,9 @@ from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.vision import SegmentPlan, VisionBlock
 from mmkit.models.wan.config import FLAVORS, WanConfig
 from mmkit.models.wan.model import WanBlock, WanTransformer
-from mmkit.parallel import memory
+from mmkit.tools import memory
 from mmkit.parallel.dims import LayoutError
-from mmkit.parallel.memory import GIB, ModelStats, block_terms, estimate_memory, model_stats, wan_seq_len
+from mmkit.tools.memory import GIB, ModelStats, block_terms, estimate_memory, model_stats, wan_seq_len
 
 
 def _meta_count(build) -> int:
@@ -102,7 +102,9 @@ def _cuda_autocast(monkeypatch, fused_rms_norm: bool):
 
 
 def _stats(**kw) -> ModelStats:
-    base = dict(name="tiny", family="x", hidden=0, ffn=0, heads=0, kv_heads=0, head_dim=64, layers=1)
+    base = dict(
+        name="tiny", family="x", kind="dit", hidden=0, ffn=0, heads=0, kv_heads=0, head_dim=64, layers=1
+    )
     base.update(total_params=0, layer_params=0, layer_tp_params=0, first_params=0, last_params=0)
     return ModelStats(**{**base, **kw})
 
@@ -380,5 +382,5 @@ def test_docstring_examples_and_doc_tables_are_current(capsys):
     assert memory.main(["--table"]) == 0
     tables = capsys.readouterr().out.strip()
     doc = (Path(__file__).parents[3] / "docs" / "parallel.md").read_text()
-    assert tables in doc, "docs/parallel.md is stale: paste `python -m mmkit.parallel.memory --table`"
+    assert tables in doc, "docs/parallel.md is stale: paste `python -m mmkit.tools.memory --table`"
     assert re.search(r"\| 64 \| dp_shard 8, cp 8 ulysses \| full \|", tables)
