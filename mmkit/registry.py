@@ -152,6 +152,9 @@ class FamilySpec:
     task: str = ""  # fn(cfg, device) -> training task
     data: str = ""  # fn(cfg, task, rank, world_size) -> (dataset, sampler, loader)
     pipeline: str = ""  # fn(path, task, device, dtype) -> inference pipeline
+    # `mmkit create-tiny KIND DIR`: kind -> fn(outdir, seed=0, **options) writing a tiny random model in the
+    # real HF layout (options the CLI offers: original_layout)
+    tiny: Mapping[str, Callable[..., Path]] = field(default_factory=dict)
     estimator: EstimatorInfo | None = None  # for the memory estimator tool
     extra: Mapping[str, Any] = field(default_factory=dict)  # family-specific constants shared code may read
 
@@ -228,6 +231,11 @@ def get(name: str, field_name: str = "model.family") -> FamilySpec:
 def specs() -> list[FamilySpec]:
     _load_builtins()
     return list(_SPECS.values())
+
+
+def tiny_kinds() -> dict[str, Callable[..., Path]]:
+    """Every `mmkit create-tiny` kind of every family -> its writer."""
+    return {kind: fn for spec in specs() for kind, fn in spec.tiny.items()}
 
 
 def by_converter(converter: str) -> FamilySpec | None:

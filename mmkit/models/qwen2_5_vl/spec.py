@@ -56,6 +56,12 @@ def _validate(cfg, world: int) -> list[str]:
     return []
 
 
+def _tiny(outdir, seed: int = 0, **_):
+    from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
+
+    return create_tiny_qwen2_5_vl(outdir, seed=seed)
+
+
 def _estimator_stats(cfg, net) -> dict:
     """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
     t, v = cfg.text, cfg.vision
@@ -95,6 +101,7 @@ SPEC = FamilySpec(
     hf_layouts=("transformers",),
     converter="Qwen2_5_VLConverter",
     packed=True,
+    tiny={"qwen2_5_vl": _tiny},
     estimator=EstimatorInfo(
         kind="vlm",
         names={f"qwen2.5-vl-{n.lower()}": n for n in ("3B", "7B", "32B", "72B")},

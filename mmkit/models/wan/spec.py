@@ -75,6 +75,15 @@ def _validate(cfg, world: int) -> list[str]:
     return errs
 
 
+def _tiny(task: str):
+    def write(outdir, seed: int = 0, original_layout: bool = False, **_):
+        from mmkit.models.wan.tiny import create_tiny_wan
+
+        return create_tiny_wan(outdir, task=task, seed=seed, original_layout=original_layout)
+
+    return write
+
+
 def _estimator_stats(cfg, net) -> dict:
     """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
     d = dict(hidden=cfg.dim, ffn=cfg.ffn_dim, heads=cfg.num_attention_heads)
@@ -109,6 +118,7 @@ SPEC = FamilySpec(
     ),
     hf_layouts=("diffusers", "original"),
     converter="WanConverter",
+    tiny={"wan-t2v": _tiny("t2v"), "wan-i2v": _tiny("i2v")},
     estimator=EstimatorInfo(
         kind="dit",
         names={"wan2.1-1.3b": "1.3B", "wan2.1-14b": "14B", "wan2.1-i2v-14b": "i2v-14B-720P"},
