@@ -34,7 +34,8 @@ _TABLES_LOCK = threading.Lock()
 
 
 class ScreenedArgmax:
-    """argmax(h @ weight.T) for fp32 `weight` (V, D), screened in bf16. Built once per model.
+    """argmax(h @ weight.T) for fp32 `weight` (V, D), screened in bf16. Built once per weight
+    (`screened_head`); its tensors are never written after construction, so requests share them.
 
     Example:
         head = ScreenedArgmax(model.language.lm_head.weight)
