@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from mmkit.infer.guidance import cfg_branch
+
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Flow-matching time shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
@@ -86,13 +88,18 @@ def cfg_velocity(model: Callable, guidance: float, cond: dict, uncond: dict | No
     """Wrap a DiT into `fn(x, t)` with classifier-free guidance: v = v_u + g * (v_c - v_u).
 
     `cond`/`uncond` are the model's keyword arguments (text_context, image_context) per branch.
+    Each call runs inside `cfg_branch("cond")` / `cfg_branch("uncond")`, so hooks can keep state per
+    branch (`accel.hooks.BranchState`); without `uncond` the single call is marked "cond".
+    Example: `v = cfg_velocity(dit, 5.0, {"text_context": ctx}, {"text_context": ctx_neg})(x, t)`.
     """
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = model(x, t, **cond)
+        with cfg_branch("cond"):
+            v = model(x, t, **cond)
         if uncond is None:
             return v
-        v_u = model(x, t, **uncond)
+        with cfg_branch("uncond"):
+            v_u = model(x, t, **uncond)
         return v_u + guidance * (v - v_u)
 
     return fn

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mmkit.device import resolve_device, resolve_dtype
+from mmkit.infer.accel.hooks import reset_all
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise, make_scheduler
 from mmkit.models.common.hf_io import read_json
 from mmkit.models.wan.load import load_transformer
@@ -255,6 +256,7 @@ class WanT2VPipeline:
         cond = {"text_context": ctx, **extra}
         uncond = {"text_context": ctx_neg, **extra} if do_cfg else None
         stats = DenoiseStats()
+        reset_all(self.transformer)  # a new generation: hooks (caches) drop what the last one left
         velocity = cfg_velocity(self.transformer, guidance_scale, cond, uncond)
         latents = denoise(velocity, latents, scheduler, num_inference_steps, prepare, progress, stats)
         if output_type == "latent":

@@ -1,11 +1,11 @@
-"""KV-cache inference engine for vision-language models (Qwen2.5-VL): prefill, then decode token by token.
+"""KV-cache inference engine for vision-language models: prefill, then decode token by token.
 
 The engine knows nothing about tokenization: it takes the processor's tensors (input_ids,
-attention_mask, pixel values, grids) and returns token ids. It needs from the model:
-`rope_index(...)`, `embed(...)`, `language(embeds, position_ids, mask, cache, logits_to_keep)`,
-`language.embed_tokens` and `cfg.text` (sizes). Everything per step is a handful of tensor ops: a
-preallocated cache written in place, masks that are views of one preallocated tensor, and no generic
-generation utilities.
+attention_mask, pixel values, grids) and returns token ids. It knows nothing about a model family
+either: it drives any model with the `VLMModel` interface below (Qwen2.5-VL implements it in
+`models/qwen2_5_vl/model.py`). Everything per step is a handful of tensor ops: a preallocated cache
+written in place, masks that are views of one preallocated tensor, and no generic generation utilities.
+Every request owns its cache, masks and sampler state, so threads may share one model.
 """
 
 from __future__ import annotations
@@ -13,11 +13,62 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from mmkit.infer.accel.greedy import screened_head
-from mmkit.models.qwen2_5_vl.model import padding_mask
+
+
+@runtime_checkable
+class VLMModel(Protocol):
+    """What `generate` needs from a model. Positions are opaque to the engine: it only hands the
+    prompt's positions back to `prefill` and counts new tokens' positions up from `rope_positions`.
+
+    Example: `assert isinstance(Qwen2_5_VLModel(cfg), VLMModel)`.
+    """
+
+    def kv_cache_spec(self) -> dict:
+        """`KVCache` sizes: {"layers", "kv_heads", "head_dim", "dtype", "device"}."""
+        ...
+
+    def media_inputs(self, inputs: dict) -> dict:
+        """The processor entries the model reads besides input_ids / attention_mask, on its device."""
+        ...
+
+    def rope_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt positions for `prefill`, (B,) position of the first new token)."""
+        ...
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        media: dict,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the prompt, filling `cache`: logits (B, V) at its last position, or hidden (B, D)."""
+        ...
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        position: torch.Tensor,
+        cache: KVCache,
+        key_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """One token (B,) per row at `position` (B,), attending to the (B, K) `key_mask` slots."""
+        ...
+
+    def output_head(self) -> nn.Linear:
+        """The output layer that `return_hidden` states skip (for the screened greedy argmax)."""
+        ...
 
 
 class KVCache:
@@ -111,7 +162,7 @@ def _sync(dev: torch.device) -> None:
 
 @torch.inference_mode()
 def generate(
-    model,
+    model: VLMModel,
     inputs: dict[str, torch.Tensor],
     params: SamplingParams,
     on_token: Callable[[int, int], None] | None = None,
@@ -119,8 +170,9 @@ def generate(
 ) -> Generation:
     """Prefill the (left-padded) batch, then decode up to `params.max_new_tokens` tokens per row.
 
-    `inputs`: the processor's output (input_ids, attention_mask, pixel_values, image_grid_thw,
-    pixel_values_videos, video_grid_thw, second_per_grid_ts; extra keys are ignored).
+    `inputs`: the processor's output: input_ids, attention_mask, and the media entries the model
+    reads (`model.media_inputs`; for Qwen2.5-VL pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw, second_per_grid_ts); extra keys are ignored.
     `on_token(row, token_id)` is called for each new token as soon as it is chosen (streaming).
     A row stops after an EOS id; the batch stops when every row has. `screen_greedy` (temperature 0,
     fp32 weights): pick the exact argmax via `accel.greedy.ScreenedArgmax` instead of full fp32 logits.
@@ -130,7 +182,8 @@ def generate(
     """
     params.validate()
     t0 = time.perf_counter()
-    dev = model.language.embed_tokens.weight.device
+    spec = model.kv_cache_spec()
+    dev = spec["device"]
     ids = inputs["input_ids"].to(dev)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(ids.shape)}")
@@ -142,18 +195,11 @@ def generate(
             "generate: the batch must be LEFT-padded (last column all real tokens); use padding_side='left'"
         )
     padded = not bool(attn.all())
-    cfg = model.cfg.text
-    dtype = model.language.embed_tokens.weight.dtype
-    pix = {
-        k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-    }
-    pix = {k: (v.to(dev) if v is not None else None) for k, v in pix.items()}
-    sec = inputs.get("second_per_grid_ts")
+    media = model.media_inputs(inputs)
 
-    positions, _ = model.rope_index(ids, pix["image_grid_thw"], pix["video_grid_thw"], sec, attn)  # (3, B, L)
-    next_pos = positions.amax(dim=(0, 2)) + 1  # (B,) position of the first new token
+    positions, next_pos = model.rope_positions(ids, attn, media)  # next_pos (B,): first new token's
     max_len = prompt_len + params.max_new_tokens
-    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, dev)
+    cache = KVCache(batch=batch, max_len=max_len, **spec)
     # keys[b, j]: may row b attend to cache slot j (prompt padding never; generated slots always).
     keys = torch.ones(batch, max_len, dtype=torch.bool, device=dev)
     keys[:, :prompt_len] = attn.bool()
@@ -163,19 +209,14 @@ def generate(
     eos = torch.tensor(sorted(set(params.eos_token_ids)) or [-1], device=dev)
 
     # greedy: exact fp32 argmax screened with a bf16 copy of the output matrix (half the bytes per token)
-    head = screened_head(model.language.lm_head) if params.temperature == 0 and screen_greedy else None
+    head = screened_head(model.output_head()) if params.temperature == 0 and screen_greedy else None
 
-    def pick(x, pos, m):  # one forward of the text model, then the next token per row
-        if head is not None:
-            return head(model.language(x, pos, m, cache, logits_to_keep=1, return_hidden=True)[:, -1])
-        logits = model.language(x, pos, m, cache, logits_to_keep=1)[:, -1]  # (B, V)
-        return sample(logits, params.temperature, params.top_p, gen)
+    def pick(out):  # the model's last-position output -> the next token per row
+        return head(out) if head is not None else sample(out, params.temperature, params.top_p, gen)
 
     # 1) prefill: vision + whole prompt, the last position only.
-    embeds = model.embed(
-        ids, pix["pixel_values"], pix["image_grid_thw"], pix["pixel_values_videos"], pix["video_grid_thw"]
-    )
-    token = pick(embeds, positions, padding_mask(attn, prompt_len) if padded else None)  # (B,)
+    hidden = head is not None
+    token = pick(model.prefill(ids, positions, media, cache, attn if padded else None, hidden))  # (B,)
     cache.advance(prompt_len)
     _sync(dev)
     t1 = time.perf_counter()
@@ -194,10 +235,8 @@ def generate(
         done |= torch.isin(token, eos)
         if step + 1 == params.max_new_tokens or bool(done.all()):
             break
-        pos = (next_pos + step).view(1, batch, 1).expand(3, batch, 1)  # text positions on all 3 axes
-        x = model.language.embed_tokens(token.view(batch, 1))  # (B, 1, D)
-        m = keys[:, None, None, : cache.pos + 1] if padded else None  # (B, 1, 1, K) view
-        token = pick(x, pos, m)
+        m = keys[:, : cache.pos + 1] if padded else None  # (B, K) view
+        token = pick(model.decode_step(token, next_pos + step, cache, m, hidden))
         cache.advance(1)
     _sync(dev)
     t2 = time.perf_counter()

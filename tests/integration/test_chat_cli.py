@@ -55,3 +55,36 @@ def test_chat_json_greedy_matches_transformers_generate(tmp_path, capsys):
     want, prompt_len = _reference_greedy(folder, image, 16)
     assert got["token_ids"] == want
     assert len(want) >= 4 and got["prompt_tokens"] == prompt_len
+
+
+def test_interactive_chat_keeps_history_and_survives_a_bad_image(tmp_path, capsys, monkeypatch):
+    from mmkit.infer.chat import ChatSession
+    from mmkit.infer.vlm import SamplingParams
+    from mmkit.models.qwen2_5_vl.load import load_vlm
+
+    folder = create_tiny_qwen2_5_vl(tmp_path / "tiny", seed=2)
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.RandomState(2).rand(60, 80, 3) * 255).astype(np.uint8)).save(image)
+    lines = iter([f"/image {image}", PROMPT, f"/image {tmp_path / 'missing.png'}", "bad", "", "And now?"])
+
+    def fake_input(_prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    argv = ["chat", "--model", str(folder), "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    # the same conversation through ChatSession: the failed turn and its image left no trace
+    chat = ChatSession(*load_vlm(folder, device="cpu"), SamplingParams(8, seed=0))
+    first, second = [], []
+    chat.ask(PROMPT, images=[image], on_text=first.append)
+    chat.ask("And now?", on_text=second.append)
+    banner = out.splitlines()[0]
+    assert banner.startswith("mmkit chat:")
+    assert out.startswith(f"{banner}\n{''.join(first)}\nerror: ")
+    assert "missing.png" in out and out.endswith(f"\n{''.join(second)}\n\n")
+    assert len(chat.messages) == 4 and first and second

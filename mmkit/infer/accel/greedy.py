@@ -17,6 +17,10 @@ Sampling with temperature > 0 needs the whole distribution and does not use this
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +28,14 @@ _U_BF16 = 2.0**-8  # bf16 unit roundoff (2^-9), doubled for safety
 _U_FP32 = 2.0**-24
 
 
+# output layer -> its ScreenedArgmax tables; weak keys: a dropped model frees its bf16 copy too
+_TABLES: weakref.WeakKeyDictionary[torch.nn.Module, ScreenedArgmax] = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
 class ScreenedArgmax:
-    """argmax(h @ weight.T) for fp32 `weight` (V, D), screened in bf16. Built once per model.
+    """argmax(h @ weight.T) for fp32 `weight` (V, D), screened in bf16. Built once per weight
+    (`screened_head`); its tensors are never written after construction, so requests share them.
 
     Example:
         head = ScreenedArgmax(model.language.lm_head.weight)
@@ -45,6 +55,12 @@ class ScreenedArgmax:
         self.norm = torch.cat(norm)  # (V,) ||bf16(w_v)||
         self.dim = weight.shape[1]
         self.last_candidates = 0  # for tests/benchmarks: how many rows were recomputed exactly
+
+    def for_request(self) -> ScreenedArgmax:
+        """The same read-only tables with a `last_candidates` of its own (one per request)."""
+        other = copy.copy(self)
+        other.last_candidates = 0
+        return other
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
@@ -68,13 +84,20 @@ class ScreenedArgmax:
 
 
 def screened_head(model_head: torch.nn.Linear) -> ScreenedArgmax | None:
-    """A cached ScreenedArgmax for an fp32 output layer, or None where it would not help (bf16/fp16
-    weights are already half the bytes). The cache is invalidated when the weight tensor changes."""
+    """A ScreenedArgmax for one request on an fp32 output layer, or None where it would not help
+    (bf16/fp16 weights are already half the bytes).
+
+    The bf16 copy and norms are built once per weight (rebuilt when the weight tensor is replaced)
+    and shared read-only; each call returns its own object, so requests in several threads never
+    write to shared state. Nothing is stored on the module.
+    Example: `head = screened_head(model.output_head()); token = head(hidden)`.
+    """
     w = model_head.weight
     if w.dtype != torch.float32:
         return None
-    cached = getattr(model_head, "_mmkit_screened", None)
-    if cached is None or cached.weight is not w or cached.low.shape != w.shape:
-        cached = ScreenedArgmax(w)
-        model_head._mmkit_screened = cached
-    return cached
+    with _TABLES_LOCK:  # requests starting together build the tables once
+        tables = _TABLES.get(model_head)
+        if tables is None or tables.weight is not w or tables.low.shape != w.shape:
+            tables = ScreenedArgmax(w)
+            _TABLES[model_head] = tables
+    return tables.for_request()

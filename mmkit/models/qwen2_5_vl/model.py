@@ -69,6 +69,96 @@ class Qwen2_5_VLModel(nn.Module):
             tokens_per_second=self.cfg.vision.tokens_per_second,
         )
 
+    # ---- the inference engine's interface (`mmkit.infer.vlm.VLMModel`) -------------------------
+    media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+    def kv_cache_spec(self) -> dict:
+        """What a decoder KV cache holds: layers, kv_heads, head_dim, dtype, device.
+
+        Example: `KVCache(batch=1, max_len=512, **model.kv_cache_spec())`.
+        """
+        w, t = self.language.embed_tokens.weight, self.cfg.text
+        return {
+            "layers": t.num_hidden_layers,
+            "kv_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "dtype": w.dtype,
+            "device": w.device,
+        }
+
+    def media_inputs(self, inputs: dict) -> dict:
+        """The processor's vision entries (pixels and grids moved to this model's device; absent = None)
+        plus `second_per_grid_ts` as given. Example: `media = model.media_inputs(processor(...))`."""
+        dev = self.language.embed_tokens.weight.device
+        media = {k: inputs.get(k) for k in self.media_keys}
+        media = {k: (v.to(dev) if v is not None else None) for k, v in media.items()}
+        media["second_per_grid_ts"] = inputs.get("second_per_grid_ts")
+        return media
+
+    def rope_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt positions (3, B, L) for `prefill`, and (B,) the position of the first new token
+        (text positions continue from the largest prompt position). Example:
+        `pos, nxt = model.rope_positions(ids, mask, model.media_inputs(inputs))`."""
+        positions, _ = self.rope_index(
+            input_ids,
+            media["image_grid_thw"],
+            media["video_grid_thw"],
+            media["second_per_grid_ts"],
+            attention_mask,
+        )
+        return positions, positions.amax(dim=(0, 2)) + 1
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        media: dict,
+        cache,
+        attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the (B, L) prompt with its vision inputs, filling `cache`; logits (B, vocab) of the last
+        position, or its final-normed hidden state (B, D) with `return_hidden`.
+
+        `attention_mask` (B, L), 1 = real token, for a left-padded batch; None = no padding.
+        Example: `logits = model.prefill(ids, pos, media, cache)`.
+        """
+        embeds = self.embed(
+            input_ids,
+            media["pixel_values"],
+            media["image_grid_thw"],
+            media["pixel_values_videos"],
+            media["video_grid_thw"],
+        )
+        mask = None if attention_mask is None else padding_mask(attention_mask, input_ids.shape[1])
+        out = self.language(embeds, positions, mask, cache, logits_to_keep=1, return_hidden=return_hidden)
+        return out[:, -1]
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        position: torch.Tensor,
+        cache,
+        key_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """One new token per row: `tokens` (B,) at text `position` (B,); logits (B, vocab) (or hidden (B, D)).
+
+        `key_mask` (B, K) bool: which of the K cache slots (this token's included) each row may attend
+        to; None = all. Example: `logits = model.decode_step(tok, nxt + step, cache)`.
+        """
+        b = tokens.shape[0]
+        pos = position.view(1, b, 1).expand(3, b, 1)  # text positions: the same on all three axes
+        x = self.language.embed_tokens(tokens.view(b, 1))  # (B, 1, D)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K) view
+        return self.language(x, pos, mask, cache, logits_to_keep=1, return_hidden=return_hidden)[:, -1]
+
+    def output_head(self) -> nn.Linear:
+        """The (vocab, D) output layer applied to `return_hidden` states."""
+        return self.language.lm_head
+
     def embed(
         self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None
     ) -> torch.Tensor:
