@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 
-def load_pipeline(path, task: str = "t2v", device="auto", dtype="fp32"):
-    """Load a Wan2.1 diffusers-layout folder as an mmkit pipeline.
+def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
+    """Load a Hugging Face folder as the mmkit pipeline of its model family (a Wan2.1 diffusers folder:
+    the t2v / i2v pipeline; a Qwen2.5-VL folder: a `ChatSession`).
 
     Example: `pipe = mmkit.load_pipeline("Wan2.1-T2V-1.3B-Diffusers", task="t2v", dtype="bf16")`.
     """

@@ -1,25 +1,26 @@
-"""`load_pipeline`: a model folder + task -> the matching mmkit generation pipeline."""
+"""`load_pipeline`: a model folder -> the matching mmkit inference object, through the family registry.
+
+The folder's family is recognised from its own files (`registry.detect`); the family's spec names its
+loader (`FamilySpec.pipeline`): a generation pipeline for video DiTs (`WanT2VPipeline`, ...), a
+`ChatSession` for vision-language models.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-TASKS = ("t2v", "i2v")
 
-
-def load_pipeline(path, task: str = "t2v", device="auto", dtype="fp32"):
-    """Load a diffusers-layout Wan2.1 folder as an mmkit pipeline (`task` = "t2v" or "i2v").
+def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
+    """Load a Hugging Face folder as the mmkit pipeline of its family; `task` defaults to the family's first.
 
     Example: `pipe = load_pipeline("Wan2.1-T2V-1.3B-Diffusers", task="t2v", device="cuda", dtype="bf16")`.
     """
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+    from mmkit import registry
+
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
-    if task == "t2v":
-        from mmkit.infer.t2v import WanT2VPipeline
-
-        return WanT2VPipeline.from_pretrained(path, device=device, dtype=dtype)
-    from mmkit.infer.i2v import WanI2VPipeline
-
-    return WanI2VPipeline.from_pretrained(path, device=device, dtype=dtype)
+    spec = registry.detect(path)
+    task = spec.tasks[0] if task is None else task
+    if task not in spec.tasks:
+        raise ValueError(f"task={task!r}: choose one of {', '.join(spec.tasks)} ({spec.title})")
+    return spec.resolve("pipeline")(path, task=task, device=device, dtype=dtype)

@@ -262,3 +262,17 @@ class WanT2VPipeline:
         if output_type == "latent":
             return VideoOutput(latents, stats.step_times)
         return VideoOutput(self.decode(latents, output_type), stats.step_times)
+
+
+def load_wan_pipeline(path, task: str = "t2v", device="auto", dtype="fp32") -> WanT2VPipeline:
+    """A diffusers-layout Wan2.1 folder as the pipeline of `task` ("t2v" or "i2v"); the loader the
+    Wan family spec names. Example: `pipe = load_wan_pipeline("Wan2.1-T2V-1.3B-Diffusers", "t2v")`."""
+    if task not in ("t2v", "i2v"):
+        raise ValueError(f"task={task!r}: choose one of t2v, i2v")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if task == "t2v":
+        return WanT2VPipeline.from_pretrained(path, device=device, dtype=dtype)
+    from mmkit.infer.i2v import WanI2VPipeline
+
+    return WanI2VPipeline.from_pretrained(path, device=device, dtype=dtype)

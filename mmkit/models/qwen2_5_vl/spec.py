@@ -114,5 +114,5 @@ SPEC = FamilySpec(
     stages="mmkit.parallel.pp_stages:split_qwen",
     task="mmkit.train.tasks.qwen2_5_vl:build_task",
     data="mmkit.train.tasks.qwen2_5_vl:build_data",
-    pipeline="mmkit.infer.vlm:load_vlm_engine",
+    pipeline="mmkit.infer.qwen2_5_vl:load_chat",
 )

@@ -131,5 +131,5 @@ SPEC = FamilySpec(
     stages="mmkit.parallel.pp_stages:split_wan",
     task="mmkit.train.tasks.wan:build_task",
     data="mmkit.train.tasks.wan:build_data",
-    pipeline="mmkit.infer.pipelines:load_wan_pipeline",
+    pipeline="mmkit.infer.t2v:load_wan_pipeline",
 )

@@ -184,7 +184,7 @@ def build_task(cfg, device: torch.device) -> WanTask:
     """The Wan task of `cfg` (`model.init_from`: a diffusers folder or an mmkit checkpoint of one).
 
     Example: `task = build_task(cfg, torch.device("cpu"))`."""
-    from mmkit.infer.pipelines import load_pipeline
+    from mmkit.infer.t2v import load_wan_pipeline
     from mmkit.train.build import mm_checkpoint
 
     if not cfg.model.init_from:
@@ -194,7 +194,7 @@ def build_task(cfg, device: torch.device) -> WanTask:
         )
     mm = mm_checkpoint(cfg.model.init_from)  # an mmkit checkpoint (converted, pre-split or trained)
     src = str(mm.source) if mm is not None else cfg.model.init_from
-    pipe = load_pipeline(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
+    pipe = load_wan_pipeline(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
     dit = pipe.transformer
     if mm is not None:
         dit.load_state_dict(mm.state)
