@@ -85,8 +85,10 @@ SPEC = FamilySpec(
     converter="Qwen2_5_VLConverter",
     validate=_validate,
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
-    stages="mmkit.parallel.pp_stages:split_qwen",
+    stages="mmkit.parallel.plans.qwen2_5_vl_stages:QwenStage",
     task="mmkit.train.tasks.qwen2_5_vl:build_task",
     data="mmkit.train.tasks.qwen2_5_vl:build_data",
     pipeline="mmkit.infer.vlm:load_vlm_engine",
+    # the training loss of pipeline stages built without a plan (a plan uses its task's `loss_fn`)
+    extra={"loss": "mmkit.train.losses:supervised_ce_sum"},
 )
