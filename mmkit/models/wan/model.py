@@ -1,15 +1,19 @@
 """Wan2.1 diffusion transformer (text-to-video and image-to-video), single-device PyTorch.
 
-Holds the DiT only: patch embedding, time/text/image conditioning, the blocks and the head.
-It does not hold the VAE, the text/image encoders, the sampler or any parallelism; those live in
-`infer/` and `parallel/` and take this module as an argument.
+Holds the DiT only: patch embedding, time/text/image conditioning, the blocks and the head, as
+numbered forward stages (`embed`, `blocks`, `head_tokens` + `unpatchify`) that `forward` composes and
+that parallel plans and pipeline stages compose the same way. It does not hold the VAE, the text/image
+encoders, the sampler, the loss or any parallelism; those live in `infer/`, `train/` and `parallel/`
+and take this module as an argument. A tensor-parallel plan reaches in only through plain attributes
+(`heads`, `attn_fn`, the lean path's `lean_tp` hooks); no mesh or process group is known here.
 
 Numerics follow diffusers' `WanTransformer3DModel` (the reference of the parity tests): norm
 statistics, modulation and the gated residual adds run in float32; everything else runs in the
 weights' dtype. What differs is only overhead around the matmuls:
 - in inference, one fused QKV matmul for self-attention and one fused KV matmul for cross-attention
   (the parameters stay separate q/k/v, as in diffusers, so tensor parallelism shards them by heads);
-- RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid;
+- RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid (one
+  cache per process keyed by grid, device and dtype: concurrent requests never share per-call state);
 - patch embedding as one matmul over unfolded patches instead of a strided Conv3d;
 - modulation as `addcmul` (one pass) instead of separate multiply and add.
 """
@@ -342,7 +346,8 @@ class WanBlock(nn.Module):
     plain or FSDP2-gathered parameters, or tensor-parallel shards whose modules carry the plan's
     `lean_tp` hooks, the block keeps 14 (tokens, width) tensors for backward instead of autograd's
     22 + 2 ffn/width (34 at Wan's widths): norm outputs and the MLP's hidden activations are
-    recomputed in backward, the attention output is kept once (see `recompute.py`). Cost: one more fc1 matmul. Same forward, same gradients up to float rounding.
+    recomputed in backward, the attention output is kept once (see `recompute.py`). Cost: one more
+    fc1 matmul. Same forward, same gradients up to float rounding.
     """
 
     recompute_hidden = False
