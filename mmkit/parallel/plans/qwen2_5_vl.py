@@ -132,10 +132,9 @@ class Qwen2_5_VLPlan(ParallelPlan):
         return split_seq(x, 1, self.tp_group, backward="gather") if self.sp else x
 
     def layers(self, x: torch.Tensor, meta: dict, layers=None) -> torch.Tensor:
-        """Decoder layers (default: all) on this rank's piece."""
-        for layer in self.inner.language.layers if layers is None else layers:
-            x = layer(x, meta["cos"], meta["sin"], None, None, 0, [0, meta["n_loc"]])
-        return x
+        """Decoder layers (default: all) on this rank's piece (the packed-attention kernel set by
+        `row_meta` reads the sample boundaries, so the layers see the piece as one segment)."""
+        return self.inner.language.decode(x, meta["cos"], meta["sin"], layers, cu_seqlens=[0, meta["n_loc"]])
 
     def head_loss(self, x: torch.Tensor, meta: dict) -> tuple[torch.Tensor, int]:
         """Final norm and LM head on this rank's supervised positions -> (summed CE, tokens it counts)."""

@@ -83,8 +83,7 @@ class QwenStage(Stage):
         else:
             (x,) = acts  # (1, S, D)
         cos, sin = lang.rope(position_ids, x.dtype)  # (1, S, Dh) each
-        for layer in lang.layers.values():
-            x = layer(x, cos, sin, None, cu_seqlens=cu_seqlens)
+        x = self.full_model.language.decode(x, cos, sin, lang.layers.values(), cu_seqlens=cu_seqlens)
         if not self.is_last:
             return x
         x = lang.norm(x)
