@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmkit.common import IGNORE_INDEX
 from mmkit.data.formats import read_records
 from mmkit.models.qwen2_5_vl.processor import (
     IMAGE_TOKEN,
@@ -47,7 +48,6 @@ from mmkit.models.qwen2_5_vl.rope import get_rope_index
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _MEDIA_KEYS = (
     "pixel_values",
     "image_grid_thw",

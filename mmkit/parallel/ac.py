@@ -6,8 +6,8 @@ on the cheaper recomputes the model's modules offer: a module class with a `reco
 attribute (`WanBlock`) then keeps only what is costly to recompute for backward (its norm outputs
 and MLP hidden activations are recomputed there, the MLP chunk by chunk). That matters because a checkpointed block is recomputed whole in
 backward: its full activations are alive at once, so a block's own footprint bounds the peak however
-many blocks are checkpointed. Blocks are found by the model's `blocks` (DiT) or `language.layers` /
-`visual.blocks` (VLM) ModuleLists.
+many blocks are checkpointed. Blocks are the ModuleLists the model class names in `_repeated_blocks`
+(as diffusers does): `("blocks",)` for a DiT, `("language.layers", "visual.blocks")` for a VLM.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ MODES = ("none", "full", "selective")
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The ModuleLists of repeated blocks that activation checkpointing wraps."""
+    """The ModuleLists of repeated blocks that activation checkpointing wraps (and FSDP2 makes units of),
+    at the dotted paths `type(model)._repeated_blocks`. Example: `block_lists(dit)` -> `[dit.blocks]`."""
     found = []
-    for path in ("blocks", "language.layers", "visual.blocks"):
+    for path in getattr(type(model), "_repeated_blocks", ()):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

@@ -1,5 +1,8 @@
 """Pipeline parallelism: run a model's stages (`pp_stages.split_stages`) on the ranks of a pipeline
 process group with a `torch.distributed.pipelining` schedule (GPipe, 1F1B, interleaved 1F1B).
+Family-neutral: what a family's stages hold and exchange, how its micro-batches are checked and laid
+out, and which weight its first and last stage share come from its stage class (the registry's
+`stages`, e.g. `plans/wan_stages.py`).
 
 `Pipeline.step(micro_batches)` runs forward and backward of every micro-batch; gradients land in the
 stage parameters' `.grad`, SUMMED over micro-batches (never averaged), and the summed loss and its
@@ -13,14 +16,14 @@ compute, so a bad batch raises the same error everywhere instead of hanging the 
 - only activations cross ranks, and the last stage turns its output into the summed loss itself
   (under a tensor / context-parallel plan, this rank's piece of the activations, and a loss partial
   over the sequence shards that the trainer sums; the count returned here is always complete);
-- activations must have fixed shapes within a step: Wan micro-batches must share their shapes, Qwen
-  packed rows are padded to `seq_len` with an extra segment of -100 labels (attention never crosses
-  segments, so padding never changes a real token's result). Vision inputs (any size, or none) are
-  consumed on stage 0 only. A step whose shapes differ from the last one builds (and caches) a new
-  schedule; building runs one extra forward/backward of micro-batch 0 to infer the buffer shapes.
+- activations must have fixed shapes within a step (the stage class's `prepare`: Wan micro-batches
+  must share their shapes, Qwen packed rows are padded to `seq_len`). A step whose shapes differ from
+  the last one builds (and caches) a new schedule; building runs one extra forward/backward of
+  micro-batch 0 to infer the buffer shapes.
 
-Tied embeddings (Qwen `tie_word_embeddings`): stage 0 and the last stage each hold the matrix; after
-backward `sync_tied_grads` sums the two gradients across their ranks (`step` calls it).
+Tied weights (the stage class's `tied_weight`, e.g. Qwen `tie_word_embeddings`): stage 0 and the last
+stage each hold the matrix; after backward `sync_tied_grads` sums the two gradients across their ranks
+(`step` calls it).
 """
 
 from __future__ import annotations
@@ -37,15 +40,14 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from mmkit.models.qwen2_5_vl.model import check_placeholders
+from mmkit import registry
 from mmkit.parallel.comm import local_tensor
-from mmkit.parallel.pp_stages import FAMILIES, IGNORE_INDEX, plan_layers, split_stages
+from mmkit.parallel.pp_stages import plan_layers, split_stages
 
 __all__ = ["SCHEDULES", "Pipeline", "plan_layers", "split_stages"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 _SINGLE = ("gpipe", "1f1b")  # one stage per rank
-_MEDIA = (("pixel_values", "image_grid_thw", "image"), ("pixel_values_videos", "video_grid_thw", "video"))
 
 
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,10 +60,10 @@ class Pipeline:
 
     `stages`: this rank's modules from `split_stages` (same pp_size and rank as `pp_group`).
     `schedule`: "gpipe" | "1f1b" (one stage per rank) | "interleaved_1f1b" (any number per rank).
-    `seq_len` (Qwen only): fixed packed-row length every micro-batch is padded to; None = the step's
+    `seq_len` (packed rows, Qwen): fixed packed-row length every micro-batch is padded to; None = the step's
     longest row rounded up to a multiple of 64 (a new length rebuilds the schedule once).
     `tied_group`: the group of just the first- and last-stage ranks of this pipeline, for the tied-
-    embedding gradient sum; needed on those ranks when pp > 2 (with pp = 2 the pp group is that pair).
+    weight gradient sum; needed on those ranks when pp > 2 (with pp = 2 the pp group is that pair).
     Example:
         stages = split_stages(model, "wan", pp_size=2, pp_rank=pp_rank, pp_layers=None)
         pipe = Pipeline(stages, "wan", pp_group, "1f1b", n_microbatches=4, device=torch.device("cuda"))
@@ -82,8 +84,7 @@ class Pipeline:
         tied_group: dist.ProcessGroup | None = None,
         max_cached_shapes: int = 4,
     ):
-        if family not in FAMILIES:
-            raise ValueError(f"model.family={family!r}: pipelines exist for {', '.join(FAMILIES)}")
+        self.stage_cls = registry.get(family).resolve("stages")
         if schedule not in SCHEDULES:
             raise ValueError(f"parallel.pp_schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if n_microbatches < 1:
@@ -123,143 +124,19 @@ class Pipeline:
                 f"of n_microbatches // pp = {rounds}; use a multiple of parallel.pp={pp_size}"
             )
         self.holds_last = self.stages[-1].is_last
-        # Tied embedding: one Parameter per rank, held by stage 0 (embedding) and the last stage (head).
+        # Tied weight: one Parameter per rank, held by stage 0 (e.g. embedding) and the last stage (head).
         self._tied: nn.Parameter | None = None
         self._tie_role: str | None = None  # "first" | "last" | None (middle rank)
-        if family == "qwen2_5_vl" and self.model.cfg.tie_word_embeddings and pp_size > 1:
-            self._tied = self.model.language.embed_tokens.weight
+        tied = self.stage_cls.tied_weight(self.model)
+        if tied is not None and pp_size > 1:
+            self._tied = tied
             self._tie_role = "first" if self.stages[0].is_first else "last" if self.holds_last else None
             if pp_size > 2 and self._tie_role is not None and tied_group is None:
                 raise ValueError(
-                    f"tied embeddings with pp={pp_size}: pass tied_group, the group of this pipeline's first- "
+                    f"tied weights with pp={pp_size}: pass tied_group, the group of this pipeline's first- "
                     "and last-stage ranks (the trainer builds it)"
                 )
         self._schedules: OrderedDict = OrderedDict()  # shape signature -> (schedule, PipelineStages)
-
-    # ---- micro-batch preparation (pure, same result on every rank) ----------------------------------
-    def _prepare_wan(self, mbs: list[dict]):
-        model, need = self.model, ("latents", "timestep", "text_context", "target")
-        first = mbs[0]
-        for i, mb in enumerate(mbs):
-            missing = [k for k in need if k not in mb]
-            if missing:
-                raise ValueError(f"micro_batches[{i}]: missing {missing}; a Wan micro-batch holds {need}")
-            for k in ("latents", "text_context", "image_context", "target", "weight"):
-                a, b = mb.get(k), first.get(k)
-                if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
-                    raise ValueError(
-                        f"micro_batches[{i}][{k!r}]: shape {None if a is None else tuple(a.shape)} differs from "
-                        f"micro_batches[0]'s {None if b is None else tuple(b.shape)}; pipeline stages exchange "
-                        "fixed-shape activations, so one step's micro-batches must share shapes (bucket them)"
-                    )
-        latents = first["latents"]
-        model.check_input(latents, first.get("image_context"))
-        B, _, T, H, W = latents.shape
-        out_shape = (B, model.cfg.out_channels, T, H, W)
-        if tuple(first["target"].shape) != out_shape:
-            raise ValueError(
-                f"micro_batches[*]['target']: shape {tuple(first['target'].shape)}, expected {out_shape} "
-                "(out_channels of the model, the latents' batch and grid)"
-            )
-        pt, ph, pw = model.cfg.patch_size
-        grid = (T // pt, H // ph, W // pw)
-        dev = self.device
-        args, kwargs, targets = [], [], []
-        for mb in mbs:
-            t = torch.as_tensor(mb["timestep"], device=dev).reshape(-1).expand(B).contiguous()
-            a = [mb["latents"].to(dev), t, mb["text_context"].to(dev)]
-            if mb.get("image_context") is not None:
-                a.append(mb["image_context"].to(dev))
-            target = mb["target"].to(dev)
-            kw = {"grid": grid, "target": target}
-            if mb.get("weight") is not None:
-                kw["weight"] = mb["weight"].to(dev)
-            args.append(tuple(a))
-            kwargs.append(kw)
-            targets.append(target)
-        sig = ("wan",) + tuple((tuple(x.shape), x.dtype) for x in args[0]) + (tuple(kwargs[0]),)
-        count = sum(mb["target"].numel() for mb in mbs)
-        return args, kwargs, targets, count, sig
-
-    def _check_media(self, i: int, ids: torch.Tensor, mb: dict) -> None:
-        cfg = self.model.cfg
-        merge = cfg.vision.spatial_merge_size
-        for pv_key, grid_key, name in _MEDIA:
-            tok = cfg.image_token_id if name == "image" else cfg.video_token_id
-            where = ids == tok
-            pv, grid = mb.get(pv_key), mb.get(grid_key)
-            if pv is None:
-                if bool(where.any()):
-                    raise ValueError(
-                        f"micro_batches[{i}]: {int(where.sum())} {name} placeholder tokens but no {pv_key}"
-                    )
-                continue
-            if grid is None:
-                raise ValueError(f"micro_batches[{i}]: {pv_key} given without {grid_key}")
-            need = int(grid.prod(-1).sum())
-            if pv.shape[0] != need or bool((grid[:, 1:] % merge).any()):
-                raise ValueError(
-                    f"micro_batches[{i}]: {pv_key} has {pv.shape[0]} patches, {grid_key}={grid.tolist()} "
-                    f"needs {need} with h and w divisible by spatial_merge_size={merge}"
-                )
-            try:
-                check_placeholders(where, (grid.prod(-1) // merge**2).tolist(), name)
-            except ValueError as e:
-                raise ValueError(f"micro_batches[{i}]: {e}") from None
-
-    def _prepare_qwen(self, mbs: list[dict]):
-        rows = []
-        for i, mb in enumerate(mbs):
-            missing = [k for k in ("input_ids", "position_ids", "cu_seqlens", "labels") if k not in mb]
-            if missing:
-                raise ValueError(f"micro_batches[{i}]: missing {missing} (a packed Qwen2.5-VL row)")
-            ids = mb["input_ids"]
-            n = ids.shape[-1]
-            cu = [int(c) for c in mb["cu_seqlens"]]
-            if (
-                ids.ndim != 2
-                or ids.shape[0] != 1
-                or tuple(mb["position_ids"].shape) != (3, 1, n)
-                or tuple(mb["labels"].shape) != (1, n)
-            ):
-                raise ValueError(
-                    f"micro_batches[{i}]: expected input_ids (1, N), position_ids (3, 1, N), labels (1, N); got "
-                    f"{tuple(ids.shape)}, {tuple(mb['position_ids'].shape)}, {tuple(mb['labels'].shape)}"
-                )
-            if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or cu != sorted(cu):
-                raise ValueError(f"micro_batches[{i}]: cu_seqlens={cu[:8]}... must rise from 0 to N={n}")
-            self._check_media(i, ids, mb)
-            rows.append((ids, cu))
-        longest = max(ids.shape[1] for ids, _ in rows)
-        S = self.seq_len or -(-longest // 64) * 64
-        if longest > S:
-            worst = max(range(len(rows)), key=lambda j: rows[j][0].shape[1])
-            raise ValueError(
-                f"micro_batches[{worst}]: packed row of {longest} tokens exceeds seq_len={S}; raise seq_len "
-                "or pack fewer tokens per micro-batch"
-            )
-        pad_id = self.model.cfg.pad_token_id or 0
-        dev = self.device
-        args, kwargs, targets, count = [], [], [], 0
-        for mb, (ids, cu) in zip(mbs, rows):
-            n, pad = ids.shape[1], S - ids.shape[1]
-            ids = torch.cat([ids, ids.new_full((1, pad), pad_id)], 1)  # (1, S)
-            pos = mb["position_ids"]
-            pos = torch.cat([pos, torch.arange(pad, dtype=pos.dtype).expand(3, 1, pad)], 2)  # (3, 1, S)
-            labels = torch.cat([mb["labels"], mb["labels"].new_full((1, pad), IGNORE_INDEX)], 1)  # (1, S)
-            count += int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
-            kw = {
-                "position_ids": pos.to(dev),
-                "cu_seqlens": cu + [S] if pad else cu,  # the padding is a segment of its own
-                "labels": labels.to(dev),
-            }
-            for pv_key, grid_key, _ in _MEDIA:
-                if mb.get(pv_key) is not None:
-                    kw[pv_key], kw[grid_key] = mb[pv_key].to(dev), mb[grid_key].to(dev)
-            args.append((ids.to(dev),))
-            kwargs.append(kw)
-            targets.append(kw["labels"])
-        return args, kwargs, targets, count, ("qwen2_5_vl", S)
 
     # ---- schedules --------------------------------------------------------------------------------
     def _schedule_for(self, sig):
@@ -292,8 +169,9 @@ class Pipeline:
             raise ValueError(
                 f"micro_batches: got {len(micro_batches)}, this pipeline runs n_microbatches={self.n_microbatches}"
             )
-        prepare = self._prepare_wan if self.family == "wan" else self._prepare_qwen
-        args, kwargs, targets, count, sig = prepare(micro_batches)
+        args, kwargs, targets, count, sig = self.stage_cls.prepare(
+            self.model, micro_batches, self.device, self.seq_len
+        )
         sched, pstages = self._schedule_for(sig)
         if self._tie_role == "last" and self._tied.requires_grad:
             # The two copies' grads are equal here (synced last step, or both zeroed); keeping only the

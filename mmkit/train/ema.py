@@ -12,14 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without wrapper prefixes. Example: `clean_name("blocks.0._orig_mod.w")` -> `"blocks.0.w"`."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from mmkit.common import clean_name
 
 
 class EMA:

@@ -3,7 +3,9 @@
 Each loss returns a `(sum, count)` pair instead of a mean: the trainer adds sums and counts over
 all micro-batches (and data-parallel ranks) of one optimizer step and divides once, so the loss
 and its gradient do not depend on how the global batch is split (micro-batches, processes,
-packing). Nothing here knows about models: callers pass predictions and targets.
+packing). Nothing here knows about models: callers pass predictions and targets. The single-device
+tasks, the parallel plans and the pipeline stages all reduce to these functions (plans get them from
+the task, `task.loss_fn`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from mmkit.common import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------
 # Rectified flow (Wan2.1): x_t = (1 - sigma) * x0 + sigma * noise, target v = noise - x0.
@@ -51,18 +55,26 @@ def flow_noisy(
     return (1 - s) * x0 + s * noise, noise - x0
 
 
-def mse_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, weight=None):
+def mse_sum(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weight=None,
+    channel_dim: int = 1,
+):
     """Sum of squared errors (float32) and the element count it averages over.
 
-    `mask` (B, T, H, W) is broadcast over channels; `weight` (B,) scales each sample.
+    `mask` (B, T, H, W) is broadcast over channels (`channel_dim`, 1 for videos (B, C, T, H, W); -1 for
+    tokens (B, S, P) with a mask (B, S) or (S,)); `weight` (B,) scales each sample.
+    Example: `total, count = mse_sum(pred, target, weight=min_snr_weights)`.
     """
     err = (pred.float() - target.float()).pow(2)  # (B, C, T, H, W)
     if weight is not None:
         err = err * weight.float().view(-1, *([1] * (err.ndim - 1)))
     if mask is None:
         return err.sum(), err.numel()
-    m = mask.float().unsqueeze(1)  # (B, 1, T, H, W)
-    return (err * m).sum(), m.sum() * err.shape[1]
+    m = mask.float().unsqueeze(channel_dim)  # (B, 1, T, H, W)
+    return (err * m).sum(), m.sum() * err.shape[channel_dim]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +127,20 @@ def min_snr_v_weights(snr_t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
 # Next-token cross-entropy on assistant tokens (VLM SFT).
 
 
-def next_token_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+def supervised_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head) -> tuple[torch.Tensor, int]:
+    """Sum of CE over the positions whose target is not IGNORE_INDEX, and their count; the LM head
+    runs at those positions only (at a 150k vocabulary it is the largest matmul of a short answer).
+
+    hidden (..., D) and targets (...) are aligned (position i's target is the token after it); `head`
+    maps (K, D) -> logits (K, vocab) (the LM head module, or a function of its weight).
+    Example: `total, n = supervised_ce_sum(hidden[:, :-1], labels[:, 1:], model.language.lm_head)`.
+    """
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[keep])  # (K, vocab)
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+def next_token_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
     """Sum of next-token CE over positions whose *next* label is not ignored, and their count.
 
     logits (B, S, V) are predictions for positions 0..S-1; labels (B, S) are the token ids at the

@@ -179,12 +179,27 @@ class TextModel(nn.Module):
             assert embeds.shape[0] == 1 and mask is None and cache is None and not logits_to_keep
             assert cu_seqlens[0] == 0 and cu_seqlens[-1] == embeds.shape[1], (cu_seqlens, embeds.shape)
         cos, sin = self.rope(position_ids, embeds.dtype)
-        x = embeds
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            # The last layer only needs outputs where logits are asked for (its K/V still cover all).
-            x = layer(
-                x, cos, sin, mask, cache, keep=logits_to_keep if i == last else 0, cu_seqlens=cu_seqlens
-            )
+        x = self.decode(embeds, cos, sin, None, mask, cache, logits_to_keep, cu_seqlens)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layers=None,
+        mask: torch.Tensor | None = None,
+        cache=None,
+        keep: int = 0,
+        cu_seqlens: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers (default: all; a pipeline stage or a parallel plan passes its own) on
+        embeddings x (B, S, D) with M-RoPE tables cos/sin (B, S, Dh); arguments as in `forward`.
+        The last layer computes only the `keep` last positions (0 = all; its K/V still cover all).
+        Example: `h = text.decode(embeds, *text.rope(pos, embeds.dtype))`.
+        """
+        layers = list(self.layers if layers is None else layers)
+        for i, layer in enumerate(layers):
+            x = layer(x, cos, sin, mask, cache, keep if i == len(layers) - 1 else 0, cu_seqlens)
+        return x

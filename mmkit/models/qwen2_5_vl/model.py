@@ -42,6 +42,9 @@ class Qwen2_5_VLModel(nn.Module):
         >>> logits = model(input_ids, pixel_values=pv, image_grid_thw=grid, logits_to_keep=1)
     """
 
+    # ModuleLists of identical blocks (activation checkpointing, FSDP units), decoder first
+    _repeated_blocks = ("language.layers", "visual.blocks")
+
     def __init__(self, cfg: Qwen2_5_VLConfig):
         super().__init__()
         self.cfg = cfg

@@ -111,8 +111,10 @@ SPEC = FamilySpec(
     ),
     validate=_validate,
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
-    stages="mmkit.parallel.pp_stages:split_qwen",
+    stages="mmkit.parallel.plans.qwen2_5_vl_stages:QwenStage",
     task="mmkit.train.tasks.qwen2_5_vl:build_task",
     data="mmkit.train.tasks.qwen2_5_vl:build_data",
     pipeline="mmkit.infer.qwen2_5_vl:load_chat",
+    # the training loss of pipeline stages built without a plan (a plan uses its task's `loss_fn`)
+    extra={"loss": "mmkit.train.losses:supervised_ce_sum"},
 )

@@ -1,21 +1,26 @@
 """Wan2.1 diffusion transformer (text-to-video and image-to-video), single-device PyTorch.
 
-Holds the DiT only: patch embedding, time/text/image conditioning, the blocks and the head.
-It does not hold the VAE, the text/image encoders, the sampler or any parallelism; those live in
-`infer/` and `parallel/` and take this module as an argument.
+Holds the DiT only: patch embedding, time/text/image conditioning, the blocks and the head, as
+numbered forward stages (`embed`, `blocks`, `head_tokens` + `unpatchify`) that `forward` composes and
+that parallel plans and pipeline stages compose the same way. It does not hold the VAE, the text/image
+encoders, the sampler, the loss or any parallelism; those live in `infer/`, `train/` and `parallel/`
+and take this module as an argument. A tensor-parallel plan reaches in only through plain attributes
+(`heads`, `attn_fn`, the lean path's `lean_tp` hooks); no mesh or process group is known here.
 
 Numerics follow diffusers' `WanTransformer3DModel` (the reference of the parity tests): norm
 statistics, modulation and the gated residual adds run in float32; everything else runs in the
 weights' dtype. What differs is only overhead around the matmuls:
 - in inference, one fused QKV matmul for self-attention and one fused KV matmul for cross-attention
   (the parameters stay separate q/k/v, as in diffusers, so tensor parallelism shards them by heads);
-- RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid;
+- RoPE as a real-valued rotation (no complex or float64 round trips), tables cached per grid (one
+  cache per process keyed by grid, device and dtype: concurrent requests never share per-call state);
 - patch embedding as one matmul over unfolded patches instead of a strided Conv3d;
 - modulation as `addcmul` (one pass) instead of separate multiply and add.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from mmkit.models.common.attention import attention
 from mmkit.models.common.ops import Linear, linear
 from mmkit.models.wan.config import WanConfig
-from mmkit.parallel.comm import copy_to_group, local_tensor
+from mmkit.models.wan.recompute import HeadsLinear, NormedLinears, RecomputedMLP, RMSNormKeepInput
 
 # Parameters kept in float32 when the model is cast to a low-precision dtype (as diffusers does):
 # they feed the float32 modulation path and are tiny.
@@ -74,6 +79,20 @@ def rope_tables(
     return cos.to(device, dtype), sin.to(device, dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def cached_rope_tables(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_tables`, computed once per (grid, head_dim, device, dtype) for the whole process.
+
+    A pure function of its key, so requests of different sizes running in one process (threads of a
+    server, CFG branches) share entries safely; the tables are read-only (no caller writes to them).
+    Example: `cos, sin = cached_rope_tables((21, 30, 52), 128, torch.device("cuda"), torch.bfloat16)`.
+    """
+    with torch.inference_mode(False):  # plain tensors, usable by a later training step too
+        return rope_tables(grid, head_dim, device, dtype)
+
+
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / RMS(x) over the last dim, (..., 1), statistics in float32, returned in x's dtype."""
     ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
@@ -102,7 +121,7 @@ def norm_to_heads(
         # keep_input (training, `WanBlock.recompute_hidden`): the norm keeps only x for backward.
         if keep_input and type(norm) is nn.RMSNorm:
             eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-            y = _RMSNormKeepInput.apply(x, norm.weight, eps)
+            y = RMSNormKeepInput.apply(x, norm.weight, eps)
         else:
             y = norm(x)
         y = y.view(B, S, heads, D // heads).transpose(1, 2)
@@ -145,8 +164,11 @@ class WanSelfAttention(nn.Module):
     plan lowers it) and `attn_fn` the attention kernel (a context-parallel plan swaps it)."""
 
     attn_fn = staticmethod(attention)
-    tp_mesh = None  # set by a tensor-parallel plan (the lean path's reductions over tp)
-    tp_sp = True  # whether that plan uses sequence parallelism (row-parallel outputs reduce-scattered)
+    # A tensor-parallel plan's hooks for the lean path (`recompute_hidden`), None on plain tensors:
+    # `weights(*linears)` this rank's plain weight/bias shards, `input(x)` this rank's plain input,
+    # `row_linear(fn, args, linear)` a row-parallel output projection, `prologue(args)` the block's
+    # norm arguments made ready for rank-local use.
+    lean_tp = None
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -166,8 +188,9 @@ class WanSelfAttention(nn.Module):
         B, S, _ = x.shape
         lean = prenorm is not None
         if lean:
-            q, k, v = _NormedLinears.apply(
-                prenorm[0], len(prenorm[1]), _local_input(x), *prenorm[1], *_wb(self.q, self.k, self.v)
+            tp = self.lean_tp
+            q, k, v = NormedLinears.apply(
+                prenorm[0], len(prenorm[1]), _local(x, tp), *prenorm[1], *_wb(tp, self.q, self.k, self.v)
             )
         else:
             q, k, v = project(x, self.q, self.k, self.v)  # 3 x (B, S, D_local)
@@ -175,14 +198,14 @@ class WanSelfAttention(nn.Module):
         k = norm_to_heads(k, self.norm_k, self.heads, rope, keep_input=lean)
         o = self.attn_fn(q, k, to_heads(v, self.heads))  # (B, H, S, Dh)
         if lean:
-            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh, self.tp_sp)
+            return _row_linear(HeadsLinear.apply, (o,), self.out, self.lean_tp)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(nn.Module):
     """Attention from video tokens to text tokens (and, for i2v, to CLIP image tokens)."""
 
-    tp_mesh, tp_sp = None, True  # as WanSelfAttention's
+    lean_tp = None  # as WanSelfAttention's
 
     def __init__(self, dim: int, heads: int, eps: float, image: bool):
         super().__init__()
@@ -205,8 +228,9 @@ class WanCrossAttention(nn.Module):
         B, S, _ = x.shape
         lean = prenorm is not None
         if lean:
-            (q,) = _NormedLinears.apply(
-                prenorm[0], len(prenorm[1]), _local_input(x), *prenorm[1], *_wb(self.q)
+            tp = self.lean_tp
+            (q,) = NormedLinears.apply(
+                prenorm[0], len(prenorm[1]), _local(x, tp), *prenorm[1], *_wb(tp, self.q)
             )
         else:
             q = self.q(x)
@@ -217,186 +241,13 @@ class WanCrossAttention(nn.Module):
             ki, vi = project(ctx_img, self.k_img, self.v_img)
             o = o + attention(q, norm_to_heads(ki, self.norm_k_img, self.heads), to_heads(vi, self.heads))
         if lean:
-            return _row_linear(_HeadsLinear.apply, (o,), self.out, self.tp_mesh, self.tp_sp)
+            return _row_linear(HeadsLinear.apply, (o,), self.out, self.lean_tp)
         return self.out(o.transpose(1, 2).reshape(B, S, -1))
-
-
-def _row_chunks(n: int, chunk: int) -> list[slice]:
-    """`n` rows cut into ceil(n / chunk) near-equal slices of at most `chunk` rows."""
-    k = max(1, -(-n // chunk))
-    return [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
 def _plain(*params: torch.Tensor) -> bool:
     """True for ordinary parameters (not distributed tensors a parallel plan made)."""
     return all(type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in params)
-
-
-# ---- training with recomputed activations (`WanBlock.recompute_hidden`) ----------------------------------
-# Autograd keeps, per block, about 22 (tokens, width) tensors plus two (tokens, ffn) ones. These functions
-# give the same forward (the same operations on the same tensors) but keep only what is expensive to
-# recompute: norm outputs are recomputed from the norm inputs, the MLP's hidden activations from its input,
-# and the attention output is kept once (as the kernel keeps it) instead of twice. Gradients equal
-# autograd's up to float rounding. A prologue `norm = (fn, args)` is a row-wise fn(x, *args) (a modulated
-# LayerNorm) recomputed in backward under the forward's autocast state.
-
-
-def _renorm(ctx, x: torch.Tensor, args: tuple, need: tuple) -> tuple[torch.Tensor, list]:
-    """The prologue recomputed with autograd on fresh leaves: (normed, leaves of x and args)."""
-    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip((x, *args), need)]
-    dev, enabled, dtype = ctx.amp
-    with torch.enable_grad(), torch.autocast(dev, dtype, enabled=enabled):
-        y = ctx.norm(*leaves)
-    return y, leaves
-
-
-def _renorm_grads(y: torch.Tensor, leaves: list, gy: torch.Tensor) -> list:
-    """Gradients of the prologue's inputs from the gradient of its output (None where not needed)."""
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    got = iter(torch.autograd.grad(y, wanted, gy.view(y.shape).to(y.dtype)) if wanted else ())
-    return [next(got) if t is not None and t.requires_grad else None for t in leaves]
-
-
-def _amp(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
-    dev = x.device.type
-    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
-
-
-class _NormedLinears(torch.autograd.Function):
-    """[F.linear(fn(x, *args), w_i, b_i)] keeping x (not the normed tensor) for backward."""
-
-    @staticmethod
-    def forward(ctx, fn, n_args: int, x, *tensors):
-        args, wbs = tensors[:n_args], tensors[n_args:]
-        y = fn(x, *args)
-        ctx.norm, ctx.n_args, ctx.amp = fn, n_args, _amp(x)
-        ctx.save_for_backward(x, *tensors)
-        return tuple(F.linear(y, w, b) for w, b in zip(wbs[0::2], wbs[1::2]))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x, *tensors = ctx.saved_tensors
-        n = ctx.n_args
-        need = ctx.needs_input_grad[2:]  # x, args..., w0, b0, w1, b1, ...
-        y, leaves = _renorm(ctx, x, tuple(tensors[:n]), need[: n + 1])
-        y2 = y.detach().reshape(-1, y.shape[-1])  # (N, D)
-        gy, wgrads = None, []
-        for i, g in enumerate(grads):
-            w, b = tensors[n + 2 * i], tensors[n + 2 * i + 1]
-            need_w, need_b = need[n + 1 + 2 * i], need[n + 2 + 2 * i]
-            g2 = g.reshape(-1, g.shape[-1])  # (N, D_i) in the matmul's compute dtype
-            wgrads.append((g2.t() @ y2.to(g.dtype)).to(w.dtype) if need_w else None)
-            wgrads.append(g2.sum(0).to(b.dtype) if need_b else None)
-            part = (g2 @ w.to(g.dtype)).to(y2.dtype)  # (N, D), summed in the normed tensor's dtype
-            gy = part if gy is None else gy.add_(part)
-        return (None, None, *_renorm_grads(y, leaves, gy), *wgrads)
-
-
-class _HeadsLinear(torch.autograd.Function):
-    """F.linear(o.transpose(1, 2).reshape(B, S, H * Dh), w, b) keeping o, which the attention kernel
-    keeps anyway, instead of the (B, S, H * Dh) copy."""
-
-    @staticmethod
-    def forward(ctx, o, w, b):
-        B, H, S, Dh = o.shape
-        ctx.save_for_backward(o, w)
-        return F.linear(o.transpose(1, 2).reshape(B, S, H * Dh), w, b)
-
-    @staticmethod
-    def backward(ctx, g):
-        o, w = ctx.saved_tensors
-        B, H, S, Dh = o.shape
-        need_o, need_w, need_b = ctx.needs_input_grad
-        g2 = g.reshape(B * S, -1)  # (N, D_out)
-        dw = (g2.t() @ o.transpose(1, 2).reshape(B * S, H * Dh).to(g.dtype)).to(w.dtype) if need_w else None
-        db = g2.sum(0).to(w.dtype) if need_b else None
-        do = (g2 @ w.to(g.dtype)).view(B, S, H, Dh).transpose(1, 2).to(o.dtype) if need_o else None
-        return do, dw, db
-
-
-class _RMSNormKeepInput(torch.autograd.Function):
-    """F.rms_norm keeping its input only (autograd's decomposition also keeps the normalized tensor)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        xf = x.float()
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # (..., 1)
-        xh = xf * r  # normalized input
-        gf = g.float()
-        dw = (gf * xh).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
-        gxh = gf * w.float()
-        dx = gxh.addcmul_(xh, (gxh * xh).mean(-1, keepdim=True), value=-1).mul_(r)
-        return dx.to(x.dtype), dw, None
-
-
-class _RecomputedMLP(torch.autograd.Function):
-    """fc2(gelu_tanh(fc1(fn(x, *args)))) keeping only x for backward.
-
-    Autograd would keep fc1's output and the GELU output, two (tokens, ffn) tensors: at ffn = 5.8 x
-    width they are most of a block's activations. Here the forward and the backward run in row chunks
-    of `chunk` tokens, so no (tokens, ffn) tensor ever exists (the backward recomputes fc1 and the
-    GELU chunk by chunk; cost: fc1 once more). Weight gradients are summed over the chunks.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, n_args: int, chunk: int, x, *tensors):
-        args, (w1, b1, w2, b2) = tensors[:n_args], tensors[n_args:]
-        y = fn(x, *args)
-        yf = y.reshape(-1, y.shape[-1])  # (N, D)
-        outs = []
-        for rows in _row_chunks(yf.shape[0], chunk):
-            h = F.linear(yf[rows], w1, b1)  # (n, ffn)
-            torch.ops.aten.gelu_(h, approximate="tanh")
-            outs.append(F.linear(h, w2, b2))  # (n, D_out)
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        ctx.norm, ctx.n_args, ctx.chunk, ctx.amp, ctx.dtype = fn, n_args, chunk, _amp(x), h.dtype
-        ctx.save_for_backward(x, *tensors)
-        return out.view(*y.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, *tensors = ctx.saved_tensors
-        n = ctx.n_args
-        w1, b1, w2, _ = tensors[n:]
-        need = ctx.needs_input_grad[3:]  # x, args..., w1, b1, w2, b2
-        need_w1, need_b1, need_w2, need_b2 = need[n + 1 :]
-        y, leaves = _renorm(ctx, x, tuple(tensors[:n]), need[: n + 1])
-        cd = ctx.dtype  # the forward's matmul dtype (autocast's, or the weights')
-        W1, B1, W2 = w1.to(cd), b1.to(cd), w2.to(cd)  # no copies without autocast
-        yf, gf = y.detach().reshape(-1, y.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, D), (N, D_out)
-        dy = torch.empty(yf.shape, dtype=cd, device=yf.device)
-        dw1, db1, dw2 = (torch.zeros_like(p) for p in (w1, b1, w2))
-        db2 = torch.zeros(gf.shape[-1], dtype=w2.dtype, device=w2.device)
-
-        def acc(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:  # total += a @ b
-            if a.dtype == total.dtype:
-                total.addmm_(a, b)
-            else:
-                total.add_(a @ b)
-
-        for rows in _row_chunks(yf.shape[0], ctx.chunk):
-            yc, gc = yf[rows].to(cd), gf[rows].to(cd)  # (n, D), (n, D_out)
-            h = F.linear(yc, W1, B1)  # (n, ffn), recomputed
-            if need_w2:
-                acc(dw2, gc.t(), F.gelu(h, approximate="tanh"))
-            if need_b2:
-                db2 += gc.sum(0)
-            dh = torch.ops.aten.gelu_backward(gc @ W2, h, approximate="tanh")  # (n, ffn)
-            del h
-            if need_w1:
-                acc(dw1, dh.t(), yc)
-            if need_b1:
-                db1 += dh.sum(0)
-            torch.mm(dh, W1, out=dy[rows])
-        grads = (dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None)
-        return (None, None, None, *_renorm_grads(y, leaves, dy), *grads, db2 if need_b2 else None)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -413,40 +264,23 @@ def _modulated_norm(eps: float):
     return lambda x, shift, scale: _modulate(x, shift, scale, eps)
 
 
-def _wb(*mods: nn.Linear) -> list[torch.Tensor]:
-    """weight, bias, weight, bias, ... of Linear layers (the inputs `_NormedLinears` takes); this rank's
-    shards when a tensor-parallel plan made them DTensors (column-parallel: whole heads / MLP columns)."""
-    return [local_tensor(t) for m in mods for t in (m.weight, m.bias)]
+def _wb(tp, *mods: nn.Linear) -> list[torch.Tensor]:
+    """weight, bias, weight, bias, ... of Linear layers (the inputs `NormedLinears` takes); this rank's
+    plain shards through the plan's hooks `tp` when a tensor-parallel plan sharded them."""
+    return tp.weights(*mods) if tp is not None else [t for m in mods for t in (m.weight, m.bias)]
 
 
-def _local_input(x: torch.Tensor) -> torch.Tensor:
-    """A module input for the lean path. Under tensor parallelism the plan hands over the sequence
-    gathered over tp as a replicated DTensor; the lean functions use only this rank's heads / MLP
-    columns, so the gradient they return for it is partial over tp (summed by DTensor on the way back:
-    reduce-scattered to the sequence-parallel pieces)."""
-    if hasattr(x, "to_local"):
-        from torch.distributed.tensor import Partial
-
-        return x.to_local(grad_placements=[Partial()])
-    return x
+def _local(x: torch.Tensor, tp) -> torch.Tensor:
+    """A module input for the lean path: this rank's plain tensor through the plan's hooks `tp`."""
+    return tp.input(x) if tp is not None else x
 
 
-def _row_linear(fn, args: tuple, linear: nn.Linear, tp_mesh, sp: bool = True) -> torch.Tensor:
-    """`fn(*args, weight, bias)`, a lean function ending in `linear`. Under a tensor-parallel plan
-    (`tp_mesh`) `linear` is row-parallel: fn runs on the local weight shard without the bias, the
-    partial sums are reduce-scattered over the sequence (`sp`) or all-reduced, then the bias is added
-    (as DTensor's RowwiseParallel does)."""
-    if tp_mesh is None:
+def _row_linear(fn, args: tuple, linear: nn.Linear, tp) -> torch.Tensor:
+    """`fn(*args, weight, bias)`, a lean function ending in `linear`; under a tensor-parallel plan the
+    plan's hooks `tp` run it on this rank's shard and combine the ranks' partial outputs."""
+    if tp is None:
         return fn(*args, linear.weight, linear.bias)
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    y = fn(*args, linear.weight.to_local(), None)  # (B, S, D_out), partial over tp
-    y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False)
-    y = y.redistribute(tp_mesh, [Shard(1) if sp else Replicate()]).to_local()
-    if linear.bias is not None:
-        b = linear.bias.to_local()  # replicated; with sp used on this rank's tokens: gradient summed over tp
-        y = y + (copy_to_group(b, tp_mesh.get_group()) if sp else b)
-    return y
+    return tp.row_linear(fn, args, linear)
 
 
 class WanMLP(nn.Module):
@@ -457,11 +291,11 @@ class WanMLP(nn.Module):
     one, e.g. 1950 x 8960 floats, is a fresh page-faulted mapping on every call) and peak memory
     drops by the same factor. Rows are independent, so the result is identical.
     In training, `prenorm` (from `WanBlock` with `recompute_hidden`) makes the hidden activations
-    recomputed in backward, see `_RecomputedMLP`.
+    recomputed in backward, see `recompute.RecomputedMLP`.
     """
 
     chunk = 512
-    tp_mesh, tp_sp = None, True  # as WanSelfAttention's
+    lean_tp = None  # as WanSelfAttention's
 
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
@@ -473,12 +307,13 @@ class WanMLP(nn.Module):
         S = x.shape[-2]
         if prenorm is not None:
             fn, args = prenorm
-            w1, b1 = _wb(self.fc1)
+            tp = self.lean_tp
+            w1, b1 = _wb(tp, self.fc1)
 
             def mlp(x, w2, b2):
-                return _RecomputedMLP.apply(fn, len(args), self.chunk, x, *args, w1, b1, w2, b2)
+                return RecomputedMLP.apply(fn, len(args), self.chunk, x, *args, w1, b1, w2, b2)
 
-            return _row_linear(mlp, (_local_input(x),), self.fc2, self.tp_mesh, self.tp_sp)
+            return _row_linear(mlp, (_local(x, tp),), self.fc2, tp)
         if torch.is_grad_enabled() or S < 2 * self.chunk:
             return self.fc2(self.fc1(x))
         out = torch.empty(*x.shape[:-1], self.fc2.out_features, dtype=x.dtype, device=x.device)
@@ -509,10 +344,10 @@ class WanBlock(nn.Module):
 
     `recompute_hidden` (set by selective activation checkpointing, parallel/ac.py): in training with
     plain or FSDP2-gathered parameters, or tensor-parallel shards whose modules carry the plan's
-    `tp_mesh`, the block keeps 14 (tokens, width) tensors for backward instead of autograd's
+    `lean_tp` hooks, the block keeps 14 (tokens, width) tensors for backward instead of autograd's
     22 + 2 ffn/width (34 at Wan's widths): norm outputs and the MLP's hidden activations are
-    recomputed in backward, the attention output is kept once (see `_NormedLinears` and the functions
-    next to it). Cost: one more fc1 matmul. Same forward, same gradients up to float rounding.
+    recomputed in backward, the attention output is kept once (see `recompute.py`). Cost: one more
+    fc1 matmul. Same forward, same gradients up to float rounding.
     """
 
     recompute_hidden = False
@@ -545,16 +380,13 @@ class WanBlock(nn.Module):
         if (
             self.recompute_hidden
             and torch.is_grad_enabled()
-            and (self.attn.tp_mesh is not None or _plain(*self.parameters()))
+            and (self.attn.lean_tp is not None or _plain(*self.parameters()))
         ):
             nc = self.norm_cross
             ln = isinstance(nc, nn.LayerNorm)
             args = [(shift1, scale1), (nc.weight, nc.bias) if ln else (), (shift2, scale2)]
-            if self.attn.tp_mesh is not None and not self.attn.tp_sp:
-                # tensor parallel without sequence parallelism: the prologue norms' gradients come from this
-                # rank's heads / MLP columns only, but every rank must hold the complete ones (as without lean)
-                group = self.attn.tp_mesh.get_group()
-                args = [tuple(copy_to_group(t, group) for t in a) for a in args]
+            if self.attn.lean_tp is not None:  # e.g. gradients summed over the ranks' heads / MLP columns
+                args = self.attn.lean_tp.prologue(args)
             mod = _modulated_norm(self.eps)
             x = torch.addcmul(x, self.attn(x, rope, prenorm=(mod, args[0])), gate1)
             x = x + self.cross(x, ctx, ctx_img, prenorm=(_layer_norm(nc.eps) if ln else _identity, args[1]))
@@ -597,6 +429,8 @@ class WanTransformer(nn.Module):
         v = model(latents, torch.tensor([999.0]), text_context)  # text_context: (B, 512, 4096)
     """
 
+    _repeated_blocks = ("blocks",)  # ModuleLists of identical blocks (activation checkpointing, FSDP units)
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -617,7 +451,6 @@ class WanTransformer(nn.Module):
         self.head = nn.Module()
         self.head.proj = Linear(dim, cfg.out_channels * pt * ph * pw)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        self._rope_cache: dict = {}
 
     # ---- dtype handling -------------------------------------------------------------------
     def to_dtype(self, dtype: torch.dtype) -> WanTransformer:
@@ -631,14 +464,15 @@ class WanTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.weight.dtype
 
-    # ---- forward stages ---------------------------------------------------------------------
-    def _rope(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
-        key = (grid, device, dtype)
-        if key not in self._rope_cache:
-            if len(self._rope_cache) > 8:
-                self._rope_cache.clear()
-            self._rope_cache[key] = rope_tables(grid, self.cfg.attention_head_dim, device, dtype)
-        return self._rope_cache[key]
+    # ---- forward stages (`forward` composes them; parallel plans and pipeline stages too) --------
+    def rope(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
+        """cos/sin tables (S, Dh) of a (frames, height, width) grid in patches (cached per process)."""
+        grid = tuple(int(n) for n in grid)
+        return cached_rope_tables(grid, self.cfg.attention_head_dim, torch.device(device), dtype)
+
+    def grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """The token grid (frames, height, width) in patches of latents (B, C, T, H, W)."""
+        return tuple(n // p for n, p in zip(latents.shape[2:], self.cfg.patch_size))
 
     def embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) timesteps in [0, 1000] -> temb (B, D) and the block projection (B, 6, D), float32."""
@@ -694,6 +528,32 @@ class WanTransformer(nn.Module):
                 f"image_context: this model {need} CLIP image context (config image_dim={cfg.image_dim})"
             )
 
+    # 1. embeddings: patch tokens, time, text (and CLIP image) conditioning
+    def embed(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text_context: torch.Tensor | list[torch.Tensor],
+        image_context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs as `forward` takes them -> (x (B, S, D) tokens, temb (B, D) and e (B, 6, D) float32 time
+        embeddings, ctx (B, L, D) text, ctx_img (B, L_img, D) CLIP image tokens or None)."""
+        B = latents.shape[0]
+        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(B)
+        x = self.patchify(latents)  # (B, S, D)
+        temb, e = self.embed_time(timestep)  # (B, D), (B, 6, D) float32
+        ctx = self.embed_text(text_context)  # (B, L, D)
+        ctx_img = self.image_embed(image_context.to(self.dtype)) if image_context is not None else None
+        return x, temb, e, ctx, ctx_img
+
+    # 2. blocks: `self.blocks`, each `block(x, e, ctx, ctx_img, rope)`
+
+    # 3. head: modulated norm and projection (unpatchify turns its tokens into a video)
+    def head_tokens(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Block output (B, S, D) and temb (B, D) -> predicted tokens (B, S, C_out * pt * ph * pw)."""
+        shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
+        return self.head.proj(_modulate(x, shift, scale, self.cfg.eps))
+
     def forward(
         self,
         latents: torch.Tensor,  # (B, C_in, T, H, W)
@@ -702,23 +562,9 @@ class WanTransformer(nn.Module):
         image_context: torch.Tensor | None = None,  # (B, 257, image_dim) CLIP features, i2v only
     ) -> torch.Tensor:
         self.check_input(latents, image_context)
-        B = latents.shape[0]
-        pt, ph, pw = self.cfg.patch_size
-        grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
-        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(B)
-
-        # 1. embeddings
-        x = self.patchify(latents)  # (B, S, D)
-        temb, e = self.embed_time(timestep)  # (B, D), (B, 6, D) float32
-        ctx = self.embed_text(text_context)  # (B, L, D)
-        ctx_img = self.image_embed(image_context.to(self.dtype)) if image_context is not None else None
-        rope = self._rope(grid, latents.device, x.dtype)
-
-        # 2. blocks
+        grid = self.grid(latents)
+        x, temb, e, ctx, ctx_img = self.embed(latents, timestep, text_context, image_context)
+        rope = self.rope(grid, latents.device, x.dtype)
         for block in self.blocks:
             x = block(x, e, ctx, ctx_img, rope)
-
-        # 3. head: modulated norm, projection, unpatchify
-        shift, scale = (self.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
-        x = self.head.proj(_modulate(x, shift, scale, self.cfg.eps))
-        return self.unpatchify(x, grid).float()
+        return self.unpatchify(self.head_tokens(x, temb), grid).float()

@@ -128,8 +128,10 @@ SPEC = FamilySpec(
     ),
     validate=_validate,
     plan="mmkit.parallel.plans.wan:WanPlan",
-    stages="mmkit.parallel.pp_stages:split_wan",
+    stages="mmkit.parallel.plans.wan_stages:WanStage",
     task="mmkit.train.tasks.wan:build_task",
     data="mmkit.train.tasks.wan:build_data",
     pipeline="mmkit.infer.t2v:load_wan_pipeline",
+    # the training loss of pipeline stages built without a plan (a plan uses its task's `loss_fn`)
+    extra={"loss": "mmkit.train.losses:mse_sum"},
 )

@@ -21,12 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mmkit import registry
+from mmkit.common import clean_name
 from mmkit.parallel.comm import local_tensor
 from mmkit.parallel.dims import ParallelDims
 
 
 class ParallelPlan(nn.Module):
-    """Base: holds the groups; families implement `apply_tp`, `setup_cp`, `forward(prep)`.
+    """Base: holds the groups; families implement `apply_tp` and `forward(prep)` (context parallelism
+    needs no set-up: the family's attention kernel reaches `cp_attn` per forward).
 
     It is an nn.Module wrapping the model (`self.inner`, not part of checkpoints: the trainer saves
     `task.model`) so that FSDP2's root hooks run around the whole family-specific forward.
@@ -61,8 +64,6 @@ class ParallelPlan(nn.Module):
         if self.dims.tp > 1:
             self.apply_tp()
             self.record_tp_partial()
-        if self.dims.cp > 1:
-            self.setup_cp()
         m = self.cfg.model
         apply_ac(self.inner, m.activation_checkpointing, m.ac_every_k)
         apply_compile(self.inner, m.compile)
@@ -87,7 +88,7 @@ class ParallelPlan(nn.Module):
         ]
 
     def fsdp_units(self) -> list[nn.Module]:
-        """Modules that get their own FSDP2 unit (the repeated blocks)."""
+        """Modules that get their own FSDP2 unit (the repeated blocks the model names, `_repeated_blocks`)."""
         from mmkit.parallel.ac import block_lists
 
         return [b for blocks in block_lists(self.inner) for b in blocks]
@@ -105,9 +106,6 @@ class ParallelPlan(nn.Module):
                 mod.set_gradient_divide_factor(1.0)  # sum: the trainer divides by the global count
                 mod.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
 
-    def setup_cp(self) -> None:
-        raise NotImplementedError
-
     def apply_tp(self) -> None:
         raise NotImplementedError
 
@@ -117,8 +115,6 @@ class ParallelPlan(nn.Module):
         """Sum the partial gradients of replicated sequence-parallel parameters over tp."""
         if not self.sp:
             return
-        from mmkit.train.ema import clean_name
-
         # names as recorded before activation checkpointing / compile wrapped the blocks
         params = {clean_name(n): p for n, p in self.inner.named_parameters()}
         grads = []
@@ -147,12 +143,7 @@ def parallelize(task, dims: ParallelDims, mesh, cfg, fsdp: bool = True) -> Paral
     """The family's plan, applied. Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(prep)`.
 
     `fsdp=False` (pipeline parallelism): everything but FSDP2, which the trainer then applies per stage;
-    the stages (`pp_stages`) call the plan's pieces (`enter`, `local_rope` / `row_meta`, `head_loss`)."""
-    family = cfg.model.family
-    if family == "wan":
-        from mmkit.parallel.plans.wan import WanPlan as cls
-    elif family == "qwen2_5_vl":
-        from mmkit.parallel.plans.qwen2_5_vl import Qwen2_5_VLPlan as cls
-    else:
-        raise ValueError(f"model.family={family!r}: no parallel plan (known: wan, qwen2_5_vl)")
+    the family's stages (`plans/<family>_stages.py`) call the plan's pieces (`enter`, `local_rope` /
+    `row_meta`, `head_loss`)."""
+    cls = registry.get(cfg.model.family).resolve("plan")
     return cls(task, dims, mesh, cfg).apply(fsdp=fsdp)

@@ -7,11 +7,13 @@ Forward under a plan (`Qwen2_5_VLPlan.forward(prep)`, packed rows):
   -> pad N to a multiple of cp x tp(SP), cut over cp, then over tp (SP)
   -> decoder layers: attention and MLP all-gather the tp pieces (heads / MLP columns split over tp);
      attention is causal inside each packed sample, context-parallel over cp
-  -> final norm and LM head on this rank's supervised positions -> summed cross-entropy.
+  -> final norm and LM head on this rank's supervised positions -> summed cross-entropy (the task's,
+     `task.loss_fn`; vocabulary-parallel under tensor parallelism).
 TP shards (DTensor) q/k/v/o and gate/up/down of every decoder layer, and the token embedding and LM
 head over vocabulary rows (`VocabParallelEmbedding`, `vocab_parallel_cross_entropy`: no rank holds the
 full logits). The vision tower and the norms stay replicated (FSDP2 shards them over data ranks).
 FSDP2 units: every decoder and vision block, and (untied) the token embedding and the LM head.
+Pipeline stages: `plans/qwen2_5_vl_stages.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from mmkit.data.sft import IGNORE_INDEX
+from mmkit.common import IGNORE_INDEX, LossOut
 from mmkit.models.qwen2_5_vl.language import packed_causal_attention
 from mmkit.parallel.comm import copy_to_group, gather_seq, split_seq
 from mmkit.parallel.dims import padded_len
@@ -34,7 +36,6 @@ from mmkit.parallel.tp import (
     shard_linears,
     vocab_parallel_cross_entropy,
 )
-from mmkit.train.tasks.wan import LossOut
 
 
 class Qwen2_5_VLPlan(ParallelPlan):
@@ -72,9 +73,6 @@ class Qwen2_5_VLPlan(ParallelPlan):
             units += [lang.embed_tokens, lang.lm_head]
         return units
 
-    def setup_cp(self) -> None:
-        pass  # the packed-attention kernel is set per forward, see `forward`
-
     def _packed_attention(self, q, k, v, cu_seqlens):
         """Causal attention inside each packed sample, over this rank's piece of the row."""
         if self.cp_attn is not None:
@@ -92,7 +90,7 @@ class Qwen2_5_VLPlan(ParallelPlan):
         pix = torch.zeros(m * m, dim, device=embeds.device, dtype=embeds.dtype)
         return embeds + 0.0 * self.inner.visual(pix, grid).sum().to(embeds.dtype)
 
-    # ---- the pieces of a sharded forward (also what pipeline stages call, `pp_stages.QwenStage`) ------
+    # ---- the pieces of a sharded forward (also what pipeline stages call, `QwenStage`) ----------------
     def row_meta(self, pos: torch.Tensor, cu: list[int], labels: torch.Tensor | None, dtype) -> dict:
         """Per packed row (1, N): this rank's M-RoPE rows, targets and segment ids, and the state the
         packed-attention kernel reads (sample boundaries; the padding is a segment of its own)."""
@@ -134,20 +132,17 @@ class Qwen2_5_VLPlan(ParallelPlan):
         return split_seq(x, 1, self.tp_group, backward="gather") if self.sp else x
 
     def layers(self, x: torch.Tensor, meta: dict, layers=None) -> torch.Tensor:
-        """Decoder layers (default: all) on this rank's piece."""
-        for layer in self.inner.language.layers if layers is None else layers:
-            x = layer(x, meta["cos"], meta["sin"], None, None, 0, [0, meta["n_loc"]])
-        return x
+        """Decoder layers (default: all) on this rank's piece (the packed-attention kernel set by
+        `row_meta` reads the sample boundaries, so the layers see the piece as one segment)."""
+        return self.inner.language.decode(x, meta["cos"], meta["sin"], layers, cu_seqlens=[0, meta["n_loc"]])
 
     def head_loss(self, x: torch.Tensor, meta: dict) -> tuple[torch.Tensor, int]:
         """Final norm and LM head on this rank's supervised positions -> (summed CE, tokens it counts)."""
         m = self.inner
         x = m.language.norm(x)
         targets = meta["targets"]
-        if self.tp_group is None:
-            keep = targets != IGNORE_INDEX
-            logits = m.language.lm_head(x[keep])  # (K, vocab), supervised positions here
-            return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+        if self.tp_group is None:  # the LM head at this rank's supervised positions only
+            return self.task.loss_fn(x, targets, m.language.lm_head)
         # vocabulary-parallel head: every tp rank scores all tokens of the cp piece against its vocabulary
         # rows; the loss counts this rank's own tokens (with SP) so it stays partial like the rest
         if self.sp:

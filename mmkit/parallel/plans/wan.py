@@ -1,14 +1,17 @@
 """Wan2.1 DiT: tensor + sequence parallel, context parallel (Ulysses / ring / hybrid), FSDP2.
 
-Forward under a plan (`WanPlan.forward(prep)`), with S video tokens cut into `seq_shards` pieces:
+Forward under a plan (`WanPlan.forward(prep)`), with S video tokens cut into `seq_shards` pieces, composed
+of the model's own stages (`embed`, `blocks`, `head_tokens`):
   patchify, time/text/image embeddings (replicated)
   -> pad S to a multiple of cp x tp(SP), cut over cp ("local" backward), then over tp (SP)
   -> blocks: self-attention all-gathers the tp pieces (heads split over tp), runs context-parallel
      attention over cp (padding masked), reduce-scatters back; cross-attention and the MLP likewise
-  -> head on this rank's tokens -> squared error against this rank's piece of the target, padding dropped.
+  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target,
+     padding dropped.
 TP shards (DTensor): q/k/v/out of both attentions, the image K/V, the MLP (column-wise in, row-wise out),
 and Wan's q/k RMSNorm over all heads (`HeadShardedRMSNorm`). Replicated: embeddings, modulation,
-cross-attention LayerNorm, head.
+cross-attention LayerNorm, head. Selective AC's lean block path runs on the local shards through the
+hooks `WanLeanTP` installs (the model itself never sees a mesh). Pipeline stages: `plans/wan_stages.py`.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from mmkit.common import LossOut
 from mmkit.models.common.attention import attention
-from mmkit.models.wan.model import _modulate
-from mmkit.parallel.comm import copy_to_group, split_seq
+from mmkit.parallel.comm import copy_to_group, local_tensor, split_seq
 from mmkit.parallel.dims import padded_len
 from mmkit.parallel.plans import ParallelPlan
 from mmkit.parallel.tp import HeadShardedRMSNorm, gather_inputs, shard_linears
-from mmkit.train.tasks.wan import LossOut
 
 
 def to_tokens(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -35,6 +38,48 @@ def to_tokens(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, (T // pt) * (H // ph) * (W // pw), -1)
 
 
+class WanLeanTP:
+    """The hooks a Wan attention / MLP module's lean path (`recompute_hidden`) calls under tensor
+    parallelism (`module.lean_tp`): plain local shards in, row-parallel outputs combined over tp.
+
+    Example: `block.mlp.lean_tp = WanLeanTP(mesh["tp"], sp=True)`.
+    """
+
+    def __init__(self, tp_mesh, sp: bool):
+        self.mesh, self.sp, self.group = tp_mesh, sp, tp_mesh.get_group()
+
+    def weights(self, *mods) -> list[torch.Tensor]:
+        """weight, bias, ... of column-parallel Linears: this rank's shards (whole heads / MLP columns)."""
+        return [local_tensor(t) for m in mods for t in (m.weight, m.bias)]
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """The module input gathered over tp (a replicated DTensor) as a plain tensor. The lean functions
+        use only this rank's heads / MLP columns, so its gradient is partial over tp (summed by DTensor on
+        the way back: reduce-scattered to the sequence-parallel pieces)."""
+        return x.to_local(grad_placements=[Partial()]) if isinstance(x, DTensor) else x
+
+    def row_linear(self, fn, args: tuple, linear) -> torch.Tensor:
+        """`fn(*args, w, b)` ending in row-parallel `linear`: fn runs on the local weight shard without the
+        bias, the partial sums are reduce-scattered over the sequence (SP) or all-reduced, then the bias is
+        added (as DTensor's RowwiseParallel does)."""
+        y = fn(*args, linear.weight.to_local(), None)  # (B, S, D_out), partial over tp
+        y = DTensor.from_local(y, self.mesh, [Partial()], run_check=False)
+        y = y.redistribute(self.mesh, [Shard(1) if self.sp else Replicate()]).to_local()
+        if linear.bias is not None:
+            b = (
+                linear.bias.to_local()
+            )  # replicated; with SP used on this rank's tokens: gradient summed over tp
+            y = y + (copy_to_group(b, self.group) if self.sp else b)
+        return y
+
+    def prologue(self, args: list[tuple]) -> list[tuple]:
+        """Without SP the prologue norms' gradients come from this rank's heads / MLP columns only, but
+        every rank must hold the complete ones (as without the lean path): summed over tp."""
+        if self.sp:
+            return args
+        return [tuple(copy_to_group(t, self.group) for t in a) for a in args]
+
+
 class WanPlan(ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
 
@@ -43,6 +88,7 @@ class WanPlan(ParallelPlan):
 
     def apply_tp(self) -> None:
         m, tp, sp = self.inner, self.tp_mesh, self.sp
+        hooks = WanLeanTP(tp, sp)
         for block in m.blocks:
             for attn, col in (
                 (block.attn, ["q", "k", "v"]),
@@ -58,10 +104,7 @@ class WanPlan(ParallelPlan):
             shard_linears(block.mlp, tp, ["fc1"], ["fc2"], sp)
             gather_inputs(block.mlp, tp, 1, sp)
             for mod in (block.attn, block.cross, block.mlp):  # selective AC's lean path on local shards
-                mod.tp_mesh, mod.tp_sp = tp, sp
-
-    def setup_cp(self) -> None:
-        pass  # the self-attention kernel is installed per micro-batch (`local_rope`)
+                mod.lean_tp = hooks
 
     def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Self-attention over this rank's piece of the sequence; padded keys never attended."""
@@ -70,11 +113,11 @@ class WanPlan(ParallelPlan):
         n = self._valid
         return attention(q, k[:, :, :n], v[:, :, :n])
 
-    # ---- the three pieces of a sharded forward (also what pipeline stages call, `pp_stages.WanStage`) ----
+    # ---- the pieces of a sharded forward (also what pipeline stages call, `wan_stages.WanStage`) -----
     def local_rope(self, grid: tuple[int, int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches, and the state the
         attention kernel needs (the true token count S; keys past it are padding)."""
-        cos, sin = self.inner._rope(tuple(grid), device, dtype)  # (S, Dh)
+        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
         S = cos.shape[0]
         pad = padded_len(S, self.dims.seq_shards) - S
         if pad:
@@ -109,31 +152,24 @@ class WanPlan(ParallelPlan):
     def head_loss(
         self, x, temb, target: torch.Tensor, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, int]:
-        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
+        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens).
+        The error is the task's (`task.loss_fn`, `losses.mse_sum`) with the padding tokens masked out."""
         m = self.inner
-        shift, scale = (m.head.modulation.float() + temb.unsqueeze(1)).unbind(1)  # (B, D) float32
-        pred = m.head.proj(_modulate(x, shift, scale, m.cfg.eps))  # (B, S_local, C_out * patch)
+        pred = m.head_tokens(x, temb)  # (B, S_local, C_out * patch)
         tgt = self._local_tokens(to_tokens(target.float(), m.cfg.patch_size))  # (B, S_local, C_out * patch)
         valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))  # pads: False
-        err = (pred.float() - tgt).pow(2) * valid[None, :, None]
-        if weight is not None:
-            err = err * weight.float().view(-1, 1, 1)
-        return err.sum(), int(valid.sum())
+        loss, _ = self.task.loss_fn(pred, tgt, valid, weight, channel_dim=-1)
+        return loss, int(valid.sum())
 
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
         lat, target = prep["latents"], prep["target"]
         m.check_input(lat, prep.get("image_context"))
         B = lat.shape[0]
-        grid = tuple(n // p for n, p in zip(lat.shape[2:], m.cfg.patch_size))
-        timestep = torch.as_tensor(prep["timestep"], device=lat.device).reshape(-1).expand(B)
-
-        x = m.patchify(lat)  # (B, S, D), replicated
-        temb, e = m.embed_time(timestep)
-        ctx = m.embed_text(prep["text_context"])
-        clip = prep.get("image_context")
-        ctx_img = m.image_embed(clip.to(m.dtype)) if clip is not None else None
-        rope = self.local_rope(grid, lat.device, x.dtype)
+        x, temb, e, ctx, ctx_img = m.embed(
+            lat, prep["timestep"], prep["text_context"], prep.get("image_context")
+        )
+        rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
         x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
         for block in m.blocks:
             x = block(x, e, ctx, ctx_img, rope)

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mmkit.data.sft import IGNORE_INDEX
-from mmkit.train.tasks.wan import LossOut
+from mmkit.common import LossOut
+from mmkit.train import losses as L
 
 _MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -63,6 +62,10 @@ class VLMSFTTask:
     out = task.loss(batch, torch.Generator())      # batch from SFTCollator or PackingCollator
     (out.loss_sum / out.count).backward()
     """
+
+    # the cross-entropy every Qwen2.5-VL training forward reduces to (here, under a parallel plan
+    # without tensor parallelism, in pipeline stages): `loss_fn(hidden, targets, head) -> (sum, count)`
+    loss_fn = staticmethod(L.supervised_ce_sum)
 
     def __init__(self, model, cfg: VLMTaskConfig | None = None, processor=None):
         self.model, self.cfg = model, cfg or VLMTaskConfig()
@@ -113,19 +116,19 @@ class VLMSFTTask:
         `head_weight`: the LM head weight (vocab, D) to use instead of the module (`loss` passes the
         tied-weight alias of `_tied_head`)."""
         labels = prep["labels"]
-        targets = labels[:, 1:]  # position i predicts token i + 1
-        keep = targets != IGNORE_INDEX
-        h = hidden[:, :-1][keep]  # (K, D), K supervised positions
-        if head_weight is None:
-            logits = self.model.language.lm_head(h)  # (K, vocab)
-        else:  # W @ h^T: W is the matmul's first operand, so its gradient is a new contiguous tensor
-            logits = torch.mm(head_weight, h.t()).t()  # (K, vocab), a transposed view
-        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        head = self.model.language.lm_head
+        if head_weight is not None:  # W @ h^T: W is the matmul's first operand, so its gradient is new
+
+            def head(h):  # (K, D) -> (K, vocab), a transposed view
+                return torch.mm(head_weight, h.t()).t()
+
+        # position i predicts token i + 1
+        total, count = self.loss_fn(hidden[:, :-1], labels[:, 1:], head)
         if "cu_seqlens" in prep:
             samples, tokens = len(prep["cu_seqlens"]) - 1, labels.shape[1]
         else:
             samples, tokens = labels.shape[0], int(prep["attention_mask"].sum())
-        return LossOut(total, int(keep.sum()), samples, tokens)
+        return LossOut(total, count, samples, tokens)
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> LossOut:
         """Summed next-token CE over supervised positions and its count (`prepare`, model, `criterion`)."""

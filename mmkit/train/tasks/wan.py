@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmkit.common import LossOut
 from mmkit.train import losses as L
 
 
@@ -34,22 +35,16 @@ class WanTaskConfig:
     min_snr_gamma: float | None = None  # v_pred_zero_snr: min-SNR weighting, None = off
 
 
-@dataclass
-class LossOut:
-    """Summed loss and the count it averages over, plus throughput counters for metrics."""
-
-    loss_sum: torch.Tensor
-    count: torch.Tensor | int
-    samples: int
-    tokens: int
-
-
 class WanTask:
     """Example:
     task = WanTask(dit, pipe, WanTaskConfig(task="t2v"))
     out = task.loss({"video": v, "caption": caps}, torch.Generator().manual_seed(0))
     (out.loss_sum / out.count).backward()
     """
+
+    # the squared error every Wan training forward reduces to (here, under a parallel plan, in pipeline
+    # stages): `loss_fn(pred, target, mask, weight, channel_dim) -> (sum, count)`
+    loss_fn = staticmethod(L.mse_sum)
 
     def __init__(self, model, encoders, cfg: WanTaskConfig):
         if cfg.task not in ("t2v", "i2v"):
@@ -153,7 +148,7 @@ class WanTask:
     def criterion(self, pred: torch.Tensor, prep: dict) -> LossOut:
         """Summed (weighted) squared error of the DiT output against the target, and its counters."""
         target = prep["target"]
-        total, count = L.mse_sum(pred, target, weight=prep.get("weight"))
+        total, count = self.loss_fn(pred, target, weight=prep.get("weight"))
         B = target.shape[0]
         pt, ph, pw = self.model.cfg.patch_size
         tokens = B * (target.shape[2] // pt) * (target.shape[3] // ph) * (target.shape[4] // pw)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from mmkit.common import IGNORE_INDEX
 from mmkit.config import OptimConfig
-from mmkit.data.sft import IGNORE_INDEX
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
 from mmkit.train.losses import next_token_ce_sum

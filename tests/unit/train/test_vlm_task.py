@@ -9,8 +9,9 @@ import pytest
 import torch
 from data_helpers import make_image
 
+from mmkit.common import IGNORE_INDEX
 from mmkit.config import OptimConfig
-from mmkit.data.sft import IGNORE_INDEX, PackingCollator, SFTCollator, SFTDataset
+from mmkit.data.sft import PackingCollator, SFTCollator, SFTDataset
 from mmkit.data.video import SampleKey
 from mmkit.models.qwen2_5_vl.load import load_model
 from mmkit.models.qwen2_5_vl.processor import Qwen2_5_VLProcessor
