@@ -17,8 +17,8 @@ from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.vision import SegmentPlan, VisionBlock
 from mmkit.models.wan.config import FLAVORS, WanConfig
 from mmkit.models.wan.model import WanBlock, WanTransformer
-from mmkit.tools import memory
 from mmkit.parallel.dims import LayoutError
+from mmkit.tools import memory
 from mmkit.tools.memory import GIB, ModelStats, block_terms, estimate_memory, model_stats, wan_seq_len
 
 
