@@ -84,6 +84,7 @@ SPEC = FamilySpec(
     hf_layouts=("transformers",),
     converter="Qwen2_5_VLConverter",
     validate=_validate,
+    hf="mmkit.models.qwen2_5_vl.hf:ADAPTER",
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
     stages="mmkit.parallel.pp_stages:split_qwen",
     task="mmkit.train.tasks.qwen2_5_vl:build_task",

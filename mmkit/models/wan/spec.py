@@ -103,6 +103,7 @@ SPEC = FamilySpec(
     converter="WanConverter",
     video=True,
     validate=_validate,
+    hf="mmkit.models.wan.hf:ADAPTER",
     plan="mmkit.parallel.plans.wan:WanPlan",
     stages="mmkit.parallel.pp_stages:split_wan",
     task="mmkit.train.tasks.wan:build_task",
