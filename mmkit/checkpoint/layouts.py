@@ -124,7 +124,7 @@ def plan_layout(
     """Check a tp/pp layout against the model config and return it; `LayoutError` naming the field if impossible.
 
     `pp` defaults to what `pp_layers` implies ([12, 16] and [[12, 16]] -> 2; [[a, b], [c, d]] -> 2 ranks x 2
-    virtual chunks), else 1; without `pp_layers` the layers split evenly. `vit_pp_layers` (Qwen2.5-VL only)
+    virtual chunks), else 1; without `pp_layers` the layers split evenly. `vit_pp_layers` (models with a vision tower)
     must keep the vision tower on stage 0, e.g. [[32, 0]]. `names` renames the training-config fields in
     error messages to the caller's (e.g. {"parallel.tp": "--tp"}).
     Example: `plan_layout("wan", WanConfig(num_layers=30), tp=2, pp_layers=[14, 16]).stages` -> `[14, 16]`.
