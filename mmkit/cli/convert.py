@@ -5,13 +5,15 @@
 - `mm-to-hf CKPT OUTDIR [--ema] [--layout L]`: any mmkit checkpoint (trained, converted, pre-split) -> HF folder;
 - `resplit IN OUT [--tp N] [--pp N] [--pp-layers JSON]`: any mmkit checkpoint -> another layout;
 - `vae-convert IN OUT --to diffusers|original`: the Wan2.1 VAE between its release file and diffusers.
-The work lives in `mmkit.convert` (checkpoint_io.py, layouts.py, vae.py, export.py).
+The work lives in `mmkit.convert` (ops.py, export.py, vae.py) over the formats of `mmkit.checkpoint`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from mmkit import registry
 
 # training-config field names in layout errors -> this CLI's flags
 FLAG_NAMES = {
@@ -82,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mm_to_hf.add_argument("--ema", action="store_true", help="export the EMA weights (the run had train.ema)")
     mm_to_hf.add_argument(
         "--layout",
-        choices=("diffusers", "original", "transformers"),
+        choices=tuple(dict.fromkeys(x for s in registry.specs() for x in s.hf_layouts)),
         default=None,
         help="wan: diffusers (default, full pipeline) or original (the DiT alone, Wan2.1 release names); "
         "qwen2_5_vl: transformers (default)",
@@ -159,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mm_to_hf(args: argparse.Namespace) -> int:
-    from mmkit.convert.checkpoint_io import mm_to_hf
-    from mmkit.convert.export import parse_size
+    from mmkit.checkpoint.hf import parse_size
+    from mmkit.convert.ops import mm_to_hf
 
     out = mm_to_hf(
         args.ckpt,
@@ -178,7 +180,7 @@ def _mm_to_hf(args: argparse.Namespace) -> int:
 
 
 def _layout_kwargs(args: argparse.Namespace) -> dict:
-    from mmkit.convert.export import parse_size
+    from mmkit.checkpoint.hf import parse_size
 
     return dict(
         tp=args.tp,
@@ -192,7 +194,7 @@ def _layout_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _hf_to_mm(args: argparse.Namespace) -> int:
-    from mmkit.convert.checkpoint_io import hf_to_mm
+    from mmkit.convert.ops import hf_to_mm
 
     out = hf_to_mm(args.hf_dir, args.out, dtype=args.dtype, **_layout_kwargs(args))
     print(f"converted {args.hf_dir} -> {out}")
@@ -200,7 +202,7 @@ def _hf_to_mm(args: argparse.Namespace) -> int:
 
 
 def _resplit(args: argparse.Namespace) -> int:
-    from mmkit.convert.checkpoint_io import resplit
+    from mmkit.convert.ops import resplit
 
     out = resplit(args.src, args.out, init_from=args.init_from, **_layout_kwargs(args))
     print(f"resplit {args.src} -> {out}")

@@ -26,7 +26,7 @@ def mm_checkpoint(path: str | None):
         (p / f).is_file() for f in marks[1:]
     ):
         return None
-    from mmkit.convert.checkpoint_io import read_mm
+    from mmkit.checkpoint.mm import read_mm
 
     return read_mm(p)
 

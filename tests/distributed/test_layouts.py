@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmkit.checkpoint.dcp import export_model_state, find_latest
 from mmkit.config import parse_cli
-from mmkit.train.checkpoint import export_model_state, find_latest
 from mmkit.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,11 @@ from qwen2_5_vl_helpers import pixels, prompt
 from safetensors.torch import load_file
 
 import mmkit
+from mmkit.checkpoint.dcp import export_model_state, load_checkpoint, read_checkpoint_info, save_checkpoint
+from mmkit.checkpoint.hf import parse_size
 from mmkit.cli.main import main
 from mmkit.config import Config, parse_cli
-from mmkit.convert.export import export_to_hf, parse_size, read_checkpoint_info
+from mmkit.convert.export import export_to_hf
 from mmkit.data.synth import synth_shapes
 from mmkit.models.common.hf_io import load_state_dict, read_json
 from mmkit.models.qwen2_5_vl import hf as qwen_hf
@@ -26,7 +28,6 @@ from mmkit.models.wan.config import WanConfig
 from mmkit.models.wan.load import load_transformer
 from mmkit.models.wan.model import WanTransformer
 from mmkit.models.wan.tiny import create_tiny_wan
-from mmkit.train.checkpoint import export_model_state, load_checkpoint, save_checkpoint
 from mmkit.train.trainer import Trainer
 
 

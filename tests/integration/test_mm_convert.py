@@ -12,18 +12,20 @@ import torch
 from qwen2_5_vl_helpers import pixels, prompt
 from safetensors.torch import load_file
 
+from mmkit.checkpoint.dcp import export_model_state, save_checkpoint
+from mmkit.checkpoint.hf import read_hf
+from mmkit.checkpoint.mm import load_mm_state
 from mmkit.cli.main import main as mmkit_main
+from mmkit.cli.mm_convert import main as mm_convert
 from mmkit.config import Config
-from mmkit.convert.checkpoint_io import hf_to_mm, load_mm_state, mm_to_hf, read_hf, resplit
 from mmkit.convert.export import export_to_hf
-from mmkit.convert.mm_convert import main as mm_convert
+from mmkit.convert.ops import hf_to_mm, mm_to_hf, resplit
 from mmkit.models.common.hf_io import load_state_dict, read_json
 from mmkit.models.qwen2_5_vl import hf as qwen_hf
 from mmkit.models.qwen2_5_vl.load import load_model
 from mmkit.models.qwen2_5_vl.rope import token_type_ids
 from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl, tiny_config
 from mmkit.models.wan.tiny import create_tiny_wan
-from mmkit.train.checkpoint import export_model_state, save_checkpoint
 
 QWEN_SIDE_FILES = (
     "tokenizer.json",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmkit.train.checkpoint import find_latest
+from mmkit.checkpoint.dcp import find_latest
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,5 @@
-"""Reading and writing Hugging Face checkpoint files: single or sharded safetensors with an index.
+"""Reading and writing Hugging Face checkpoint files: single or sharded safetensors with an index, the
+non-weight side files of a folder, and `HFModel`, what a family's HF adapter reads out of a folder.
 
 Only safetensors are read: nothing here unpickles a file. A `.bin`/`.pt`/`.pth` checkpoint is
 refused with a message that says how to convert it.
@@ -8,14 +9,32 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 SAFE_INDEX_SUFFIX = ".safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # the Hugging Face default max_shard_size ("5GB")
+# Files that hold weights: never copied as side files (a writer writes its own).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".index.json")
+
+
+@dataclass
+class HFModel:
+    """One model read out of a Hugging Face folder by its family's HF adapter (`models/<family>/hf.py`)."""
+
+    cfg: Any  # the mmkit model config
+    hf_config: dict  # the HF config.json dict it came from (diffusers transformer / transformers config)
+    state: dict[str, torch.Tensor]  # mmkit names, full tensors
+    where: str  # the weights folder and its layout, for messages
+    source: Path | None  # the HF folder to write it back out from (Wan: the pipeline with the frozen parts)
+    hf_files: Path | None = None  # the folder whose side files (tokenizer, processor) travel with it
 
 
 def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> list[Path]:
@@ -53,13 +72,16 @@ def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> lis
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
-def load_state_dict(folder: str | os.PathLike, stem: str | None = None, device: str = "cpu") -> dict:
+def load_state_dict(
+    folder: str | os.PathLike, stem: str | None = None, device: str = "cpu", progress: bool = False
+) -> dict:
     """Every tensor of a (possibly sharded) safetensors checkpoint, as one flat dict.
 
     Example: `sd = load_state_dict("ckpt/transformer")`.
     """
     sd: dict[str, torch.Tensor] = {}
-    for f in find_weight_files(folder, stem):
+    files = find_weight_files(folder, stem)
+    for f in tqdm(files, desc=f"read {Path(folder).name}", unit="file", disable=not progress):
         sd.update(load_file(str(f), device=device))
     return sd
 
@@ -68,7 +90,7 @@ def save_state_dict(
     sd: dict[str, torch.Tensor],
     folder: str | os.PathLike,
     stem: str = "model",
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str | None = None,
@@ -113,6 +135,26 @@ def save_state_dict(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / f"{stem}{SAFE_INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / f for f in files]
+
+
+def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the non-weight top-level files of `src` (config, tokenizer, chat template, processor configs)
+    into `dst` (created), except the names in `skip`; returns the names copied.
+
+    Example: `copy_side_files(Path("Qwen2.5-VL-3B-Instruct"), Path("out"), skip=("config.json",))`.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(src.iterdir()):
+        if (
+            f.is_file()
+            and not f.name.startswith(".")
+            and f.name not in skip
+            and not f.name.endswith(WEIGHT_SUFFIXES)
+        ):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
 
 
 def check_keys(expected: Iterable[str], got: Iterable[str], where: str) -> None:

@@ -110,6 +110,7 @@ SPEC = FamilySpec(
         last=r"language\.(norm|lm_head)\.",
     ),
     validate=_validate,
+    hf="mmkit.models.qwen2_5_vl.hf:ADAPTER",
     plan="mmkit.parallel.plans.qwen2_5_vl:Qwen2_5_VLPlan",
     stages="mmkit.parallel.plans.qwen2_5_vl_stages:QwenStage",
     task="mmkit.train.tasks.qwen2_5_vl:build_task",

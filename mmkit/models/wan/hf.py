@@ -6,13 +6,24 @@ Two external layouts are understood:
 
 Each map is a table from an mmkit module to the external module(s) it is made of (today one
 each: mmkit keeps q/k/v separate so tensor parallelism can shard them by heads; a list of several
-would be a fused projection, concatenated along dim 0 on the way in and split evenly on the way out). `{i}` is the block index. Nothing here builds a model.
+would be a fused projection, concatenated along dim 0 on the way in and split evenly on the way out).
+`{i}` is the block index. Nothing here builds a model.
+
+`ADAPTER` (`WanHF`, named by the registry spec's `hf` field) reads and writes whole Hugging Face
+folders with these maps: a diffusers pipeline (its trained `transformer/` plus the frozen VAE, umT5,
+scheduler copied from the source pipeline) or the DiT alone in the original release layout.
 """
 
 from __future__ import annotations
 
-import torch
+import json
+import shutil
+from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from mmkit.models.common.hf_io import HFModel, load_state_dict, read_json, save_state_dict
 from mmkit.models.wan.config import WanConfig
 
 # mmkit module -> external module(s); applied to every `.weight` / `.bias` found.
@@ -246,3 +257,117 @@ def config_to_original(cfg: WanConfig) -> dict:
         "text_len": cfg.text_len,
         "patch_size": list(cfg.patch_size),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole folders: the family's HF adapter
+# ---------------------------------------------------------------------------------------------------
+DIT_STEM = "diffusion_pytorch_model"  # diffusers' weight file name
+
+
+def _need_folder(path: Path | None, what: str, fix: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what} is not set; {fix}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {path}; {fix}")
+    return path
+
+
+class WanHF:
+    """Wan2.1 Hugging Face folders <-> mmkit: a diffusers pipeline folder, its `transformer/` folder, or an
+    original-release DiT folder. Example: `m = ADAPTER.read(Path("Wan2.1-T2V-1.3B-Diffusers"))`."""
+
+    tied = None  # no tied weights
+    side_files = False  # the frozen parts stay in the source pipeline folder, referenced by path
+
+    def task(self, cfg: WanConfig) -> str:
+        """The task a DiT config is for: i2v when it has image cross-attention."""
+        return "i2v" if cfg.image_dim is not None else "t2v"
+
+    @staticmethod
+    def _dit(folder: Path) -> Path:
+        return folder / "transformer" if (folder / "model_index.json").is_file() else folder
+
+    def read_config(self, folder: Path) -> tuple[WanConfig, dict] | None:
+        """(config, config.json dict) without reading weights; None for an original-release folder, whose
+        config leaves some widths to the weights' shapes."""
+        d = read_json(self._dit(folder) / "config.json", "Wan transformer config")
+        if d.get("_class_name") == "WanModel":
+            return None
+        return WanConfig.from_dict(d).validate(), d
+
+    def read(self, folder: Path, progress: bool = False, config=None) -> HFModel:
+        """The DiT of `folder` as mmkit state; `config` = what `read_config` returned (not read again)."""
+        pipeline = (folder / "model_index.json").is_file()
+        dit = self._dit(folder)
+        source = (
+            folder
+            if pipeline
+            else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
+        )
+        sd = load_state_dict(dit, progress=progress)
+        layout = detect_layout(sd)
+        cfg, d = (
+            config if config is not None else (None, read_json(dit / "config.json", "Wan transformer config"))
+        )
+        if layout == "original" or d.get("_class_name") == "WanModel":
+            cfg = config_from_original(d, sd)  # widths the release config leaves to the weights
+            d = cfg.to_dict()
+        elif cfg is None:
+            cfg = WanConfig.from_dict(d).validate()
+        state = from_hf(sd) if layout == "diffusers" else from_original(sd)
+        return HFModel(cfg, d, state, f"{dit} ({layout} layout)", source.resolve() if source else None)
+
+    def run_config(self, src: Path | None, flavor: str, config_file: Path) -> tuple[WanConfig, dict]:
+        """The model config of a training run that started from `src` (its model.init_from pipeline)."""
+        if src is None:
+            raise ValueError(f"{config_file}: model.init_from is not set; pass --init-from DIR")
+        d = read_json(src / "transformer" / "config.json", "Wan transformer config of model.init_from")
+        return WanConfig.from_dict(d).validate(), d
+
+    def writer(self, src, *, layout: str, task: str, flavor: str, tokenizer_from, config_file: Path):
+        """A `_WanWriter` for a DiT trained from pipeline `src`; every source file is checked here, before
+        any tensor is read. `tokenizer_from` / `flavor` do not apply to Wan."""
+        return _WanWriter(src, layout, task, config_file)
+
+
+class _WanWriter:
+    """Wan DiT state -> diffusers pipeline folder (or the DiT alone in the original layout)."""
+
+    def __init__(self, src: Path | None, layout: str, task: str, config_file: Path):
+        self.layout = layout
+        fix = "pass --init-from DIR (init_from=...): the diffusers Wan folder the run started from"
+        self.src = _need_folder(src, f"model.init_from of {config_file}", fix)
+        self.index = read_json(
+            self.src / "model_index.json", "pipeline index (model_index.json) of model.init_from"
+        )
+        # components = model_index entries of the form [library, class]; transformer is the trained part
+        self.components = [k for k, v in self.index.items() if isinstance(v, list) and k != "transformer"]
+        missing = [c for c in self.components if not (self.src / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.src}: model_index.json lists component folder(s) {missing} that are missing"
+            )
+        self.dit_config = read_json(self.src / "transformer" / "config.json", "Wan transformer config")
+        self.cfg = WanConfig.from_dict(self.dit_config)
+        self.checked_against = f"Wan DiT checkpoint vs {self.src / 'transformer' / 'config.json'}"
+        if (task == "i2v") != (self.cfg.image_dim is not None):
+            raise ValueError(
+                f"{config_file}: model.task={task!r} but {self.src}/transformer is a "
+                f"{'t2v' if self.cfg.image_dim is None else 'i2v'} DiT; --init-from must be the run's folder"
+            )
+
+    def write(self, sd, out: Path, dtype, max_shard_bytes: int, progress: bool) -> None:
+        if self.layout == "original":
+            save_state_dict(to_original(sd), out, DIT_STEM, max_shard_bytes, dtype, progress, "write DiT")
+            (out / "config.json").write_text(json.dumps(config_to_original(self.cfg), indent=2) + "\n")
+            return
+        dit = out / "transformer"
+        save_state_dict(to_hf(sd), dit, DIT_STEM, max_shard_bytes, dtype, progress, "write transformer")
+        (dit / "config.json").write_text(json.dumps(self.dit_config, indent=2) + "\n")
+        for name in tqdm(self.components, desc="copy frozen components", disable=not progress):
+            shutil.copytree(self.src / name, out / name)
+        shutil.copy2(self.src / "model_index.json", out / "model_index.json")
+
+
+ADAPTER = WanHF()

@@ -15,17 +15,9 @@ from pathlib import Path
 import torch
 
 from mmkit.device import resolve_device, resolve_dtype
-from mmkit.models.common.hf_io import check_keys, load_state_dict, read_json, save_state_dict
+from mmkit.models.common.hf_io import DEFAULT_SHARD_BYTES, check_keys, save_state_dict
 from mmkit.models.wan import hf
-from mmkit.models.wan.config import WanConfig
 from mmkit.models.wan.model import WanTransformer
-
-
-def _config_for(folder: Path, layout: str, sd: dict) -> WanConfig:
-    d = read_json(folder / "config.json", "Wan transformer config")
-    if layout == "original" or d.get("_class_name") == "WanModel":
-        return hf.config_from_original(d, sd)
-    return WanConfig.from_dict(d)
 
 
 def load_transformer(path: str | os.PathLike, device="cpu", dtype="fp32") -> WanTransformer:
@@ -33,15 +25,11 @@ def load_transformer(path: str | os.PathLike, device="cpu", dtype="fp32") -> Wan
 
     Example: `dit = load_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer", dtype="bf16")`.
     """
-    folder = Path(path)
-    sd = load_state_dict(folder)
-    layout = hf.detect_layout(sd)
-    cfg = _config_for(folder, layout, sd)
-    sd = hf.from_hf(sd) if layout == "diffusers" else hf.from_original(sd)
+    m = hf.ADAPTER.read(Path(path))
     with torch.device("meta"):
-        model = WanTransformer(cfg)
-    check_keys(model.state_dict().keys(), sd.keys(), f"{folder} ({layout} layout)")
-    model.load_state_dict(sd, assign=True)
+        model = WanTransformer(m.cfg)
+    check_keys(model.state_dict().keys(), m.state.keys(), m.where)
+    model.load_state_dict(m.state, assign=True)
     return model.to_dtype(resolve_dtype(dtype)).to(resolve_device(str(device))).eval()
 
 
@@ -49,7 +37,7 @@ def save_transformer(
     model: WanTransformer,
     path: str | os.PathLike,
     layout: str = "diffusers",
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write `model` as a diffusers `transformer/` folder or an original-release folder.
 
@@ -65,6 +53,6 @@ def save_transformer(
         sd, cfg = hf.to_hf(sd), {**model.cfg.to_dict(), "_diffusers_version": "0.33.0"}
     else:
         sd, cfg = hf.to_original(sd), hf.config_to_original(model.cfg)
-    save_state_dict(sd, folder, "diffusion_pytorch_model", max_shard_bytes)
+    save_state_dict(sd, folder, hf.DIT_STEM, max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder

@@ -127,6 +127,7 @@ SPEC = FamilySpec(
         last=r"head\.",
     ),
     validate=_validate,
+    hf="mmkit.models.wan.hf:ADAPTER",
     plan="mmkit.parallel.plans.wan:WanPlan",
     stages="mmkit.parallel.plans.wan_stages:WanStage",
     task="mmkit.train.tasks.wan:build_task",

@@ -24,7 +24,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (train_helpers)
 from train_helpers import OPTIM, Toy  # noqa: E402
 
-from mmkit.train.checkpoint import save_checkpoint  # noqa: E402
+from mmkit.checkpoint.dcp import save_checkpoint  # noqa: E402
 from mmkit.train.ema import EMA  # noqa: E402
 from mmkit.train.lr import build_lr_scheduler  # noqa: E402
 from mmkit.train.optim import build_optimizer, clip_grad_norm_  # noqa: E402

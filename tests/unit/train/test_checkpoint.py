@@ -12,10 +12,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from train_helpers import build, train_step
 
-from mmkit.config import CheckpointConfig, Config, load_config, save_resolved
-from mmkit.train import checkpoint as ckpt_mod
-from mmkit.train.checkpoint import (
-    CheckpointManager,
+from mmkit.checkpoint import dcp as ckpt_mod
+from mmkit.checkpoint.dcp import (
     export_model_state,
     find_latest,
     list_checkpoints,
@@ -24,6 +22,8 @@ from mmkit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmkit.config import CheckpointConfig, Config, load_config, save_resolved
+from mmkit.train.checkpoint import CheckpointManager
 from mmkit.train.ema import EMA
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)

@@ -4,9 +4,9 @@ and re-tied on load."""
 
 import torch
 
+from mmkit.checkpoint.dcp import export_model_state, load_checkpoint, save_checkpoint
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tiny import perturbed_init, tiny_config
-from mmkit.train.checkpoint import export_model_state, load_checkpoint, save_checkpoint
 
 
 def test_tied_embeddings_save_and_load(tmp_path):

@@ -1,15 +1,17 @@
 """Tensor- and pipeline-parallel layouts of mmkit state dicts: split one state into per-rank shards and merge back.
 
-Pure functions over mmkit state dicts (mmkit parameter names, i.e. after `models/<family>/hf.py:from_hf`);
-nothing here reads or writes files (that is `checkpoint_io.py`).
+Pure functions over mmkit state dicts (mmkit parameter names, i.e. after the family's HF adapter);
+nothing here reads or writes files (that is `mm.py`).
 
-- **TP rules** (`TP_RULES`): parameter-name pattern -> the dim a tensor-parallel rank shards, `None` for
-  replicated. They mirror the DTensor plans in `mmkit/parallel/plans/`: colwise Linear = weight and bias on
-  dim 0, rowwise = weight on dim 1 (bias replicated). Pieces follow DTensor's `Shard(dim)` rule (torch.chunk
-  sizes: ceil(n / tp), the last pieces may be shorter), so a shard is exactly what that rank's DTensor holds.
-- **PP rules** (`PP_RULES`): which pipeline stage holds a tensor: the numbered layers by `stage_layers`, the
-  input-side modules on the first stage, the output-side modules on the last. With virtual stages,
-  stage s sits on pipeline rank s % pp (stage order is chunk-major, as `mmkit.parallel.dims.stage_layers`).
+- **TP split**: the dim a tensor-parallel rank shards of each parameter, `None` for replicated, is the
+  family's own tensor-parallel plan (`FamilySpec.tp_rules`, the same lines the live DTensor plan in
+  `mmkit/parallel/plans/` applies): colwise Linear = weight and bias on dim 0, rowwise = weight on dim 1
+  (bias replicated). Pieces follow DTensor's `Shard(dim)` rule (torch.chunk sizes: ceil(n / tp), the last
+  pieces may be shorter), so a shard is exactly what that rank's DTensor holds.
+- **PP split** (`FamilySpec.pp_rule`): which pipeline stage holds a tensor: the numbered layers by
+  `stage_layers`, the input-side modules on the first stage, the output-side modules on the last. With
+  virtual stages, stage s sits on pipeline rank s % pp (stage order is chunk-major, as
+  `mmkit.parallel.dims.stage_layers`).
 - Names stay GLOBAL in every shard (`blocks.17.attn.q.weight` keeps 17 on any stage): no renumbering, so a
   shard loads into a model built with the full layer list by name.
 
@@ -32,56 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from mmkit import registry
 from mmkit.parallel.dims import LayoutError, check_model_layout, stage_layers
 
-FAMILIES = ("wan", "qwen2_5_vl")
-
-# name pattern (full match) -> sharded dim; the first match wins, no match = replicated.
-_WAN_BLOCK = r"blocks\.\d+\."
-_QWEN_LAYER = r"language\.layers\.\d+\."
-TP_RULES: dict[str, list[tuple[re.Pattern, int]]] = {
-    "wan": [
-        # colwise: q/k/v and the first MLP matrix split their output features (whole heads per rank)
-        (re.compile(_WAN_BLOCK + r"(attn\.(q|k|v)|cross\.(q|k|v|k_img|v_img)|mlp\.fc1)\.(weight|bias)"), 0),
-        # rowwise: output projections split their input features; their bias is added once (replicated)
-        (re.compile(_WAN_BLOCK + r"(attn\.out|cross\.out|mlp\.fc2)\.weight"), 1),
-        # Wan's q/k RMSNorm spans all heads, so its weight follows the heads of q/k
-        (re.compile(_WAN_BLOCK + r"(attn\.norm_(q|k)|cross\.norm_(q|k|k_img))\.weight"), 0),
-    ],
-    "qwen2_5_vl": [
-        (re.compile(_QWEN_LAYER + r"attn\.(q|k|v)_proj\.(weight|bias)"), 0),
-        (re.compile(_QWEN_LAYER + r"attn\.o_proj\.weight"), 1),
-        (re.compile(_QWEN_LAYER + r"mlp\.(gate|up)_proj\.weight"), 0),
-        (re.compile(_QWEN_LAYER + r"mlp\.down_proj\.weight"), 1),
-        # vocab-parallel embedding and LM head (the vision tower stays replicated)
-        (re.compile(r"language\.(embed_tokens|lm_head)\.weight"), 0),
-    ],
-}
-
-
-@dataclass(frozen=True)
-class PPRule:
-    """Where a family's tensors sit in a pipeline: numbered layers, first-stage and last-stage prefixes."""
-
-    layer: re.Pattern  # group 1 = the global layer index
-    first: tuple[str, ...]  # name prefixes held by the first stage
-    last: tuple[str, ...]  # name prefixes held by the last stage
-
-
-PP_RULES = {
-    "wan": PPRule(
-        re.compile(r"blocks\.(\d+)\."),
-        first=("patch_embed.", "text_embed.", "time_embed.", "time_proj.", "image_embed."),
-        last=("head.",),
-    ),
-    "qwen2_5_vl": PPRule(
-        re.compile(r"language\.layers\.(\d+)\."),
-        # the whole vision tower (patch embed, blocks, merger) sits on stage 0, with the token embedding
-        first=("visual.", "language.embed_tokens."),
-        last=("language.norm.", "language.lm_head."),
-    ),
-}
-QWEN_EMBED, QWEN_HEAD = "language.embed_tokens.weight", "language.lm_head.weight"
+RANK_DIRS = "mp_rank_{tp:02d}_{pp:03d}"  # one folder per (tp rank, pipeline rank), MindSpeed/Megatron style
 
 
 @dataclass
@@ -89,7 +45,7 @@ class Layout:
     """A tp x pp layout of one model: which rank holds which piece of which tensor.
 
     `stages` = layer counts per pipeline stage in stage order (len = pp x virtual chunks); `pp_layers` and
-    `vit_pp_layers` are kept as the user wrote them (for the layout file); `tied` = Qwen's
+    `vit_pp_layers` are kept as the user wrote them (for the layout file); `tied` = the model's
     tie_word_embeddings (the LM head is the embedding).
     """
 
@@ -168,22 +124,24 @@ def plan_layout(
     """Check a tp/pp layout against the model config and return it; `LayoutError` naming the field if impossible.
 
     `pp` defaults to what `pp_layers` implies ([12, 16] and [[12, 16]] -> 2; [[a, b], [c, d]] -> 2 ranks x 2
-    virtual chunks), else 1; without `pp_layers` the layers split evenly. `vit_pp_layers` (Qwen2.5-VL only)
+    virtual chunks), else 1; without `pp_layers` the layers split evenly. `vit_pp_layers` (models with a vision tower)
     must keep the vision tower on stage 0, e.g. [[32, 0]]. `names` renames the training-config fields in
     error messages to the caller's (e.g. {"parallel.tp": "--tp"}).
     Example: `plan_layout("wan", WanConfig(num_layers=30), tp=2, pp_layers=[14, 16]).stages` -> `[14, 16]`.
     """
-    if family not in FAMILIES:
-        raise LayoutError(f"family={family!r}: no layout rules; known: {', '.join(FAMILIES)}")
+    if family not in registry.names():
+        raise LayoutError(f"family={family!r}: no layout rules; known: {', '.join(registry.names())}")
+    spec = registry.get(family)
+    vision_layers = spec.model_shape(model_cfg).vision_layers
     for fld, value in (("parallel.tp", tp), ("parallel.pp", pp)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise LayoutError(_rename(f"{fld}={value!r}: must be a positive integer", names))
     if pp is None:
         pp = _pp_from_layers(pp_layers) if pp_layers is not None else 1
-    if family == "wan" and vit_pp_layers is not None:
-        raise LayoutError(
-            _rename("vit_pp_layers applies to qwen2_5_vl only (Wan has no vision tower); drop it", names)
-        )
+    if vit_pp_layers is not None and not vision_layers:
+        only = " / ".join(vision_families())
+        msg = f"vit_pp_layers applies to {only} only ({spec.title} has no vision tower); drop it"
+        raise LayoutError(_rename(msg, names))
     try:
         shape = check_model_layout(
             family, model_cfg, tp=tp, pp=pp, pp_layers=pp_layers, vit_pp_layers=vit_pp_layers
@@ -191,8 +149,8 @@ def plan_layout(
         stages = stage_layers(pp, shape.layers, pp_layers)
     except LayoutError as e:
         raise LayoutError(_rename(str(e), names)) from None
-    if family == "qwen2_5_vl" and vit_pp_layers is None:
-        vit_pp_layers = [shape.vision_layers] + [0] * (len(stages) - 1)
+    if vision_layers and vit_pp_layers is None:  # default: the whole vision tower on stage 0
+        vit_pp_layers = [vision_layers] + [0] * (len(stages) - 1)
     return Layout(
         family=family,
         tp=tp,
@@ -209,10 +167,26 @@ def tp_dim(family: str, name: str) -> int | None:
 
     Example: `tp_dim("wan", "blocks.3.attn.out.weight")` -> 1; `tp_dim("wan", "head.proj.weight")` -> None.
     """
-    for pattern, dim in TP_RULES[family]:
-        if pattern.fullmatch(name):
-            return dim
-    return None
+    return registry.get(family).tp_dim(name)
+
+
+def has_vision_tower(family: str) -> bool:
+    """Whether `family`'s models have a vision tower (their stages take `vit_pp_layers`).
+
+    Example: `has_vision_tower("qwen2_5_vl")` -> True; `has_vision_tower("wan")` -> False.
+    """
+    spec = registry.get(family)
+    return spec.model_shape(next(iter(spec.flavors().values()))()).vision_layers > 0
+
+
+def vision_families() -> list[str]:
+    """The families whose models have a vision tower, e.g. `["qwen2_5_vl"]`."""
+    return [s.name for s in registry.specs() if has_vision_tower(s.name)]
+
+
+def _tied(layout: Layout) -> tuple[str, str] | None:
+    """(LM head, embedding) names when the layout's model ties them (tie_word_embeddings), else None."""
+    return registry.get(layout.family).resolve("hf").tied if layout.tied else None
 
 
 def stage_of(name: str, layout: Layout) -> int:
@@ -220,8 +194,8 @@ def stage_of(name: str, layout: Layout) -> int:
 
     Example: with stages [1, 1], `stage_of("language.layers.1.attn.q_proj.weight", layout)` -> 1.
     """
-    rule = PP_RULES[layout.family]
-    m = rule.layer.match(name)
+    rule = registry.get(layout.family).pp_rule
+    m = re.match(rule.layer, name)
     if m:
         idx, start = int(m.group(1)), 0
         for s, n in enumerate(layout.stages):
@@ -266,7 +240,8 @@ def placement(name: str, layout: Layout) -> list[int]:
     name when it runs on another rank than the first stage; on a single rank only the embedding is stored.
     Example: with stages [14, 14], `placement("language.norm.weight", layout)` -> `[1]`.
     """
-    if layout.tied and name == QWEN_HEAD:
+    tied = _tied(layout)
+    if tied and name == tied[0]:
         last = layout.stage_rank(len(layout.stages) - 1)
         return [] if last == layout.stage_rank(0) else [last]
     return [layout.stage_rank(stage_of(name, layout))]
@@ -281,8 +256,9 @@ def split_state(
     Example: `shards = split_state(model.state_dict(), plan_layout("wan", cfg, tp=2, pp=2))`.
     """
     state = dict(state)
-    if layout.tied and QWEN_EMBED in state:
-        state.setdefault(QWEN_HEAD, state[QWEN_EMBED])
+    tied = _tied(layout)
+    if tied and tied[1] in state:
+        state.setdefault(tied[0], state[tied[1]])
     shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {r: {} for r in layout.ranks}
     for name in tqdm(sorted(state), desc="split", unit="tensor", disable=not progress):
         tensor, dim = state[name], tp_dim(layout.family, name)
@@ -296,7 +272,7 @@ def split_state(
 
 def rank_dir(tp_rank: int, pp_rank: int) -> str:
     """Folder name of one rank's shard, MindSpeed/Megatron style. Example: `rank_dir(1, 0)` -> `"mp_rank_01_000"`."""
-    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return RANK_DIRS.format(tp=tp_rank, pp=pp_rank)
 
 
 def merge_states(
@@ -352,14 +328,16 @@ def merge_states(
             if name in out:
                 raise LayoutError(f"{name}: held by two pipeline ranks; each tensor belongs to one stage")
             out[name] = full
-    if layout.tied and QWEN_EMBED in out:
-        head = out.get(QWEN_HEAD)
-        if head is not None and not torch.equal(head, out[QWEN_EMBED]):
+    tied = _tied(layout)
+    if tied and tied[1] in out:
+        head_name, embed_name = tied
+        head = out.get(head_name)
+        if head is not None and not torch.equal(head, out[embed_name]):
             raise LayoutError(
-                f"tie_word_embeddings=true but the last stage's {QWEN_HEAD} differs from {QWEN_EMBED}: the "
+                f"tie_word_embeddings=true but the last stage's {head_name} differs from {embed_name}: the "
                 "tied copies drifted apart during training; untie the model (tie_word_embeddings=false) first"
             )
-        out[QWEN_HEAD] = out[QWEN_EMBED]
+        out[head_name] = out[embed_name]
     if expected is not None:
         lacking = sorted(set(expected) - set(out))
         unknown = sorted(set(out) - set(expected))
@@ -379,11 +357,8 @@ def merge_states(
 
 
 __all__ = [
-    "FAMILIES",
     "Layout",
     "LayoutError",
-    "PP_RULES",
-    "TP_RULES",
     "merge_states",
     "placement",
     "plan_layout",

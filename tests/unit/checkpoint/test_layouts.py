@@ -1,4 +1,4 @@
-"""tp/pp split + merge of mmkit state dicts (mmkit.convert.layouts): placement, exact inverse, the maths of
+"""tp/pp split + merge of mmkit state dicts (mmkit.checkpoint.layouts): placement, exact inverse, the maths of
 the TP rules, and the layout errors training raises too."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkit.convert.layouts import (
+from mmkit.checkpoint.layouts import (
     Layout,
     LayoutError,
     merge_states,

@@ -1,0 +1,116 @@
+"""What every checkpoint format shares: one model's full state in memory (`MMCheckpoint`), the checks
+and casts applied to it, and the atomic output folder every writer builds in.
+
+Example:
+    >>> check_state("wan", cfg, state, "ckpt/wan")          # names and shapes of the model, or one error
+    >>> with new_dir(Path("out")) as tmp:                     # `out` appears only when complete
+    ...     (tmp / "a.json").write_text("{}")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmkit import registry
+from mmkit.device import DTYPES
+from mmkit.models.common.hf_io import check_keys
+
+
+@dataclass
+class MMCheckpoint:
+    """One model's full mmkit state plus what is needed to write it back out as a Hugging Face folder."""
+
+    family: str  # a registry family name, e.g. "wan"
+    model_cfg: Any  # the family's model config
+    hf_config: dict  # the HF config.json dict (diffusers transformer config / transformers config)
+    state: dict[str, torch.Tensor]  # mmkit names, full (unsplit) tensors
+    source: Path | None = None  # the HF folder it came from (Wan: the pipeline with the frozen parts)
+    hf_files: Path | None = None  # a folder whose side files (config, tokenizer, processor) travel with it
+
+
+def adapter(family: str):
+    """The HF adapter of `family` (`FamilySpec.hf`). Example: `adapter("wan").task(cfg)` -> `"t2v"`."""
+    return registry.get(family).resolve("hf")
+
+
+def check_family(found: str, want: str | None, where: Path) -> None:
+    """A checkpoint of family `found` where the caller asked for `want` (None: any) is an error."""
+    if want is not None and want != found:
+        raise ValueError(f"{where} holds a {found} model, not {want}; use the {found} converter")
+
+
+def model_shapes(family: str, cfg) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of the mmkit model a config describes (built on the meta device, no memory).
+
+    Example: `model_shapes("wan", WanConfig(num_layers=2))["blocks.1.attn.q.weight"]` -> `(1536, 1536)`.
+    """
+    with torch.device("meta"):
+        model = registry.get(family).build_model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state(family: str, cfg, state: dict[str, torch.Tensor], where: str, fix: str = "") -> None:
+    """Raise one clear error unless `state` has exactly the model's names and shapes; `fix` ends the message.
+
+    Example: `check_state("qwen2_5_vl", cfg, state, "ckpt/q")`.
+    """
+    want = model_shapes(family, cfg)
+    check_keys(want, state, where)
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {s}"
+        for k, s in want.items()
+        if tuple(state[k].shape) != s
+    ]
+    if wrong:
+        raise ValueError(
+            f"{where}: {len(wrong)} tensor shape(s) differ from the config, e.g. {'; '.join(wrong[:3])}"
+            + (f". {fix}" if fix else "")
+        )
+
+
+def check_dtype(dtype: str | None) -> torch.dtype | None:
+    """The torch dtype of a `--dtype` name (fp32 / bf16 / fp16), None for "as stored"."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)} (or leave unset)")
+    return DTYPES[dtype] if dtype is not None else None
+
+
+def cast(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors cast to `dtype` (a `--dtype` name); unchanged for None."""
+    to = check_dtype(dtype)
+    if to is None:
+        return state
+    return {k: v.to(to) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """An output folder must be new or empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {out} exists and is not empty; pass a new folder or remove it")
+
+
+@contextlib.contextmanager
+def new_dir(out: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `out`, renamed into place only when complete."""
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,99 @@
+"""`mm-convert`: the converter-class command line MindSpeed-MM users already type, mapped onto `mmkit convert`.
+
+    mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir IN \\
+        --cfg.parallel_config.llm_pp_layers [[12,16]] --cfg.parallel_config.vit_pp_layers [[32,0]] \\
+        --cfg.parallel_config.tp_size 1
+    mm-convert Qwen2_5_VLConverter mm_to_hf --cfg.mm_dir IN --cfg.save_hf_dir OUT --cfg.hf_config.hf_dir HF
+    mm-convert WanConverter resplit --cfg.source_path IN --cfg.target_path OUT \\
+        --cfg.target_parallel_config.pp_layers [15,15]
+
+Converters: each model family's (`Qwen2_5_VLConverter`, `WanConverter`); actions `hf_to_mm`, `mm_to_hf`,
+`resplit`. Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
+otherwise. The fields' meaning and the work are `mmkit.convert.mm_convert`'s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+
+from mmkit import registry
+from mmkit.convert.mm_convert import ACTIONS, FIELDS, UsageError, run
+
+
+def _closest(word: str, known) -> str:
+    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str]) -> tuple[str, str, dict[str, object]]:
+    """(family, action, {field: value}) of an mm-convert command line; UsageError naming what is wrong.
+
+    Example: `parse_args(["WanConverter", "resplit", "--cfg.source_path", "a", "--cfg.target_path", "b"])`
+    -> `("wan", "resplit", {"source_path": "a", "target_path": "b"})`.
+    """
+    converters = sorted(s.converter for s in registry.specs())
+    if len(argv) < 2 or argv[0].startswith("-") or argv[1].startswith("-"):
+        raise UsageError(
+            f"usage: mm-convert {{{'|'.join(converters)}}} {{{'|'.join(ACTIONS)}}} --cfg.<field> VALUE ..."
+        )
+    converter, action = argv[0], argv[1]
+    spec = registry.by_converter(converter)
+    if spec is None:
+        raise UsageError(
+            f"unknown converter {converter!r}{_closest(converter, converters)} Known converters: "
+            f"{', '.join(converters)}"
+        )
+    if action not in ACTIONS:
+        raise UsageError(
+            f"{converter}: unknown action {action!r}{_closest(action, ACTIONS)} Actions: {', '.join(ACTIONS)}"
+        )
+    fields: dict[str, object] = {}
+    rest = list(argv[2:])
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith("--cfg."):
+            raise UsageError(f"{flag!r}: every setting is --cfg.<field> VALUE (e.g. --cfg.mm_dir OUT)")
+        name, eq, text = flag[len("--cfg.") :].partition("=")
+        if not eq:
+            if not rest:
+                raise UsageError(f"--cfg.{name} needs a value")
+            text = rest.pop(0)
+        if name not in FIELDS[action]:
+            known = sorted(FIELDS[action])
+            raise UsageError(
+                f"{action}: unknown field cfg.{name}{_closest(name, known)} Fields: {', '.join('cfg.' + k for k in known)}"
+            )
+        fields[name] = _value(text)
+    return spec.name, action, fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `mm-convert` console script; returns the exit code (0 ok, 2 a user error printed on stderr).
+
+    Example: `main(["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", "out", "--cfg.hf_config.hf_dir", "qwen"])`.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]) or not argv:
+        print(__doc__)
+        return 0
+    try:
+        family, action, fields = parse_args(argv)
+        out = run(family, action, fields)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mm-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mm-convert {argv[0]} {action}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
