@@ -4,7 +4,7 @@
 activation. On CPU inference it calls oneDNN's linear with a fused epilogue (bias and GELU are
 applied while the output tile is still in cache, instead of in extra passes over memory); it
 measured 10-20% faster than `addmm` for fp32 DiT shapes on a 2-core x86 machine and equal in bf16,
-where the GELU fusion still saves a pass. Inputs of fewer than `MIN_ROWS` rows (token-by-token
+where the GELU fusion still saves a pass (bf16 only on CPUs whose oneDNN supports it). Inputs of fewer than `MIN_ROWS` rows (token-by-token
 decode) are memory-bound GEMVs where PyTorch's default BLAS path is as fast or faster, so they stay
 on it, as do training (autograd), other devices and builds without oneDNN. `MMKIT_ONEDNN=0` (or
 `ops.ONEDNN = False`) turns the fast path off.
@@ -24,6 +24,10 @@ try:
 except (AttributeError, RuntimeError):  # a torch build without oneDNN
     _linear_pointwise, _ONEDNN = None, False
 ONEDNN = _ONEDNN  # public switch (benchmarks compare both paths)
+try:  # oneDNN's bf16 GEMM needs AVX512-BF16 / AMX (or AVX512 emulation); without it the primitive cannot be built
+    _BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+except (AttributeError, RuntimeError):
+    _BF16 = False
 MIN_ROWS = 16
 
 # act name -> (oneDNN post-op, algorithm, eager fallback)
@@ -42,7 +46,7 @@ def _fast_path(x: torch.Tensor, w: torch.Tensor) -> bool:
         and type(w) in (torch.Tensor, nn.Parameter)
         and x.device.type == "cpu"
         and x.numel() >= MIN_ROWS * x.shape[-1]
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16))
         and x.dtype == w.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
