@@ -137,3 +137,30 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(setup, tmp_path):
     losses = trainer.fit()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert losses[0] != fp32_losses[0] and abs(losses[0] - fp32_losses[0]) < 0.05 * fp32_losses[0]
+
+
+def test_init_from_mmkit_checkpoints(setup, tmp_path):
+    """`--model.init_from` an mmkit checkpoint starts training from exactly its weights: a training run's
+    checkpoint folder, that checkpoint pre-split for tp2 (`resplit`), and `hf-to-mm` output of another
+    Wan folder (its weights, not the ones the run started from)."""
+    import torch
+
+    from mmkit.convert.checkpoint_io import hf_to_mm, read_hf, resplit
+    from mmkit.train.checkpoint import export_model_state, find_latest
+
+    Trainer(parse_cli(_args(setup, tmp_path / "run", 2, **{"optim.lr": 1e-2}))).fit()  # saves step_2
+    trained = export_model_state(find_latest(tmp_path / "run"))
+    start = read_hf(setup / "wan").state
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # training moved the weights
+    other = create_tiny_wan(tmp_path / "other", task="t2v", seed=5, vae="random")
+    cases = {
+        "run": (tmp_path / "run", trained),
+        "tp2": (resplit(tmp_path / "run", tmp_path / "tp2", tp=2, progress=False), trained),
+        "hf-to-mm": (hf_to_mm(other, tmp_path / "mm", progress=False), read_hf(other).state),
+    }
+    for name, (src, want) in cases.items():
+        trainer = Trainer(parse_cli(_args(setup, tmp_path / f"t_{name}", 2, **{"model.init_from": src})))
+        got = trainer.model.state_dict()
+        assert sorted(got) == sorted(want), name
+        diff = [k for k in want if not torch.equal(got[k], want[k].to(got[k].dtype))]
+        assert not diff, f"init_from {name}: {len(diff)} tensors differ from the checkpoint, e.g. {diff[:3]}"
