@@ -123,7 +123,10 @@ def _assert_applied(
             assert got == want, f"{name} rank {r}: {n} split over tp on dim {got}, layouts.tp_dim says {want}"
             if fsdp:
                 dp_dims = [pl["placements"][i] for i, m in enumerate(pl["mesh"]) if m.startswith("dp")]
-                assert "S(0)" in dp_dims, f"{name} rank {r}: {n} not sharded by FSDP2 ({pl})"
+                # Shard(0), or _StridedShard(0) "_S(0, tp)" over a tensor tp already split on dim 0
+                assert any(p in ("S(0)", f"_S(0, {tp})") for p in dp_dims), (
+                    f"{name} rank {r}: {n} not FSDP2-sharded ({pl})"
+                )
             elif want is not None:  # tp only: the local piece is this rank's share of the tensor
                 g = list(pl["global"])
                 g[want] = -(-g[want] // tp)
