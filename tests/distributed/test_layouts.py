@@ -39,8 +39,12 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_layout_worker.py")
 STEPS = 4
 RTOL = 1e-5
-# per tensor, max |error| / max |reference| (fp32 reduction-order noise; measured worst: see check_layout)
-GRAD_TOL, MOMENT_TOL, WEIGHT_TOL = 1e-3, 1e-3, 1e-3
+# (gradients, AdamW moments, weights): per tensor, max |error| / max |reference|, ~3x the worst fp32
+# reduction-order noise measured over these layouts (`pytest -s` prints it per layout). Wan: 7e-4 / 1.7e-4 /
+# 9e-4, all from the tiny cross-attention gradients (|g| ~1e-4 next to ~1 elsewhere), worst under cp4 hybrid;
+# Qwen: 1.1e-6 / 2.1e-5 / 7.3e-4. Weights after 4 AdamW steps carry Adam's g / sqrt(v) amplification of that
+# noise. A wrong reduction (a gradient x2 or x0.5, a missing sum) is an error of order 1.
+TOLS = {"wan": (2e-3, 5e-4, 2e-3), "qwen2_5_vl": (1e-5, 6e-5, 2e-3)}
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -178,11 +182,10 @@ def check_layout(ref: dict, out: Path, lay: dict, nproc: int, family: str, steps
     states = load_ranks(out / name)
     first = states[0]["first_step"]
     assert first == (min(steps) if steps else 1), (name, first)
-    g = compare(
-        ref["grads"][first], merged(states, "grads", first), GRAD_TOL, f"{name}: grads at step {first}"
-    )
-    m = compare(ref["moments"], merged(states, "moments"), MOMENT_TOL, f"{name}: AdamW moments")
-    w = compare(ref["weights"], merged(states, "weights"), WEIGHT_TOL, f"{name}: weights")
+    tg, tm, tw = TOLS[family]
+    g = compare(ref["grads"][first], merged(states, "grads", first), tg, f"{name}: grads at step {first}")
+    m = compare(ref["moments"], merged(states, "moments"), tm, f"{name}: AdamW moments")
+    w = compare(ref["weights"], merged(states, "weights"), tw, f"{name}: weights")
     if steps is None:  # a resumed run's own layout is checked where it ran from the start
         _assert_applied(ref, states, lay["args"], nproc, family, name)
     msg = f"{name}: grad {g:.1e} moments {m:.1e} weights {w:.1e}"
