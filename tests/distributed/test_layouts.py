@@ -146,7 +146,10 @@ def _assert_applied(
     seen = {st["seq_len"] for st in states if st["seq_len"] is not None}
     shards = cp * (tp if sp else 1)
     if pp == 1 and (family == "wan" or dp == 1):  # the first micro-batch is the reference's
-        assert seen == {padded_len(ref["seq_len"], shards) // shards}, (name, seen, ref["seq_len"], shards)
+        want = padded_len(ref["seq_len"], shards) // shards
+        assert seen == {want}, (
+            f"{name}: the first block sees {seen} tokens per rank, want {want} of {ref['seq_len']}"
+        )
     elif pp == 1 and shards > 1:
         assert max(seen) < ref["seq_len"], (name, seen, ref["seq_len"])
     # collectives each dimension needs, with bytes in step 1 (pp: on the ranks that run the stages)
