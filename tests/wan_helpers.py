@@ -1,4 +1,4 @@
-"""Shared helpers for Wan tests: a tiny, perturbed diffusers reference DiT."""
+"""Shared helpers for Wan tests: a tiny, perturbed diffusers reference DiT; the training loss by hand."""
 
 from __future__ import annotations
 
@@ -36,3 +36,47 @@ def perturbed_reference(i2v: bool = False, seed: int = 0, layers: int = 2):
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return ref
+
+
+def hand_wan_loss(model, batch: dict, g: torch.Generator, cfg) -> tuple[float, list[tuple[float, bool]]]:
+    """The summed Wan training loss of a precomputed-feature batch, written out sample by sample from the
+    same per-sample generators the task uses (draw order: dropout, timestep, noise), for a `WanTaskConfig`.
+    Returns (loss sum as float64, [(timestep, dropped)] per sample).
+
+    Example: `want, draws = hand_wan_loss(dit, feats, torch.Generator().manual_seed(3), task.cfg)`.
+    """
+    from mmkit.train import losses as L
+    from mmkit.train.tasks.wan import sample_generator
+
+    abar = L.zero_snr_alphas_cumprod()  # checked against diffusers in tests/unit/train/test_losses.py
+    n = batch["latents"].shape[0]
+    epochs = batch.get("epoch", torch.zeros(n, dtype=torch.long)).tolist()
+    index = batch.get("index", torch.arange(n)).tolist()
+    total, draws = torch.zeros((), dtype=torch.float64), []
+    for j, (e, i) in enumerate(zip(epochs, index)):
+        gen = sample_generator(g, e, i)
+        drop = bool(torch.rand((), generator=gen) < cfg.text_dropout)
+        x0 = batch["latents"][j].float()  # (C, T, H, W)
+        weight = 1.0
+        if cfg.loss == "flow":
+            u = torch.rand(1, generator=gen) if cfg.timestep_sampling == "uniform" else None
+            u = torch.sigmoid(torch.randn(1, generator=gen)) if u is None else u  # logit-normal(0, 1)
+            sigma = cfg.flow_shift * u / (1 + (cfg.flow_shift - 1) * u)
+            eps = torch.randn(x0.shape, generator=gen)
+            xt, target, timestep = (1 - sigma) * x0 + sigma * eps, eps - x0, sigma * 1000
+        else:  # v-prediction, zero terminal SNR
+            t = int(torch.randint(0, len(abar), (1,), generator=gen))
+            eps = torch.randn(x0.shape, generator=gen)
+            a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+            xt, target, timestep = a * x0 + s * eps, a * eps - s * x0, torch.tensor([float(t)])
+            if cfg.min_snr_gamma:
+                snr = float(abar[t] / (1 - abar[t]))
+                weight = min(snr, cfg.min_snr_gamma) / (snr + 1)
+        if "cond" in batch and batch["cond"] is not None:  # i2v: mask + first-frame latents after the noise
+            xt = torch.cat([xt, batch["cond"][j].float()])
+        ctx = batch["null_text_context" if drop else "text_context"][j]
+        clip = batch["image_context"][j : j + 1] if batch.get("image_context") is not None else None
+        pred = model(xt[None], timestep, ctx[None], clip)[0]
+        total += weight * (pred.double() - target.double()).pow(2).sum()
+        draws.append((float(timestep), drop))
+    return float(total), draws

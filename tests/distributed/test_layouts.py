@@ -1,5 +1,14 @@
-"""Every parallel layout reproduces the single-process run: same loss (relative 1e-5) and gradient norm
-at each of 4 steps, same global batch and seed, for the tiny Wan t2v and tiny Qwen2.5-VL SFT recipes.
+"""Every parallel layout reproduces the single-process run, for the tiny Wan t2v and tiny Qwen2.5-VL SFT
+recipes (same global batch and seed): the loss (relative 1e-5) and gradient norm at each of 4 steps, and per
+tensor (`layout_helpers.compare`: error relative to the tensor's own scale) every parameter's gradient as
+the optimizer sees it at step 1, the AdamW moments and the weights after step 4.
+
+Each layout also proves it was applied (a plan that silently left modules replicated, or ignored tp, cp or
+activation checkpointing, would reproduce one process exactly): every parameter's DTensor placement over
+tp is the split `mmkit.checkpoint.layouts.tp_dim` names, FSDP2 shards every parameter, the first block sees
+S / (cp x tp with sequence parallelism) tokens per rank, the collectives each dimension needs carry bytes
+in step 1 (`CommStats`), and checkpointed blocks run forward twice per micro-batch (selective AC: its lean
+path in every block).
 
 Each torchrun launch (gloo, 2 or 4 processes, a subprocess timeout so a hang fails fast) trains several
 layouts one after another (`_layout_worker.py`); the single-process references run in this process.
@@ -11,44 +20,64 @@ one data-parallel rank has an image (every rank must issue the same collectives,
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from layout_helpers import Recorder, compare, load_ranks, merged
 
 from mmkit.checkpoint.dcp import export_model_state, find_latest
+from mmkit.checkpoint.layouts import tp_dim
 from mmkit.config import parse_cli
+from mmkit.parallel.dims import padded_len
 from mmkit.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_layout_worker.py")
 STEPS = 4
 RTOL = 1e-5
+# (gradients, AdamW moments, weights): per tensor, max |error| / max |reference|, ~3x the worst fp32
+# reduction-order noise measured over these layouts (`pytest -s` prints it per layout). Wan: 7e-4 / 1.7e-4 /
+# 9e-4, all from the tiny cross-attention gradients (|g| ~1e-4 next to ~1 elsewhere), worst under cp4 hybrid;
+# Qwen: 1.1e-6 / 2.1e-5 / 7.3e-4. Weights after 4 AdamW steps carry Adam's g / sqrt(v) amplification of that
+# noise. A wrong reduction (a gradient x2 or x0.5, a missing sum) is an error of order 1.
+TOLS = {"wan": (2e-3, 5e-4, 2e-3), "qwen2_5_vl": (1e-5, 6e-5, 2e-3)}
 
 
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _single(args: list[str], out: Path) -> list[dict]:
-    """The single-process reference run (no WORLD_SIZE in the environment)."""
+def _single(args: list[str], out: Path) -> dict:
+    """The single-process reference run (no WORLD_SIZE in the environment): its `Recorder` state (gradients
+    of every step) plus "metrics"."""
     env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
     try:
         cfg = parse_cli([*args, "--checkpoint.dir", str(out), "--logging.metrics_file", str(out / "m.jsonl")])
         trainer = Trainer(cfg)
-        trainer.fit()
+        rec = Recorder(trainer, all_steps=True)
+        rec.fit()
         trainer.close()
     finally:
         os.environ.update(env)
-    return _metrics(out / "m.jsonl")
+    rec.save(out / "rank0.pt")  # for a look after a failure (`layout_helpers.load_ranks(out)`)
+    return {**rec.state(), "metrics": _metrics(out / "m.jsonl")}
 
 
-def _launch(nproc: int, port: int, base: list[str], layouts: list[dict], out: Path) -> None:
+def _free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide when test runs share a machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, base: list[str], layouts: list[dict], out: Path) -> None:
     spec = json.dumps({"base": base, "layouts": layouts})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), str(WORKER), str(out), spec]  # fmt: skip
+           str(_free_port()), str(WORKER), str(out), spec]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMKIT_PG_TIMEOUT_S": "120", "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
@@ -56,6 +85,7 @@ def _launch(nproc: int, port: int, base: list[str], layouts: list[dict], out: Pa
 
 def _assert_same(ref: list[dict], got: list[dict], name: str, steps=None) -> None:
     got_by_step = {r["step"]: r for r in got}
+    assert got, name
     for r in ref:
         if steps is not None and r["step"] not in steps:
             continue
@@ -69,6 +99,101 @@ def _common(steps: int = STEPS) -> list[str]:
         "--train.steps", str(steps), "--optim.warmup_steps", "1", "--checkpoint.interval", "0",
         "--logging.log_interval", "1", "--logging.progress_bar", "false",
     ]  # fmt: skip
+
+
+def _opt(args: list[str], key: str, default):
+    """The last value of `--key` in a CLI list (later flags win, as in parse_cli)."""
+    vals = [args[i + 1] for i, a in enumerate(args[:-1]) if a == f"--{key}"]
+    return type(default)(vals[-1]) if vals else default
+
+
+def _assert_applied(
+    ref: dict, states: list[dict], args: list[str], nproc: int, family: str, name: str
+) -> None:
+    """The evidence that the layout in `args` was applied (see the module docstring)."""
+    tp, cp, pp = _opt(args, "parallel.tp", 1), _opt(args, "parallel.cp", 1), _opt(args, "parallel.pp", 1)
+    sp = tp > 1 and _opt(args, "parallel.sequence_parallel", "true") == "true"
+    algo, ac = _opt(args, "parallel.cp_algo", "ulysses"), _opt(args, "model.activation_checkpointing", "none")
+    dp = nproc // (tp * cp * pp)
+    fsdp = dp * cp > 1  # FSDP2 shards over dp_shard_cp
+    # shards: every parameter split by tp exactly as the convert rules say, and sharded by FSDP2
+    for r, st in enumerate(states):
+        for n, pl in st["placements"].items():
+            want = tp_dim(family, n) if tp > 1 else None
+            got = None
+            if "tp" in pl["mesh"]:
+                p = pl["placements"][pl["mesh"].index("tp")]
+                got = int(p[2:-1]) if p.startswith("S(") else None
+            assert got == want, f"{name} rank {r}: {n} split over tp on dim {got}, layouts.tp_dim says {want}"
+            if fsdp:
+                dp_dims = [pl["placements"][i] for i, m in enumerate(pl["mesh"]) if m.startswith("dp")]
+                # Shard(0), or _StridedShard(0) "_S(0, tp)" over a tensor tp already split on dim 0
+                assert any(p in ("S(0)", f"_S(0, {tp})") for p in dp_dims), (
+                    f"{name} rank {r}: {n} not FSDP2-sharded ({pl})"
+                )
+            elif want is not None:  # tp only: the local piece is this rank's share of the tensor
+                g = list(pl["global"])
+                g[want] = -(-g[want] // tp)
+                assert pl["local"] == tuple(g), (
+                    f"{name} rank {r}: {n} local {pl['local']}, global {pl['global']}"
+                )
+    if tp > 1:
+        q = "blocks.0.attn.q.weight" if family == "wan" else "language.layers.0.attn.q_proj.weight"
+        shapes = {st["placements"][q]["local"] for st in states if q in st["placements"]}
+        glob = ref["placements"][q]["global"]
+        assert shapes == {(glob[0] // tp, glob[1])} or fsdp, (name, q, shapes)
+    # tokens per rank entering the first block (the first micro-batch; pp: the first stage's ranks)
+    seen = {st["seq_len"] for st in states if st["seq_len"] is not None}
+    shards = cp * (tp if sp else 1)
+    if pp == 1 and (family == "wan" or dp == 1):  # the first micro-batch is the reference's
+        want = padded_len(ref["seq_len"], shards) // shards
+        assert seen == {want}, (
+            f"{name}: the first block sees {seen} tokens per rank, want {want} of {ref['seq_len']}"
+        )
+    elif pp == 1 and shards > 1:
+        assert max(seen) < ref["seq_len"], (name, seen, ref["seq_len"])
+    # collectives each dimension needs, with bytes in step 1 (pp: on the ranks that run the stages)
+    comm = {k for st in states for k, v in st["comm"].items() if v > 0}
+    need = set()
+    if fsdp:
+        need |= {"all_gather", "reduce_scatter"}
+    if tp > 1:
+        need |= {"all_reduce"} | ({"all_gather", "reduce_scatter"} if sp else set())
+    if cp > 1:
+        need |= {"ulysses": {"all_to_all"}, "ring": {"p2p"}, "hybrid": {"all_to_all", "p2p"}}[algo]
+    if pp > 1:
+        need |= {"p2p"}
+    assert need <= comm, f"{name}: no bytes through {sorted(need - comm)} in step 1 (saw {sorted(comm)})"
+    if pp == 1:  # activation checkpointing: forward runs per micro-batch, +1 for a recomputed block
+        every = 1 if ac == "full" else _opt(args, "model.ac_every_k", 1)
+        for st in states:
+            m = st["micro_steps"]
+            want = [m * (2 if ac != "none" and i % every == 0 else 1) for i in range(len(st["block_calls"]))]
+            assert st["block_calls"] == want, (
+                f"{name}: forward calls per block {st['block_calls']}, want {want}"
+            )
+            if family == "wan":  # selective AC: every block on its lean path
+                lean = [c if ac == "selective" else 0 for c in want]
+                assert st["lean_calls"] == lean, f"{name}: lean-path calls {st['lean_calls']}, want {lean}"
+
+
+def check_layout(ref: dict, out: Path, lay: dict, nproc: int, family: str, steps=None) -> str:
+    """Loss curve, per-tensor gradients / moments / weights and the applied-layout evidence of one layout
+    against its single-process reference; returns the measured errors (printed with `pytest -s`)."""
+    name = lay["name"]
+    _assert_same(ref["metrics"], _metrics(out / name / "metrics.jsonl"), name, steps)
+    states = load_ranks(out / name)
+    first = states[0]["first_step"]
+    assert first == (min(steps) if steps else 1), (name, first)
+    tg, tm, tw = TOLS[family]
+    g = compare(ref["grads"][first], merged(states, "grads", first), tg, f"{name}: grads at step {first}")
+    m = compare(ref["moments"], merged(states, "moments"), tm, f"{name}: AdamW moments")
+    w = compare(ref["weights"], merged(states, "weights"), tw, f"{name}: weights")
+    if steps is None:  # a resumed run's own layout is checked where it ran from the start
+        _assert_applied(ref, states, lay["args"], nproc, family, name)
+    msg = f"{name}: grad {g:.1e} moments {m:.1e} weights {w:.1e}"
+    print(msg)
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,29 +270,13 @@ def test_wan_layouts_two_processes(wan_train_root, wan4, tmp_path):
             "--model.init_from", str(wan4), "--train.micro_batch", "1", "--parallel.pp", "2",
             "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_layers", "[[1,1],[1,1]]"]},
     ]  # fmt: skip
-    _launch(2, 29761, base, layouts, tmp_path / "out")
+    _launch(2, base, layouts, tmp_path / "out")
     out = tmp_path / "out"
-    for name in (
-        "fsdp2",
-        "tp2",
-        "tp2_no_sp",
-        "cp2_ulysses",
-        "cp2_ring",
-        "fsdp2_selective_ac",
-        "tp2_full_ac",
-        "tp2_selective_ac",
-        "tp2_no_sp_selective_ac",
-        "pp2_1f1b",
-    ):
-        _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
-    _assert_same(ref_big, _metrics(out / "cp2_ring_27_tokens" / "metrics.jsonl"), "cp2_ring_27_tokens")
-    _assert_same(ref_i2v, _metrics(out / "i2v_tp2" / "metrics.jsonl"), "i2v_tp2")
-    _assert_same(ref4, _metrics(out / "pp2_v2_interleaved" / "metrics.jsonl"), "pp2_v2_interleaved")
-    for name, what in (("resume_b", "fsdp2 -> tp2 resume"), ("pp_to_fsdp2", "pp2 -> fsdp2 resume")):
-        resumed = _metrics(out / name / "metrics.jsonl")
-        assert [r["step"] for r in resumed] == [3, 4]  # continued after the other layout's checkpoint
-        _assert_same(ref, resumed, what, steps={3, 4})
-    assert ref[-1]["loss"] < ref[0]["loss"]  # the reference trains
+    refs = {"cp2_ring_27_tokens": ref_big, "i2v_tp2": ref_i2v, "pp2_v2_interleaved": ref4}
+    resumed = {"resume_b": {3, 4}, "pp_to_fsdp2": {3, 4}}  # continued after the other layout's checkpoint
+    for lay in layouts:
+        check_layout(refs.get(lay["name"], ref), out, lay, 2, "wan", resumed.get(lay["name"]))
+    assert ref["metrics"][-1]["loss"] < ref["metrics"][0]["loss"]  # the reference trains
     state = export_model_state(find_latest(out / "fsdp2"))  # the sharded checkpoint reads back whole
     assert state["blocks.0.attn.q.weight"].shape == (64, 64)
     assert all(torch.isfinite(t).all() for t in state.values())
@@ -190,9 +299,9 @@ def test_wan_layouts_four_processes(wan_train_root, tmp_path):
         {"name": "pp2_tp2", "args": ["--parallel.pp", "2", "--parallel.tp", "2"]},
         {"name": "pp2_cp2_ulysses", "args": ["--parallel.pp", "2", "--parallel.cp", "2"]},
     ]  # fmt: skip
-    _launch(4, 29762, base, layouts, tmp_path / "out")
+    _launch(4, base, layouts, tmp_path / "out")
     for lay in layouts:
-        _assert_same(ref, _metrics(tmp_path / "out" / lay["name"] / "metrics.jsonl"), lay["name"])
+        check_layout(ref, tmp_path / "out", lay, 4, "wan")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,14 +355,11 @@ def test_qwen_layouts_two_processes(qwen_root, tmp_path):
         # global batch 8 = the whole set: one data-parallel rank has the image, the other none
         {"name": "one_image_fsdp2", "args": [*one, "--train.global_batch", "8", "--train.micro_batch", "4"]},
     ]  # fmt: skip
-    _launch(2, 29763, base, layouts, tmp_path / "out")
-    out = tmp_path / "out"
-    for name in ("fsdp2", "tp2", "tp2_no_sp", "cp2_ulysses", "cp2_ring"):
-        _assert_same(ref, _metrics(out / name / "metrics.jsonl"), name)
-    for name in ("pp2_1f1b", "pp2_v2_interleaved"):
-        _assert_same(ref4, _metrics(out / name / "metrics.jsonl"), name)
-    _assert_same(ref_one, _metrics(out / "one_image_fsdp2" / "metrics.jsonl"), "one_image_fsdp2")
-    assert ref[-1]["loss"] < ref[0]["loss"]
+    _launch(2, base, layouts, tmp_path / "out")
+    for lay in layouts:
+        want = ref4 if lay["name"].startswith("pp") else ref_one if lay["name"] == "one_image_fsdp2" else ref
+        check_layout(want, tmp_path / "out", lay, 2, "qwen2_5_vl")
+    assert ref["metrics"][-1]["loss"] < ref["metrics"][0]["loss"]
 
 
 def test_qwen_layouts_four_processes(qwen_root, tmp_path):
@@ -276,7 +382,7 @@ def test_qwen_layouts_four_processes(qwen_root, tmp_path):
                                           "--parallel.cp_algo", "ring"]},
         {"name": "pp4_tied", "args": [*tied, "--parallel.pp", "4"]},
     ]  # fmt: skip
-    _launch(4, 29764, base, layouts, tmp_path / "out")
+    _launch(4, base, layouts, tmp_path / "out")
     for lay in layouts:
         want = ref_tied if lay["name"] == "pp4_tied" else ref4 if lay["name"].startswith("pp") else ref
-        _assert_same(want, _metrics(tmp_path / "out" / lay["name"] / "metrics.jsonl"), lay["name"])
+        check_layout(want, tmp_path / "out", lay, 4, "qwen2_5_vl")

@@ -70,3 +70,30 @@ def test_batch_with_and_without_images(setup, tmp_path, packing):
     losses = trainer.fit()
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
+
+
+def test_init_from_mmkit_checkpoints(setup, tmp_path):
+    """`--model.init_from` an mmkit checkpoint starts training from exactly its weights: a training run's
+    checkpoint folder, and `hf-to-mm` output of another Qwen folder (its weights, not the run's start)."""
+    import torch
+
+    from mmkit.checkpoint.dcp import export_model_state, find_latest
+    from mmkit.checkpoint.hf import read_hf
+    from mmkit.convert.ops import hf_to_mm
+
+    init = {"model.init_from": setup / "qwen", "optim.lr": 1e-2}
+    Trainer(parse_cli(_args(setup, tmp_path / "run", 2, **init))).fit()  # saves step_2
+    trained = export_model_state(find_latest(tmp_path / "run"))
+    start = read_hf(setup / "qwen").state
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # training moved the weights
+    other = create_tiny_qwen2_5_vl(tmp_path / "other", seed=3)
+    cases = {
+        "run": (tmp_path / "run", trained),
+        "hf-to-mm": (hf_to_mm(other, tmp_path / "mm", progress=False), read_hf(other).state),
+    }
+    for name, (src, want) in cases.items():
+        trainer = Trainer(parse_cli(_args(setup, tmp_path / f"t_{name}", 2, **{"model.init_from": src})))
+        got = trainer.model.state_dict()
+        assert sorted(got) == sorted(want), name
+        diff = [k for k in want if not torch.equal(got[k], want[k].to(got[k].dtype))]
+        assert not diff, f"init_from {name}: {len(diff)} tensors differ from the checkpoint, e.g. {diff[:3]}"

@@ -92,12 +92,40 @@ def test_precomputed_features_give_the_same_loss(setup, tmp_path):
 
 
 def test_i2v_and_v_prediction_train(tmp_path):
+    """The first logged loss of an i2v v-prediction run equals the loss written out by hand
+    (`wan_helpers.hand_wan_loss`) on the same two micro-batches, encoded by the run's frozen encoders."""
+    import torch
+    from wan_helpers import hand_wan_loss
+
+    from mmkit.train.trainer import step_generator
+
     root = tmp_path
     create_tiny_wan(root / "wan", task="i2v", seed=0)
     synth_shapes(root / "shapes", videos=4, num_frames=9, height=32, width=32, seed=1)
-    args = _args(root, tmp_path / "g", 3, **{"model.task": "i2v", "train.loss": "v_pred_zero_snr"})
-    losses = Trainer(parse_cli(args)).fit()
-    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    extra = {"model.task": "i2v", "train.loss": "v_pred_zero_snr", "data.text_dropout": 0.5}
+    losses = Trainer(parse_cli(_args(root, tmp_path / "g", 3, **extra))).fit()
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    fresh = Trainer(parse_cli(_args(root, tmp_path / "g2", 3, **extra)))  # untrained, same data order
+    task, g = fresh.task, step_generator(fresh.cfg.train.seed, 1)
+    total, count = 0.0, 0
+    batches = iter(fresh.loader)
+    with torch.no_grad():
+        for _ in range(fresh.accum):
+            b = next(batches)
+            n = len(b["caption"])
+            cond, clip = task.image_condition(b["video"], b["video"].shape[2])
+            feats = {
+                "latents": task.encode_video(b["video"]),
+                "text_context": task.encode_text(b["caption"], torch.zeros(n, dtype=torch.bool)),
+                "null_text_context": task.encode_text(b["caption"], torch.ones(n, dtype=torch.bool)),
+                "cond": cond,
+                "image_context": clip,
+                **{k: b[k] for k in ("index", "epoch") if k in b},
+            }
+            part, _ = hand_wan_loss(fresh.model, feats, g, task.cfg)
+            total, count = total + part, count + feats["latents"].numel()
+    assert count == 4 * 16 * 3 * 4 * 4  # 4 clips of 9 frames at 32 x 32: latents (16, 3, 4, 4)
+    assert losses[0] == pytest.approx(total / count, rel=1e-6)
 
 
 def test_bf16_mixed_precision_keeps_fp32_master_weights(setup, tmp_path):
@@ -109,3 +137,31 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(setup, tmp_path):
     losses = trainer.fit()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert losses[0] != fp32_losses[0] and abs(losses[0] - fp32_losses[0]) < 0.05 * fp32_losses[0]
+
+
+def test_init_from_mmkit_checkpoints(setup, tmp_path):
+    """`--model.init_from` an mmkit checkpoint starts training from exactly its weights: a training run's
+    checkpoint folder, that checkpoint pre-split for tp2 (`resplit`), and `hf-to-mm` output of another
+    Wan folder (its weights, not the ones the run started from)."""
+    import torch
+
+    from mmkit.checkpoint.dcp import export_model_state, find_latest
+    from mmkit.checkpoint.hf import read_hf
+    from mmkit.convert.ops import hf_to_mm, resplit
+
+    Trainer(parse_cli(_args(setup, tmp_path / "run", 2, **{"optim.lr": 1e-2}))).fit()  # saves step_2
+    trained = export_model_state(find_latest(tmp_path / "run"))
+    start = read_hf(setup / "wan").state
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # training moved the weights
+    other = create_tiny_wan(tmp_path / "other", task="t2v", seed=5, vae="random")
+    cases = {
+        "run": (tmp_path / "run", trained),
+        "tp2": (resplit(tmp_path / "run", tmp_path / "tp2", tp=2, progress=False), trained),
+        "hf-to-mm": (hf_to_mm(other, tmp_path / "mm", progress=False), read_hf(other).state),
+    }
+    for name, (src, want) in cases.items():
+        trainer = Trainer(parse_cli(_args(setup, tmp_path / f"t_{name}", 2, **{"model.init_from": src})))
+        got = trainer.model.state_dict()
+        assert sorted(got) == sorted(want), name
+        diff = [k for k in want if not torch.equal(got[k], want[k].to(got[k].dtype))]
+        assert not diff, f"init_from {name}: {len(diff)} tensors differ from the checkpoint, e.g. {diff[:3]}"

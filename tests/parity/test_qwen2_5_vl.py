@@ -118,7 +118,8 @@ def test_bf16_forward_tracks_fp32(models):
     with torch.no_grad():
         ref, got = ours(ids, **vis), low(ids, **vis)
     assert got.dtype == torch.bfloat16
-    assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    # measured 1.41% of the logits' range (fixed inputs and weights: stable); ~2x that
+    assert (got.float() - ref).abs().max() < 0.03 * ref.abs().max()
 
 
 def test_image_token_mismatch_names_the_sample(models):

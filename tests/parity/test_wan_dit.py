@@ -37,14 +37,17 @@ def test_dit_matches_diffusers_fp32(i2v):
 
 def test_dit_bf16_close_to_fp32():
     ref, model = _pair(False)
-    x, ctx = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 6, 32)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 6, 32, generator=g)
     with torch.no_grad():
         want = model(x, 500.0, ctx)
         model.to_dtype(torch.bfloat16)
         assert model.time_proj.weight.dtype == torch.float32  # kept in fp32 like diffusers
         assert model.blocks[0].attn.q.weight.dtype == torch.bfloat16
         got = model(x, 500.0, ctx)
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    # measured 1.06% of the output's range (seeded inputs: stable); ~2x that, so a bf16 slip (a norm or
+    # the time embedding computed in bf16 instead of fp32) fails
+    assert (got.float() - want).abs().max() < 0.022 * want.abs().max()
 
 
 def test_text_context_list_is_zero_padded_to_text_len():
