@@ -44,13 +44,20 @@ _CPU_PEAK_CACHE: dict[torch.dtype, float] = {}
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float | None:
     """Peak FLOP/s of one device for `dtype` (bf16/fp16 -> tensor-core rate, fp32 -> fp32 rate); None if unknown.
 
-    CPU: measured once per process with a 4096x4096 matmul (best of 2 after a warm-up).
+    CPU: measured once per process with a matmul of up to 4096x4096 (best of 2 after a warm-up): the size
+    doubles from 256 while a product takes under 0.1 s, so a CPU without fast kernels for `dtype` (bf16
+    without AVX512-BF16 runs ~50x slower than fp32) is measured in seconds, not minutes.
     Example: `device_peak_flops("cuda", torch.bfloat16)` -> `989e12` on an H100 SXM.
     """
     device = torch.device(device)
     if device.type == "cpu":
         if dtype not in _CPU_PEAK_CACHE:
-            _CPU_PEAK_CACHE[dtype] = measure_matmul_flops(4096, dtype)
+            n = 256
+            flops = measure_matmul_flops(n, dtype)
+            while n < 4096 and 2 * n**3 / flops < 0.1:
+                n *= 2
+                flops = measure_matmul_flops(n, dtype)
+            _CPU_PEAK_CACHE[dtype] = flops
         return _CPU_PEAK_CACHE[dtype]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()

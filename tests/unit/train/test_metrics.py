@@ -106,8 +106,14 @@ def test_cpu_peak_measured_once_and_memory(monkeypatch):
         metrics_mod, "measure_matmul_flops", lambda n, dtype: calls.append((n, dtype)) or 2e11
     )
     assert device_peak_flops("cpu", torch.float32) == 2e11
-    assert device_peak_flops("cpu", torch.float32) == 2e11
-    assert calls == [(4096, torch.float32)]
+    assert device_peak_flops("cpu", torch.float32) == 2e11  # cached: no second measurement
+    # sizes double while a product is fast; a fast CPU is measured at 4096
+    assert calls == [(n, torch.float32) for n in (256, 512, 1024, 2048, 4096)]
+    # a slow dtype (bf16 without hardware support: ~1 GFLOP/s) stops as soon as a product takes 0.1 s
+    calls.clear()
+    monkeypatch.setattr(metrics_mod, "measure_matmul_flops", lambda n, dtype: calls.append((n, dtype)) or 1e9)
+    assert device_peak_flops("cpu", torch.bfloat16) == 1e9
+    assert calls == [(256, torch.bfloat16), (512, torch.bfloat16)]  # 2 * 512^3 / 1e9 = 0.27 s
     assert measure_matmul_flops(256) > 1e8  # a real (small) measurement
     assert peak_memory_mb("cpu") > 10
     assert metrics_mod.PEAK_TFLOPS["h100"] == (989.0, 67.0)
