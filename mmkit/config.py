@@ -158,7 +158,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Sharded DCP checkpoints (mmkit/train/checkpoint.py)."""
+    """Sharded DCP checkpoints (mmkit/checkpoint/dcp.py; the policy in mmkit/train/checkpoint.py)."""
 
     dir: str | None = _f(
         None, "folder for step_N checkpoints, the 'latest' pointer and the resolved config; unset = none"

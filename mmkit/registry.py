@@ -66,7 +66,7 @@ class TPRule:
     """One line of a family's tensor-parallel plan: modules whose path fully matches `pattern` get `style`.
 
     The live plan (`parallel/plans/<family>.py`) applies these styles to the modules and the converter
-    (`convert/layouts.py`) derives its per-tensor split from the same lines, so a converted shard is
+    (`checkpoint/layouts.py`) derives its per-tensor split from the same lines, so a converted shard is
     exactly what a tp rank's DTensor holds. Example: `TPRule(r"blocks\\.\\d+\\.attn\\.(q|k|v)", "colwise")`.
     """
 
@@ -148,15 +148,15 @@ class FamilySpec:
     # import references to code above models/ ("module:attribute")
     hf: str = ""  # the HF adapter (read/write a Hugging Face folder)
     plan: str = ""  # ParallelPlan subclass
-    stages: str = ""  # pipeline-stage split: fn(model, pp_size, pp_rank, pp_layers, virtual, plan)
+    stages: str = ""  # the pipeline Stage subclass (parallel/pp_stages.py: prepare, tied_weight, forward)
     task: str = ""  # fn(cfg, device) -> training task
+    loss: str = ""  # the training loss of pipeline stages built without a plan (a plan uses its task's)
     data: str = ""  # fn(cfg, task, rank, world_size) -> (dataset, sampler, loader)
     pipeline: str = ""  # fn(path, task, device, dtype) -> inference pipeline
     # `mmkit create-tiny KIND DIR`: kind -> fn(outdir, seed=0, **options) writing a tiny random model in the
     # real HF layout (options the CLI offers: original_layout)
     tiny: Mapping[str, Callable[..., Path]] = field(default_factory=dict)
     estimator: EstimatorInfo | None = None  # for the memory estimator tool
-    extra: Mapping[str, Any] = field(default_factory=dict)  # family-specific constants shared code may read
 
     def resolve(self, what: str) -> Any:
         """The object a reference field names. Example: `registry.get("wan").resolve("plan")`."""

@@ -157,5 +157,5 @@ def split_stages(
         raise ValueError(f"pp_rank={pp_rank} must be in [0, parallel.pp={pp_size})")
     layers = plan_layers(cls.num_layers(model), pp_size, pp_layers, virtual)
     n = len(layers)
-    loss = spec.extra.get("loss")  # a plan-less stage's loss; with a plan the task's is used
+    loss = spec.loss or None  # a plan-less stage's loss; with a plan the task's is used
     return [cls(model, s, n, layers[s], plan, loss) for s in range(pp_rank, n, pp_size)]

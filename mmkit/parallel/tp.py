@@ -49,20 +49,37 @@ class HeadShardedRMSNorm(nn.Module):
         return (y * self.weight.to_local().float()).to(x.dtype)
 
 
-def shard_linears(module: nn.Module, tp_mesh, colwise: list[str], rowwise: list[str], sp: bool) -> None:
-    """Colwise/rowwise-shard the named Linear children of `module` (missing names are skipped).
+def apply_tp_rules(model: nn.Module, rules, tp_mesh, sp: bool) -> dict[str, list[str]]:
+    """Shard the modules a family's `tp_rules` (`FamilySpec`, `mmkit/registry.py`) name, in place.
 
-    With sequence parallelism (`sp`) the row-wise outputs are reduce-scattered over dim 1 (the sequence),
-    otherwise all-reduced. Example: `shard_linears(block.mlp, mesh["tp"], ["fc1"], ["fc2"], sp=True)`.
+    colwise / rowwise Linears get DTensor's `ColwiseParallel` / `RowwiseParallel` (row-wise outputs
+    reduce-scattered over the sequence with `sp`, else all-reduced); a head_norm RMSNorm becomes a
+    `HeadShardedRMSNorm`. The same rules give the converter its per-tensor split, so a converted shard is
+    what the rank's DTensor holds. "vocab" modules (embedding table, LM head) need the family's own
+    modules: they are returned, not touched. Returns {style: [module paths]}.
+    Example: `apply_tp_rules(model, registry.get("wan").tp_rules, mesh["tp"], sp=True)`.
     """
-    plan = {}
-    for name in colwise:
-        if hasattr(module, name):
-            plan[name] = ColwiseParallel()
-    for name in rowwise:
-        if hasattr(module, name):
-            plan[name] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
-    parallelize_module(module, tp_mesh, plan)
+    found: dict[str, list[str]] = {}
+    children: dict[str, dict[str, str]] = {}  # parent path -> {child name: style}
+    for path, _ in model.named_modules():
+        rule = next((r for r in rules if r.matches(path)), None)
+        if rule is not None:
+            found.setdefault(rule.style, []).append(path)
+            parent, _, child = path.rpartition(".")
+            children.setdefault(parent, {})[child] = rule.style
+    for parent_path, styles in children.items():
+        parent = model.get_submodule(parent_path)
+        plan = {}
+        for child, style in styles.items():
+            if style == "colwise":
+                plan[child] = ColwiseParallel()
+            elif style == "rowwise":
+                plan[child] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+            elif style == "head_norm":
+                setattr(parent, child, HeadShardedRMSNorm(getattr(parent, child), tp_mesh))
+        if plan:
+            parallelize_module(parent, tp_mesh, plan)
+    return found
 
 
 def gather_inputs(module: nn.Module, tp_mesh, n_args: int, sp: bool) -> None:

@@ -12,7 +12,7 @@ from mmkit.config import Config, ConfigError, validate
 def test_builtins_and_references_resolve():
     assert registry.names()[:2] == ["wan", "qwen2_5_vl"]
     for spec in registry.specs():
-        for what in ("plan", "stages", "task", "data", "pipeline"):
+        for what in ("plan", "stages", "task", "data", "pipeline", "loss"):
             assert callable(spec.resolve(what)), (spec.name, what)
         hf = spec.resolve("hf")  # the HF adapter: reads and writes the family's folders
         assert callable(hf.read) and callable(hf.writer) and callable(hf.read_config)

@@ -116,6 +116,5 @@ SPEC = FamilySpec(
     task="mmkit.train.tasks.qwen2_5_vl:build_task",
     data="mmkit.train.tasks.qwen2_5_vl:build_data",
     pipeline="mmkit.infer.qwen2_5_vl:load_chat",
-    # the training loss of pipeline stages built without a plan (a plan uses its task's `loss_fn`)
-    extra={"loss": "mmkit.train.losses:supervised_ce_sum"},
+    loss="mmkit.train.losses:supervised_ce_sum",
 )

@@ -133,6 +133,5 @@ SPEC = FamilySpec(
     task="mmkit.train.tasks.wan:build_task",
     data="mmkit.train.tasks.wan:build_data",
     pipeline="mmkit.infer.t2v:load_wan_pipeline",
-    # the training loss of pipeline stages built without a plan (a plan uses its task's `loss_fn`)
-    extra={"loss": "mmkit.train.losses:mse_sum"},
+    loss="mmkit.train.losses:mse_sum",
 )

@@ -41,6 +41,7 @@ class ParallelPlan(nn.Module):
         super().__init__()
         self.task, self.dims, self.mesh, self.cfg = task, dims, mesh, cfg
         self.inner = task.model
+        self.spec = registry.get(cfg.model.family)  # the family's declarations (tp_rules, ...)
         self.tp_mesh = mesh["tp"] if dims.tp > 1 else None
         self.tp_group = self.tp_mesh.get_group() if dims.tp > 1 else None
         self.sp = dims.tp > 1 and dims.sequence_parallel

@@ -32,8 +32,8 @@ from mmkit.parallel.plans import ParallelPlan
 from mmkit.parallel.tp import (
     VocabParallelEmbedding,
     VocabParallelHead,
+    apply_tp_rules,
     gather_inputs,
-    shard_linears,
     vocab_parallel_cross_entropy,
 )
 
@@ -47,8 +47,12 @@ class Qwen2_5_VLPlan(ParallelPlan):
         return ["language.layers.", "language.norm."]
 
     def apply_tp(self) -> None:
+        """The spec's tp_rules (attention and MLP projections), the vocabulary-parallel embedding and LM
+        head the rules mark "vocab", then local head counts and gathered inputs."""
         sp, tp = self.sp, self.tp_mesh
         lang = self.inner.language
+        found = apply_tp_rules(self.inner, self.spec.tp_rules, tp, sp)
+        assert sorted(found.get("vocab", [])) == ["language.embed_tokens", "language.lm_head"], found
         tied = lang.lm_head.weight is lang.embed_tokens.weight
         lang.embed_tokens = VocabParallelEmbedding(lang.embed_tokens.weight, tp)
         head = (
@@ -56,11 +60,9 @@ class Qwen2_5_VLPlan(ParallelPlan):
         )
         lang.lm_head = VocabParallelHead(head if isinstance(head, nn.Parameter) else nn.Parameter(head))
         for layer in self.inner.language.layers:
-            shard_linears(layer.attn, tp, ["q_proj", "k_proj", "v_proj"], ["o_proj"], sp)
             layer.attn.heads //= self.dims.tp
             layer.attn.kv_heads //= self.dims.tp
             gather_inputs(layer.attn, tp, 7, sp)  # (x, cos, sin, mask, cache, keep, cu_seqlens)
-            shard_linears(layer.mlp, tp, ["gate_proj", "up_proj"], ["down_proj"], sp)
             gather_inputs(layer.mlp, tp, 1, sp)
 
     def fsdp_units(self) -> list[nn.Module]:

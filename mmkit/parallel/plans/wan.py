@@ -27,7 +27,7 @@ from mmkit.models.common.attention import attention
 from mmkit.parallel.comm import copy_to_group, local_tensor, split_seq
 from mmkit.parallel.dims import padded_len
 from mmkit.parallel.plans import ParallelPlan
-from mmkit.parallel.tp import HeadShardedRMSNorm, gather_inputs, shard_linears
+from mmkit.parallel.tp import apply_tp_rules, gather_inputs
 
 
 def to_tokens(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -87,21 +87,16 @@ class WanPlan(ParallelPlan):
         return ["blocks.", "head."]
 
     def apply_tp(self) -> None:
+        """The spec's tp_rules (q/k/v, fc1 colwise; out, fc2 rowwise; q/k norms over heads), then what the
+        rules cannot say: local head counts, gathered inputs, and the lean path's reducers."""
         m, tp, sp = self.inner, self.tp_mesh, self.sp
+        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
         hooks = WanLeanTP(tp, sp)
         for block in m.blocks:
-            for attn, col in (
-                (block.attn, ["q", "k", "v"]),
-                (block.cross, ["q", "k", "v", "k_img", "v_img"]),
-            ):
-                shard_linears(attn, tp, col, ["out"], sp)
-                for name in ("norm_q", "norm_k", "norm_k_img"):
-                    if hasattr(attn, name):
-                        setattr(attn, name, HeadShardedRMSNorm(getattr(attn, name), tp))
-                attn.heads //= self.dims.tp
+            block.attn.heads //= self.dims.tp
+            block.cross.heads //= self.dims.tp
             gather_inputs(block.attn, tp, 2, sp)  # (x, rope)
             gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, ctx_img)
-            shard_linears(block.mlp, tp, ["fc1"], ["fc2"], sp)
             gather_inputs(block.mlp, tp, 1, sp)
             for mod in (block.attn, block.cross, block.mlp):  # selective AC's lean path on local shards
                 mod.lean_tp = hooks
