@@ -7,8 +7,6 @@ loader (`FamilySpec.pipeline`): a generation pipeline for video DiTs (`WanT2VPip
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
     """Load a Hugging Face folder as the mmkit pipeline of its family; `task` defaults to the family's first.
@@ -17,9 +15,7 @@ def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
     """
     from mmkit import registry
 
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    spec = registry.detect(path)
+    spec = registry.detect(path)  # a missing folder or one without HF config files: FileNotFoundError
     task = spec.tasks[0] if task is None else task
     if task not in spec.tasks:
         raise ValueError(f"task={task!r}: choose one of {', '.join(spec.tasks)} ({spec.title})")
