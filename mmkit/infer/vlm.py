@@ -10,6 +10,7 @@ Every request owns its cache, masks and sampler state, so threads may share one 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,9 +113,9 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
 
 

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmkit.common import MAX_IMAGE_PIXELS
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # explicit, not Pillow's default: bombs fail from the header
+
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 _PLACEHOLDER_RE = re.compile(re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
@@ -110,9 +114,16 @@ def to_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image file {image} does not exist")
-        with Image.open(image) as im:
-            im.load()
-            image = im.copy()
+        try:
+            with Image.open(image) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed"
+                    )
+                im.load()
+                image = im.copy()
+        except Exception as e:  # any decoder failure (bombs, truncation, bad headers) names the file
+            raise ValueError(f"image file {image}: not a readable image ({e})") from e
     if isinstance(image, torch.Tensor):
         image = image.cpu().numpy()
     if isinstance(image, np.ndarray):
