@@ -62,6 +62,7 @@ def _check_video(path: str) -> None:
         with av.open(path) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
+            next(container.decode(video=0))  # the first frame decodes (StopIteration: none)
     except Exception as e:  # any container/decoder error is this file's
         raise ValueError(f"--video {path}: not a readable video ({e})") from e
 
