@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> int:
+    from mmkit.outputs import claim_output_dir
+
+    out = claim_output_dir(a.out, "demo", a.overwrite)  # a fresh folder: nothing older is resumed or lost
     from mmkit.cli.plot import plot_metrics
     from mmkit.config import parse_cli
     from mmkit.convert.export import export_to_hf
@@ -38,10 +41,8 @@ def run(a) -> int:
     from mmkit.infer.media import save_video
     from mmkit.infer.pipelines import load_pipeline
     from mmkit.models.wan.tiny import create_tiny_wan
-    from mmkit.outputs import claim_output_dir
     from mmkit.train.trainer import Trainer
 
-    out = claim_output_dir(a.out, "demo", a.overwrite)  # a fresh folder: nothing older is resumed or lost
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "wan_t2v.toml"
     print(f"[1/5] synthetic shapes -> {out / 'shapes'}")
     shapes = synth_shapes(out / "shapes", videos=a.videos, num_frames=9, height=32, width=32, seed=0)

@@ -206,10 +206,9 @@ def create_tiny_wan(
         raise ValueError(f"create_tiny_wan: task={task!r} is not supported; use 't2v' or 'i2v'.")
     if vae not in ("fitted", "random"):
         raise ValueError(f"create_tiny_wan: vae={vae!r} is not supported; use 'fitted' or 'random'.")
+    out = claim_output_dir(outdir, f"create-tiny wan-{task}", overwrite)
     from diffusers import WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
-
-    out = claim_output_dir(outdir, f"create-tiny wan-{task}", overwrite)
 
     # Tokenizer first: the text encoder's vocabulary is its size.
     tok = build_tokenizer()

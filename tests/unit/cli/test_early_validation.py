@@ -79,7 +79,9 @@ def test_generate_flags_are_checked_before_weights_load(wan_train_root, images, 
         main([*base, "--prompt", "a", "--out", out])
 
 
-def test_generate_memory_warning_and_refusal_follow_the_device(wan_train_root, tmp_path, tripwire, monkeypatch):
+def test_generate_memory_warning_and_refusal_follow_the_device(
+    wan_train_root, tmp_path, tripwire, monkeypatch
+):
     from mmkit.infer import budget
     from mmkit.infer.pipelines import estimate_memory
 

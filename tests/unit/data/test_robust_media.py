@@ -102,7 +102,10 @@ def test_feature_set_damaged_file_is_skipped_and_counted(tmp_path):
     samples = []
     for i in range(2):
         name = f"features/{i:06d}.safetensors"
-        save_file({"latents": torch.full((2, 1, 2, 2), float(i)), "text_context": torch.ones(3, 4)}, str(tmp_path / name))
+        save_file(
+            {"latents": torch.full((2, 1, 2, 2), float(i)), "text_context": torch.ones(3, 4)},
+            str(tmp_path / name),
+        )
         samples.append({"file": name, "caption": f"clip {i}"})
     (tmp_path / "index.json").write_text(json.dumps({"task": "t2v", "text_len": 8, "samples": samples}))
     first = tmp_path / samples[0]["file"]
