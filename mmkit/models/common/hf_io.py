@@ -136,8 +136,19 @@ def load_state_dict(
     """
     sd: dict[str, torch.Tensor] = {}
     files = find_weight_files(folder, stem)
+    indexes = sorted(Path(folder).glob(f"{stem or ''}*{SAFE_INDEX_SUFFIX}")) if Path(folder).is_dir() else []
+    listed = read_json(indexes[0], "weight index")["weight_map"] if indexes else None
     for f in tqdm(files, desc=f"read {Path(folder).name}", unit="file", disable=not progress):
-        sd.update(load_safetensors_checked(f, device=device))
+        part = load_safetensors_checked(f, device=device)
+        if listed is not None:  # a damaged header renames tensors: name the file, not just the keys
+            want = {k for k, v in listed.items() if v == f.name}
+            if set(part) != want:
+                odd = sorted(set(part) ^ want)[:3]
+                raise ValueError(
+                    f"{f}: its tensors differ from those {indexes[0].name} lists for it (e.g. {', '.join(odd)}); "
+                    "the file or the index is damaged; download or write it again"
+                )
+        sd.update(part)
     return sd
 
 

@@ -137,3 +137,21 @@ def test_chat_kv_cache_beyond_the_device_is_refused(qwen, tripwire, monkeypatch,
     assert main(["chat", "--model", str(qwen), "--prompt", "hi", "--max-new-tokens", "4000"]) == 2
     err = _error(capsys)
     assert "this chat needs about" in err and "KV cache" in err and "lower --max-new-tokens" in err
+
+
+def test_generate_names_a_damaged_or_pickled_weight_file(wan_train_root, tmp_path, tripwire, capsys):
+    import shutil
+
+    wan = shutil.copytree(wan_train_root / "wan", tmp_path / "wan")
+    argv = ["generate", "t2v", "--model", str(wan), "--prompt", "a", "--height", "32", "--width", "32"]
+    argv += ["--frames", "5", "--out", str(tmp_path / "v.npy")]
+    shard = sorted((wan / "text_encoder").glob("*.safetensors"))[0]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # an interrupted download
+    assert main(argv) == 2
+    assert f"{shard}: " in _error(capsys)
+    shard.write_bytes(intact)
+    vae = next((wan / "vae").glob("*.safetensors"))
+    vae.rename(vae.with_suffix(".bin"))  # a pickled VAE: never handed to torch.load
+    assert main(argv) == 2
+    assert "holds only pickled weights" in _error(capsys)
