@@ -155,3 +155,24 @@ def test_generate_names_a_damaged_or_pickled_weight_file(wan_train_root, tmp_pat
     vae.rename(vae.with_suffix(".bin"))  # a pickled VAE: never handed to torch.load
     assert main(argv) == 2
     assert "holds only pickled weights" in _error(capsys)
+
+
+def test_engine_caps_new_tokens_to_the_context(qwen):
+    """The Python API too: the KV cache never grows past the model's context (finding 8)."""
+    from mmkit.infer.chat import ChatSession
+    from mmkit.infer.vlm import SamplingParams
+    from mmkit.models.qwen2_5_vl.load import load_vlm
+
+    model, processor = load_vlm(qwen, device="cpu")
+    chat = ChatSession(model, processor, SamplingParams(max_new_tokens=10**8, eos_token_ids=(-5,)))
+    prompt_len = len(
+        processor(processor.apply_chat_template([{"role": "user", "content": "hi"}]))["input_ids"][0]
+    )
+    model.cfg.text.max_position_embeddings = prompt_len + 3
+    with pytest.warns(UserWarning, match="leaves 3 of the model's"):
+        reply = chat.ask("hi")
+    assert len(reply.token_ids) == 3
+    model.cfg.text.max_position_embeddings = prompt_len
+    chat.reset()
+    with pytest.raises(ValueError, match=f"the prompt is {prompt_len} tokens"):
+        chat.ask("hi")
