@@ -23,7 +23,7 @@ test: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests -x --durations=15
 
 demo: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m mmkit.cli.main demo --out outputs/demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m mmkit.cli.main demo --out outputs/demo --overwrite
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -14,6 +14,10 @@ import torch
 # label of a position that is not a target (prompt tokens, padding): PyTorch cross-entropy's default
 IGNORE_INDEX = -100
 
+# Largest image mmkit decodes, in pixels (8192 x 8192). Pillow's decompression-bomb limit is set to it
+# explicitly wherever images are opened, and larger images are refused from their header, before decoding.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
 # prefixes that activation checkpointing, torch.compile and FSDP1 insert into parameter names
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 

@@ -33,3 +33,17 @@ def write_video(path, n_frames: int = 20, fps: int = 10, h: int = 50, w: int = 7
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+
+
+def write_bomb_png(path, width: int = 20000, height: int = 20000) -> None:
+    """A PNG whose header claims width x height pixels (a decompression bomb) in a few dozen bytes."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(open(path, "rb").read())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes of fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    open(path, "wb").write(bytes(data))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16")
 
 
+def precheck(args: argparse.Namespace) -> None:
+    """Every flag, the images and videos, the weight files and the memory, before the model loads.
+
+    Caps --max-new-tokens to the model's context (with a warning); refuses a chat whose weights + KV
+    cache exceed the device's free memory.
+    """
+    from mmkit.device import resolve_device
+    from mmkit.infer.budget import check_memory
+    from mmkit.infer.media import load_image
+    from mmkit.infer.qwen2_5_vl import chat_budget
+    from mmkit.infer.vlm import SamplingParams
+
+    device = resolve_device(args.device)
+    SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt: is empty; ask a question (or leave --prompt out for an interactive chat)")
+    for path in args.image:
+        load_image(path)  # decodable now: a corrupt file is named before the weights load
+    for path in args.video:
+        _check_video(path)
+    guess = 256 + 1024 * (len(args.image) + len(args.video))  # the processor has not run yet
+    args.max_new_tokens, need = chat_budget(args.model, args.max_new_tokens, args.dtype, prompt_tokens=guess)
+    check_memory(need, device, "this chat", "lower --max-new-tokens or use --dtype bf16")
+
+
+def _check_video(path: str) -> None:
+    import av
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--video: file not found: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            next(container.decode(video=0))  # the first frame decodes (StopIteration: none)
+    except Exception as e:  # any container/decoder error is this file's
+        raise ValueError(f"--video {path}: not a readable video ({e})") from e
+
+
 def _print_piece(piece: str) -> None:
     print(piece, end="", flush=True)
 
@@ -36,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from mmkit.infer.vlm import SamplingParams
     from mmkit.models.qwen2_5_vl.load import load_vlm
 
+    precheck(args)  # before the (slow) model load
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    params.validate()  # before the (slow) model load
     model, processor = load_vlm(args.model, device=args.device, dtype=args.dtype)
     chat = ChatSession(model, processor, params)
     images, videos = list(args.image), list(args.video)

@@ -17,9 +17,16 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--original-layout", action="store_true", help="wan: also write the DiT in the original Wan2.1 layout"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a folder an earlier create-tiny wrote (never others)",
+    )
 
 
 def run(a) -> int:
-    out = registry.tiny_kinds()[a.kind](a.outdir, seed=a.seed, original_layout=a.original_layout)
+    out = registry.tiny_kinds()[a.kind](
+        a.outdir, seed=a.seed, original_layout=a.original_layout, overwrite=a.overwrite
+    )
     print(f"wrote {a.kind} to {out}")
     return 0

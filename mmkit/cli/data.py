@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--fps", type=float, default=16, help="frames per second (default 16)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
+    shapes.add_argument("--overwrite", action="store_true", help="replace a set an earlier synth wrote")
     shapes.set_defaults(_data_run=_synth_shapes)
     qa = kinds.add_parser(
         "shapes-qa",
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("--turns", type=int, default=1, help="questions per record (default 1)")
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--quiet", action="store_true", help="no progress bar")
+    qa.add_argument("--overwrite", action="store_true", help="replace a set an earlier synth wrote")
     qa.set_defaults(_data_run=_synth_shapes_qa)
 
     feats = actions.add_parser(
@@ -71,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     feats.add_argument("outdir", help="output folder")
     feats.add_argument("--config", required=True, help="training recipe (TOML)")
-    feats.add_argument("overrides", nargs="*", default=[], help="section.field=value overrides")
+    feats.add_argument(
+        "overrides", nargs="*", default=[], help="section.field=value (or --section.field value) overrides"
+    )
+    feats.add_argument("--overwrite", action="store_true", help="replace a set an earlier features run wrote")
     feats.set_defaults(_data_run=_features)
 
 
@@ -96,7 +101,15 @@ def _synth_shapes(args: argparse.Namespace) -> int:
     from mmkit.data.synth import synth_shapes
 
     out = synth_shapes(
-        args.outdir, args.videos, args.frames, args.height, args.width, args.fps, args.seed, not args.quiet
+        args.outdir,
+        args.videos,
+        args.frames,
+        args.height,
+        args.width,
+        args.fps,
+        args.seed,
+        not args.quiet,
+        overwrite=args.overwrite,
     )
     print(
         f"wrote {out.videos} clips -> {out.data_txt} (held-out prompts: {out.root / 'heldout_prompts.json'})"
@@ -107,7 +120,9 @@ def _synth_shapes(args: argparse.Namespace) -> int:
 def _synth_shapes_qa(args: argparse.Namespace) -> int:
     from mmkit.data.synth import synth_shapes_qa
 
-    path = synth_shapes_qa(args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet)
+    path = synth_shapes_qa(
+        args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet, overwrite=args.overwrite
+    )
     print(f"wrote {args.images} images + Q&A -> {path}")
     return 0
 
@@ -117,12 +132,15 @@ def _features(args: argparse.Namespace) -> int:
     from mmkit.data.features import extract_features
     from mmkit.data.video import VideoDataset
     from mmkit.device import resolve_device
+    from mmkit.outputs import check_output_dir
     from mmkit.train.build import build_task
 
+    check_output_dir(args.outdir, "data features", args.overwrite)  # before the encoders load
     overrides = [f"--{o}" if "=" in o and not o.startswith("--") else o for o in args.overrides]
     cfg = parse_cli(["--config", args.config, *overrides])
     d = cfg.data
     ds = VideoDataset(d.paths, d.num_frames, d.height, d.width, d.train_fps, d.max_samples, cfg.train.seed)
-    out = extract_features(build_task(cfg, resolve_device(cfg.train.device)), ds, args.outdir)
+    task = build_task(cfg, resolve_device(cfg.train.device))
+    out = extract_features(task, ds, args.outdir, overwrite=args.overwrite)
     print(f"wrote {len(ds)} feature files -> {out} (train with --data.precomputed_dir {out})")
     return 0

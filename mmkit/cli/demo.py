@@ -17,7 +17,6 @@ prompt fidelity.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 
@@ -26,9 +25,15 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps (about 0.3 s each on 2 cores)")
     p.add_argument("--videos", type=int, default=32)
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps per generated video")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's --out folder (never others)"
+    )
 
 
 def run(a) -> int:
+    from mmkit.outputs import claim_output_dir
+
+    out = claim_output_dir(a.out, "demo", a.overwrite)  # a fresh folder: nothing older is resumed or lost
     from mmkit.cli.plot import plot_metrics
     from mmkit.config import parse_cli
     from mmkit.convert.export import export_to_hf
@@ -38,7 +43,6 @@ def run(a) -> int:
     from mmkit.models.wan.tiny import create_tiny_wan
     from mmkit.train.trainer import Trainer
 
-    out = Path(a.out)
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "wan_t2v.toml"
     print(f"[1/5] synthetic shapes -> {out / 'shapes'}")
     shapes = synth_shapes(out / "shapes", videos=a.videos, num_frames=9, height=32, width=32, seed=0)
@@ -46,9 +50,6 @@ def run(a) -> int:
     create_tiny_wan(out / "wan-tiny", task="t2v", seed=0)
     ckpt, exported = out / "ckpt", out / "wan-trained"
     metrics = ckpt / "metrics.jsonl"
-    for old in (ckpt, exported):  # a fresh demo run: never resume or overwrite an older one
-        if old.exists():
-            shutil.rmtree(old)
     cfg = parse_cli(
         [
             "--config",

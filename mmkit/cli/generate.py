@@ -7,10 +7,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mmkit.device import resolve_device, resolve_dtype
-from mmkit.infer.media import VIDEO_SUFFIXES, frame_grid, save_video
+from mmkit.infer.media import VIDEO_SUFFIXES, frame_grid, load_image, save_video
+from mmkit.outputs import check_output_file
 
 
 def add_arguments(p) -> None:
@@ -23,7 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81, help="4k+1 frames")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale >= 0; <= 1 turns it off"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--flow-shift", type=float, help="override the scheduler's flow shift (3.0 for 480p, 5.0 for 720p)"
@@ -34,11 +38,24 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--out", required=True, help="output .mp4 (16 fps, plus a .png grid beside it), .npy or .png"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def precheck(a) -> None:
-    """Every argument error, before any weights are read."""
-    resolve_device(a.device), resolve_dtype(a.dtype)
+    """Every argument error, before any weights are read: flags, the image, the output path, the model
+    folder's files, and the memory the generation needs (refused beyond the device's, warned near it)."""
+    device = resolve_device(a.device)
+    resolve_dtype(a.dtype)
+    if not a.prompt.strip():
+        raise ValueError("--prompt: is empty; describe the video to generate")
+    if a.steps < 1:
+        raise ValueError(f"--steps {a.steps}: must be >= 1")
+    if not math.isfinite(a.guidance) or a.guidance < 0:
+        raise ValueError(f"--guidance {a.guidance}: must be a finite number >= 0 (<= 1 disables guidance)")
+    if a.flow_shift is not None and not (math.isfinite(a.flow_shift) and a.flow_shift > 0):
+        raise ValueError(
+            f"--flow-shift {a.flow_shift}: must be a finite number > 0 (3.0 for 480p, 5.0 for 720p)"
+        )
     if Path(a.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {a.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
     if (a.frames - 1) % 4 or a.frames < 1:
@@ -48,8 +65,20 @@ def precheck(a) -> None:
             raise ValueError(f"--{name} {getattr(a, name)}: must be a positive multiple of 16")
     if a.task == "i2v" and not a.image:
         raise ValueError("i2v needs --image PATH (the first frame)")
-    if a.image and not Path(a.image).is_file():
-        raise FileNotFoundError(f"--image: file not found: {a.image}")
+    if a.task == "t2v" and a.image:
+        raise ValueError(f"--image {a.image}: t2v takes no image; use `mmkit generate i2v` or drop --image")
+    if a.image:
+        load_image(a.image)  # decodable now, not after the weights load
+    out = check_output_file(a.out, a.overwrite)
+    if out.suffix.lower() == ".mp4":
+        check_output_file(out.with_suffix(".png"), a.overwrite, flag="--out (its frame grid)")
+    from mmkit.infer.budget import check_memory
+    from mmkit.infer.pipelines import estimate_memory
+
+    shape = {"height": a.height, "width": a.width, "num_frames": a.frames, "dtype": a.dtype}
+    need = estimate_memory(a.model, task=a.task, **shape)
+    if need is not None:
+        check_memory(need, device, "this generation", "lower --height/--width/--frames or use --dtype bf16")
 
 
 def run(a) -> int:

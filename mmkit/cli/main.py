@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser("train").parse_args(argv[: idx + 1])
         args.overrides = argv[idx + 1 :]
     else:
-        args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+        parser = build_parser(chosen if chosen in COMMANDS else None)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not hasattr(args, "overrides"):
+            parser.parse_args(argv)  # argparse's own "unrecognized arguments" error and exit
+        if extra:  # `mmkit data features OUT --config R a.b=c`: overrides after an option
+            args.overrides = [*args.overrides, *extra]
     try:
         rc = importlib.import_module(args._module).run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -82,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     Example: `main(["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", "out", "--cfg.hf_config.hf_dir", "qwen"])`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]) or not argv:
+    if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
+    if not argv:  # nothing to do is a usage error, not a success
+        print(__doc__, file=sys.stderr)
+        print("mm-convert: error: give a converter and an action (see above)", file=sys.stderr)
+        return 2
     try:
         family, action, fields = parse_args(argv)
         out = run(family, action, fields)

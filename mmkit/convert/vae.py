@@ -27,10 +27,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mmkit.models.common.hf_io import check_keys, load_state_dict, read_json, save_state_dict
+from mmkit.models.common.hf_io import (
+    check_keys,
+    load_safetensors_checked,
+    load_state_dict,
+    read_json,
+    save_state_dict,
+)
 
 ORIGINAL_NAME = "Wan2.1_VAE"  # the release file stem (Wan-AI/Wan2.1-*/Wan2.1_VAE.pth)
 CONFIG_META_KEY = "mmkit_diffusers_config"  # safetensors metadata entry of files written here
@@ -227,10 +233,14 @@ def load_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not p.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {p}")
     if p.suffix == ".safetensors":
+        sd = load_safetensors_checked(p)  # a damaged file: one error naming it
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-        cfg = json.loads(meta[CONFIG_META_KEY]) if CONFIG_META_KEY in meta else None
-        return load_file(str(p)), cfg
+        try:
+            cfg = json.loads(meta[CONFIG_META_KEY]) if CONFIG_META_KEY in meta else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: the VAE config in its metadata is not valid JSON ({e})") from e
+        return sd, cfg
     if p.suffix not in (".pth", ".pt", ".ckpt"):
         raise ValueError(f"{p}: expected a .pth or .safetensors VAE file")
     try:

@@ -15,14 +15,20 @@ works with `ResumableSampler` like the video dataset, so resume stays exact.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mmkit.data.video import SampleKey
+from mmkit.models.common.hf_io import load_safetensors_checked, read_json
+from mmkit.outputs import claim_output_dir
+
+logger = logging.getLogger(__name__)
 
 
 def _keep(n: int) -> torch.Tensor:
@@ -30,13 +36,15 @@ def _keep(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(task, dataset, outdir: str | os.PathLike, progress: bool = True) -> Path:
+def extract_features(
+    task, dataset, outdir: str | os.PathLike, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Encode every clip of `dataset` with the frozen parts of a `WanTask`; returns OUTDIR.
 
     Example: `extract_features(build_task(cfg, dev), VideoDataset("data.txt", 17, 64, 64), "feats")`.
     """
-    out = Path(outdir)
-    (out / "features").mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(outdir, "data features", overwrite)  # replaces only an earlier features set
+    (out / "features").mkdir()
     text_len = task.model.cfg.text_len
 
     def trimmed(ctx: torch.Tensor, caption: str) -> torch.Tensor:
@@ -50,6 +58,8 @@ def extract_features(task, dataset, outdir: str | os.PathLike, progress: bool = 
     records = []
     for i in tqdm(range(len(dataset)), desc="features", unit="clip", disable=not progress):
         item = dataset[i]
+        if item.get("index", i) != i:  # clip i was unreadable and the dataset handed the next one: skip it
+            continue
         video = item["video"][None]  # (1, 3, T, H, W)
         tensors = {
             "latents": task.encode_video(video)[0].contiguous(),
@@ -81,12 +91,17 @@ class FeatureDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"data.precomputed_dir: {index_path} not found; write it with `mmkit data features`"
             )
-        index = json.loads(index_path.read_text())
+        index = read_json(index_path, "features index")
+        if not isinstance(index.get("samples"), list) or "task" not in index or "text_len" not in index:
+            raise ValueError(
+                f"{index_path}: not a features index (needs task, text_len, samples); write it again"
+            )
         self.samples = index["samples"][:max_samples] if max_samples else index["samples"]
         if not self.samples:
             raise ValueError(f"data.precomputed_dir: {self.root} holds no samples")
         self.task, self.text_len = index["task"], index["text_len"]
-        self.null_text = load_file(str(self.root / "null_text.safetensors"))["text_context"]
+        self.null_text = load_safetensors_checked(self.root / "null_text.safetensors")["text_context"]
+        self.stats: Counter = Counter()  # {"unreadable": n} samples skipped in this process
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -97,14 +112,42 @@ class FeatureDataset(torch.utils.data.Dataset):
         full[: len(ctx)] = ctx.float()
         return full
 
-    def __getitem__(self, key: int | SampleKey) -> dict:
-        index = key.index if isinstance(key, SampleKey) else key
+    def _read(self, index: int) -> dict | None:
+        """One sample's tensors, or None (counted, warned) when its file is missing or damaged."""
         rec = self.samples[index]
-        t = load_file(str(self.root / rec["file"]))
+        try:
+            t = load_safetensors_checked(self.root / str(rec["file"]))
+            missing = {"latents", "text_context"} - set(t)
+            if missing:
+                raise ValueError(f"{rec['file']}: has no {', '.join(sorted(missing))}")
+            return t
+        except Exception as e:  # any damage: this sample's file, not the run's fault
+            self.stats["unreadable"] += 1
+            logger.warning(
+                "features: skipping sample %d (%s) [unreadable so far: %d]",
+                index,
+                e,
+                self.stats["unreadable"],
+            )
+            return None
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        start = key.index if isinstance(key, SampleKey) else key
+        n = len(self.samples)
+        for attempt in range(n):  # an unreadable file: the next sample stands in, the batch keeps its size
+            index = (start + attempt) % n
+            t = self._read(index)
+            if t is not None:
+                break
+        else:
+            raise ValueError(
+                f"data.precomputed_dir: none of the {n} feature files in {self.root} could be read"
+            )
+        rec = self.samples[index]
         item = {k: v for k, v in t.items() if k != "text_context"}
         item["text_context"] = self.pad_text(t["text_context"])
         item["null_text_context"] = self.pad_text(self.null_text)  # for caption dropout
-        item["caption"] = rec["caption"]
+        item["caption"] = str(rec.get("caption", ""))
         item["index"] = torch.tensor(index)  # with "epoch": the sample visit training keys its noise on
         item["epoch"] = torch.tensor(key.epoch if isinstance(key, SampleKey) else 0)
         item["data_state"] = (

@@ -141,7 +141,10 @@ def read_records(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); expected a JSON list of records or JSONL") from e
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -101,6 +101,13 @@ def _validate(rec) -> tuple[list[dict], list[str], list[str]]:
     return rec["messages"], media["images"], media["videos"]
 
 
+def _text_of(content) -> str:
+    """The text of a message's content (a string, or the text parts of a parts list)."""
+    if isinstance(content, str):
+        return content
+    return " ".join(str(p.get("text", "")) for p in content if p.get("type", "text") == "text")
+
+
 def _to_template_messages(messages: list[dict]) -> list[dict]:
     """String content with <image>/<video> tags -> the parts list Qwen's chat template renders."""
     out = []
@@ -181,6 +188,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 break
 
         self.samples = []  # (name, messages, image paths, video paths)
+        self.empty_answers = 0  # records kept with an empty or whitespace assistant answer
         for name, rec, root in tqdm(raw, desc="sft data", unit="rec", disable=not progress):
             try:
                 messages, images, videos = _validate(rec)
@@ -193,7 +201,16 @@ class SFTDataset(torch.utils.data.Dataset):
             if missing:
                 self._skip("missing_media", name, f"media file {missing[0]} not found")
                 continue
+            if any(m["role"] == "assistant" and not _text_of(m["content"]).strip() for m in messages):
+                self.empty_answers += 1  # kept: the model learns to answer with nothing but the end token
             self.samples.append((name, messages, images, videos))
+        if self.empty_answers:
+            logger.warning(
+                "SFTDataset: %d of %d records have an empty assistant answer; the model learns to stop "
+                "at once there. Fix the data if that is not intended.",
+                self.empty_answers,
+                len(self.samples),
+            )
         skipped = {k: v for k, v in self.stats.items() if v}
         if skipped:
             logger.warning(
@@ -222,7 +239,10 @@ class SFTDataset(torch.utils.data.Dataset):
             if item is not None:
                 item["data_state"] = {"epoch": key.epoch, "consumed": key.consumed}
                 return item
-        raise RuntimeError(f"sft data: none of the {n} samples could be built (skipped: {dict(self.stats)})")
+        raise ValueError(
+            f"sft data: none of the {n} samples could be built (skipped: {dict(self.stats)}); "
+            "the warnings above name the records and reasons"
+        )
 
     def _build(self, i: int) -> dict[str, torch.Tensor] | None:
         name, messages, images, videos = self.samples[i]
@@ -250,8 +270,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 item["pixel_values_videos"] = torch.cat(rows)
                 item["video_grid_thw"] = torch.tensor(video_grids, dtype=torch.long)
                 item["second_per_grid_ts"] = torch.tensor(secs, dtype=torch.float32)
-        except (OSError, ValueError) as e:  # undecodable / corrupt media: skip, count, go on
-            self._skip("bad_media", name, str(e))
+        except Exception as e:  # undecodable / corrupt / oversized media (any decoder error): skip, count
+            self._skip("bad_media", name, f"{type(e).__name__}: {e}")
             return None
 
         try:  # placeholders that don't match the features: skip the sample, don't stop the run

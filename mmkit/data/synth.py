@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmkit.infer.media import save_video
+from mmkit.outputs import claim_output_dir
 
 # RGB uint8. Every shape colour differs from every background by >= 40 in luma (BT.601), so edges stay
 # sharp after H.264's half-resolution chroma. A shape colour and a background sharing a name ("blue")
@@ -139,13 +140,15 @@ def synth_shapes(
     fps: float = 16,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SynthSet:
     """Write a synthetic text-to-video set of moving shapes in the MindSpeed layout.
 
     Files: `videos/000000.mp4 ...` (H.264), `annotation.json` (a list of {"path", "cap", "num_frames",
     "fps", "resolution": {"height", "width"}}, paths relative to OUTDIR), `data.txt` (one line
     `<OUTDIR>,<OUTDIR>/annotation.json`, absolute paths) and `heldout_prompts.json` (captions of
-    combinations kept out of training, for generation demos).
+    combinations kept out of training, for generation demos). A set an earlier run wrote is replaced whole
+    (no orphan clips) only with `overwrite=True`; any other non-empty folder is refused.
 
     Example: `synth_shapes("data/shapes", videos=64, num_frames=17, height=64, width=64, fps=16)`.
     """
@@ -157,8 +160,8 @@ def synth_shapes(
         raise ValueError(f"height={height}, width={width}: use at least 16 x 16 pixels.")
     if not fps > 0:
         raise ValueError(f"fps={fps} must be > 0.")
-    root = Path(outdir).resolve()
-    (root / "videos").mkdir(parents=True, exist_ok=True)
+    root = claim_output_dir(Path(outdir).resolve(), "data synth shapes", overwrite)
+    (root / "videos").mkdir()
     rng = np.random.default_rng(seed)
     train, held = _split(videos, rng)
 
@@ -211,6 +214,7 @@ def synth_shapes_qa(
     turns: int = 1,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write PNG images of 1-3 shapes and messages-format Q&A about them; returns the qa.json path.
 
@@ -218,7 +222,8 @@ def synth_shapes_qa(
     Each record asks `turns` questions (colour, shape, position, count; kinds rotate over records):
     {"messages": [{"role": "user", "content": "<image>What color is the square?"},
                   {"role": "assistant", "content": "red"}], "images": ["images/000000.png"]}
-    Image paths are relative to OUTDIR, where qa.json lies (SFTDataset's default media root).
+    Image paths are relative to OUTDIR, where qa.json lies (SFTDataset's default media root). A set an
+    earlier run wrote is replaced only with `overwrite=True`; any other non-empty folder is refused.
 
     Example: `synth_shapes_qa("data/shapes_qa", images=256, size=112)`.
     """
@@ -228,8 +233,8 @@ def synth_shapes_qa(
         raise ValueError(f"size={size}: use at least 32 pixels.")
     if turns < 1:
         raise ValueError(f"turns={turns} must be >= 1.")
-    root = Path(outdir).resolve()
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    root = claim_output_dir(Path(outdir).resolve(), "data synth shapes-qa", overwrite)
+    (root / "images").mkdir()
     records = []
     for i in tqdm(range(images), desc="synth shapes-qa", unit="image", disable=not progress):
         rng = np.random.default_rng([seed, i])

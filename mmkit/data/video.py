@@ -241,6 +241,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self._bad_index: set[int] = set()  # indices known bad in this process: not read again
 
         self.clips: list[_Clip] = []
+        self.empty_captions = 0  # clips kept with an empty or whitespace caption
         files = [data_txt] if isinstance(data_txt, (str, os.PathLike)) else list(data_txt)
         if not files:
             raise ValueError("data_txt: give a data.txt file (or a list of them), got an empty list.")
@@ -264,11 +265,21 @@ class VideoDataset(torch.utils.data.Dataset):
                             "too_short", clip.path, self._short_detail(have, clip.num_frames, clip.fps)
                         )
                         continue
+                caps = [clip.caption] if isinstance(clip.caption, str) else list(clip.caption)
+                if any(not c.strip() for c in caps):
+                    self.empty_captions += 1  # kept: it trains unconditionally, which may be unintended
                 self.clips.append(clip)
             if max_samples is not None and len(self.clips) >= max_samples:
                 break
         if self.stats:
             self.report()
+        if self.empty_captions:
+            logger.warning(
+                "video data: %d of %d clips have an empty or whitespace caption; they train the model "
+                'without text (unconditionally). Fix the annotation\'s "cap" if that is not intended.',
+                self.empty_captions,
+                len(self.clips),
+            )
         if not self.clips:
             raise ValueError(
                 f"no usable clips in {', '.join(map(str, files))} (skipped: {dict(self.stats) or 'none'}); "
@@ -372,7 +383,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 "skipped": skipped,
                 "data_state": state,
             }
-        raise RuntimeError(
+        raise ValueError(
             f"video data: none of the {n} samples could be read (skipped: {self.report()['skipped']}); "
             "the warnings above name the files and reasons."
         )
@@ -425,7 +436,7 @@ class VideoDataset(torch.utils.data.Dataset):
                         break
         except _Skip:
             raise
-        except (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError) as e:
+        except Exception as e:  # any decoder failure is this file's: skip and count it
             raise _Skip("undecodable", f"{type(e).__name__}: {e}") from e
         if last not in got:
             raise _Skip("undecodable", f"stream ended before frame {last} (header/annotation says {total})")

@@ -46,7 +46,9 @@ class WanI2VPipeline(WanT2VPipeline):
             )
         encoder_cls = getattr(transformers, name)
         return {
-            "image_encoder": encoder_cls.from_pretrained(folder / "image_encoder", dtype=dtype)
+            "image_encoder": encoder_cls.from_pretrained(
+                folder / "image_encoder", dtype=dtype, use_safetensors=True
+            )
             .to(device)
             .eval(),
             "image_processor": CLIPImageProcessor.from_pretrained(folder / "image_processor"),

@@ -12,7 +12,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from mmkit.common import MAX_IMAGE_PIXELS
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # explicit, not Pillow's default: bombs fail from the header
 
 VIDEO_SUFFIXES = (".mp4", ".npy", ".png")
 MP4_CRF = 17  # libx264 constant-rate factor: near visually lossless, still ~10x smaller than raw
@@ -118,9 +122,13 @@ def load_image(path) -> Image.Image:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} mmkit decodes"
+                )
             im.load()  # decode now, so a truncated file fails here rather than later
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Exception as e:  # any decoder failure (bombs, truncation, bad headers) is this file's fault
         raise ValueError(f"{path}: not a readable image ({e}); pass a valid PNG/JPEG/WebP file.") from e
 
 

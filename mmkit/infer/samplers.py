@@ -10,6 +10,7 @@ are interchangeable.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,11 +59,21 @@ class FlowEulerScheduler:
         return (prev.to(sample.dtype),)
 
 
+def check_flow_shift(flow_shift: float | None) -> None:
+    """A flow shift must be a finite number > 0 (0 maps every timestep to 0: the sampler divides by it).
+
+    Example: `check_flow_shift(3.0)`.
+    """
+    if flow_shift is not None and not (math.isfinite(flow_shift) and flow_shift > 0):
+        raise ValueError(f"flow_shift={flow_shift}: must be a finite number > 0 (3.0 for 480p, 5.0 for 720p)")
+
+
 def make_scheduler(name: str, folder_scheduler=None, flow_shift: float | None = None):
     """`"unipc"` -> the folder's diffusers scheduler (flow_shift overridden if given); `"euler"` -> FlowEulerScheduler.
 
     Example: `make_scheduler("euler", pipe.scheduler, flow_shift=3.0)`.
     """
+    check_flow_shift(flow_shift)
     if name == "unipc":
         if folder_scheduler is None:
             raise ValueError("sampler='unipc' needs the folder's scheduler/ (scheduler_config.json)")

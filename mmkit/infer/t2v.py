@@ -12,6 +12,7 @@ tokens, and their features zero-padded exactly as diffusers does.
 from __future__ import annotations
 
 import html
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ import torch
 
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.accel.hooks import reset_all
+from mmkit.infer.budget import tensor_bytes
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise, make_scheduler
-from mmkit.models.common.hf_io import read_json
+from mmkit.models.common.hf_io import check_safetensors, find_weight_files, read_json
 from mmkit.models.wan.load import load_transformer
 from mmkit.models.wan.model import WanTransformer
 
@@ -77,6 +79,60 @@ def check_components(folder: Path, required: list[str], task: str = "t2v") -> di
     return index
 
 
+WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae", "image_encoder")
+
+
+def check_weights(folder: Path, required: list[str]) -> dict[str, int]:
+    """{component: parameter count} from the safetensors headers, before anything loads.
+
+    A component with only pickled weights (`.bin`) is refused (mmkit never unpickles), and a truncated
+    or damaged safetensors file is named in the error.
+    Example: `check_weights(Path("Wan2.1-T2V-1.3B-Diffusers"), ["transformer", "vae"])`.
+    """
+    counts = {}
+    for comp in WEIGHT_COMPONENTS:
+        if comp in required:
+            files = find_weight_files(folder / comp)
+            counts[comp] = sum(math.prod(t["shape"]) for f in files for t in check_safetensors(f).values())
+    return counts
+
+
+def estimate_memory(
+    path, task: str = "t2v", height: int = 480, width: int = 832, num_frames: int = 81, dtype="fp32"
+) -> dict[str, int]:
+    """Peak bytes of one generation by part (weights, latents, DiT activations, VAE decode, frames),
+    from the folder's configs and safetensors headers only; checks the weight files on the way.
+
+    Rough (within about 2x): one transformer block's activations (attention through SDPA, which never
+    holds the (tokens x tokens) scores), the VAE decoder's full-resolution features for the frames its
+    causal cache keeps, and the decoded video in float32 (three copies on the way to the file).
+    Example: `sum(estimate_memory("Wan2.1-T2V-1.3B-Diffusers", "t2v", 480, 832, 81, "bf16").values())`.
+    """
+    folder = Path(path)
+    required = WanT2VPipeline.components + (["image_encoder", "image_processor"] if task == "i2v" else [])
+    check_components(folder, required, task)
+    nbytes = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    counts = check_weights(folder, required)
+    weights = sum(n * (4 if comp == "vae" else nbytes) for comp, n in counts.items())  # the VAE runs in fp32
+    vae = read_json(folder / "vae" / "config.json", "VAE config")
+    dit = read_json(folder / "transformer" / "config.json", "Wan transformer config")
+    down = vae.get("temperal_downsample", [False, True, True])
+    t_lat = (num_frames - 1) // 2 ** sum(down) + 1
+    h_lat, w_lat = height // 2 ** len(down), width // 2 ** len(down)
+    pt, ph, pw = dit.get("patch_size", [1, 2, 2])
+    tokens = (t_lat // pt) * (h_lat // ph) * (w_lat // pw)
+    dim = dit.get("num_attention_heads", 12) * dit.get("attention_head_dim", 128)
+    return {
+        "weights": weights,
+        # noise, velocity (cond + uncond) and the multistep sampler's history, float32
+        "latents": 6 * tensor_bytes((1, vae.get("z_dim", 16), t_lat, h_lat, w_lat), 4),
+        # one block: input, norm, q, k, v, attention out (6 x dim) and the FFN hidden state
+        "DiT activations": tokens * (6 * dim + dit.get("ffn_dim", 4 * dim)) * nbytes,
+        "VAE decode": 40 * vae.get("base_dim", 96) * height * width * 4,
+        "output frames": 3 * tensor_bytes((num_frames, height, width, 3), 4),
+    }
+
+
 class WanT2VPipeline:
     """Text-to-video with Wan2.1. Build with `mmkit.load_pipeline(path, task="t2v")`.
 
@@ -106,12 +162,19 @@ class WanT2VPipeline:
         folder = Path(path)
         device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
         check_components(folder, cls.components, cls.task)
+        check_weights(folder, cls.components)  # pickled-only or damaged files: named, before any load
         kw = cls._extra_components(folder, device, dtype)
         return cls(
             transformer=load_transformer(folder / "transformer", device, dtype),
             # the VAE stays in float32: its decode is a small share of the time and bf16 costs quality
-            vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval(),
-            text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+            vae=AutoencoderKLWan.from_pretrained(
+                folder / "vae", torch_dtype=torch.float32, use_safetensors=True
+            )
+            .to(device)
+            .eval(),
+            text_encoder=UMT5EncoderModel.from_pretrained(
+                folder / "text_encoder", dtype=dtype, use_safetensors=True
+            )
             .to(device)
             .eval(),
             tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
@@ -203,10 +266,14 @@ class WanT2VPipeline:
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % k:
             lo = max(1, (num_frames - 1) // k * k + 1) if isinstance(num_frames, int) else 1
             raise ValueError(f"frames={num_frames}: must be {k}k+1 (e.g. {lo} or {lo + k})")
-        if num_inference_steps < 1:
-            raise ValueError(f"steps={num_inference_steps}: must be >= 1")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance={guidance_scale}: must be >= 0 (1 disables classifier-free guidance)")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"steps={num_inference_steps}: must be an integer >= 1")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"guidance={guidance_scale}: must be a finite number >= 0 (<= 1 disables classifier-free guidance)"
+            )
+        if isinstance(prompt, str) and not prompt.strip():
+            raise ValueError("prompt: is empty; describe the video to generate")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
 
@@ -276,3 +343,6 @@ def load_wan_pipeline(path, task: str = "t2v", device="auto", dtype="fp32") -> W
     from mmkit.infer.i2v import WanI2VPipeline
 
     return WanI2VPipeline.from_pretrained(path, device=device, dtype=dtype)
+
+
+load_wan_pipeline.estimate_memory = estimate_memory  # what `pipelines.estimate_memory` asks the loader

@@ -10,7 +10,9 @@ Every request owns its cache, masks and sampler state, so threads may share one 
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -30,7 +32,8 @@ class VLMModel(Protocol):
     """
 
     def kv_cache_spec(self) -> dict:
-        """`KVCache` sizes: {"layers", "kv_heads", "head_dim", "dtype", "device"}."""
+        """`KVCache` sizes: {"layers", "kv_heads", "head_dim", "dtype", "device"[, "max_positions"]};
+        max_positions (the model's context) caps prompt + new tokens."""
         ...
 
     def media_inputs(self, inputs: dict) -> dict:
@@ -78,7 +81,8 @@ class KVCache:
     Example: `cache = KVCache(2, batch=1, kv_heads=2, max_len=512, head_dim=128, dtype=torch.float32)`.
     """
 
-    def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device="cpu"):
+    def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device="cpu", max_positions=None):
+        # max_positions: the model's context, part of `kv_cache_spec`; the engine caps max_len to it
         shape = (layers, batch, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -112,9 +116,9 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
 
 
@@ -160,6 +164,20 @@ def _sync(dev: torch.device) -> None:
         mod.synchronize()
 
 
+def _fit_context(prompt_len: int, max_new: int, context: int | None) -> int:
+    """New tokens that fit the model's context after the prompt: the cache is preallocated for them."""
+    if context is None or prompt_len + max_new <= context:
+        return max_new
+    if prompt_len >= context:
+        raise ValueError(f"the prompt is {prompt_len} tokens, the model's context {context}; shorten it")
+    warnings.warn(
+        f"max_new_tokens={max_new}: the prompt ({prompt_len} tokens) leaves {context - prompt_len} of the "
+        f"model's {context}-token context; generating at most that many",
+        stacklevel=3,
+    )
+    return context - prompt_len
+
+
 @torch.inference_mode()
 def generate(
     model: VLMModel,
@@ -182,7 +200,8 @@ def generate(
     """
     params.validate()
     t0 = time.perf_counter()
-    spec = model.kv_cache_spec()
+    spec = dict(model.kv_cache_spec())
+    context = spec.pop("max_positions", None)  # the model's context, where it declares one
     dev = spec["device"]
     ids = inputs["input_ids"].to(dev)
     if ids.ndim != 2:
@@ -198,7 +217,8 @@ def generate(
     media = model.media_inputs(inputs)
 
     positions, next_pos = model.rope_positions(ids, attn, media)  # next_pos (B,): first new token's
-    max_len = prompt_len + params.max_new_tokens
+    max_new = _fit_context(prompt_len, params.max_new_tokens, context)
+    max_len = prompt_len + max_new
     cache = KVCache(batch=batch, max_len=max_len, **spec)
     # keys[b, j]: may row b attend to cache slot j (prompt padding never; generated slots always).
     keys = torch.ones(batch, max_len, dtype=torch.bool, device=dev)
@@ -222,10 +242,10 @@ def generate(
     t1 = time.perf_counter()
 
     # 2) decode: one token per step, attending to the cache.
-    out = torch.empty(batch, params.max_new_tokens, dtype=torch.long, device=dev)
+    out = torch.empty(batch, max_new, dtype=torch.long, device=dev)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     n_steps = 0
-    for step in range(params.max_new_tokens):
+    for step in range(max_new):
         out[:, step] = token
         n_steps = step + 1
         if on_token is not None:
@@ -233,7 +253,7 @@ def generate(
                 if not bool(done[b]):
                     on_token(b, t)
         done |= torch.isin(token, eos)
-        if step + 1 == params.max_new_tokens or bool(done.all()):
+        if step + 1 == max_new or bool(done.all()):
             break
         m = keys[:, : cache.pos + 1] if padded else None  # (B, K) view
         token = pick(model.decode_step(token, next_pos + step, cache, m, hidden))

@@ -8,6 +8,7 @@ refused with a message that says how to convert it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -52,8 +53,10 @@ def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> lis
     if stem is not None:
         indexes = [p for p in indexes if p.name.startswith(stem)]
     if indexes:
-        index = json.loads(indexes[0].read_text())
-        names = sorted(set(index["weight_map"].values()))
+        index = read_json(indexes[0], "weight index")
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f'{indexes[0]}: has no "weight_map" object; the index file is damaged.')
+        names = sorted(set(map(str, index["weight_map"].values())))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{indexes[0]} lists shard(s) that are not on disk: {', '.join(missing)}")
@@ -72,6 +75,58 @@ def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> lis
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_DTYPE_BYTES.update({"BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8})
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+    """Read and check a safetensors file's header without loading it: {name: {"dtype", "shape", ...}}.
+
+    A truncated, empty or damaged file (an interrupted download, a broken shard) raises one ValueError
+    naming the file, instead of the library's bare `SafetensorError`. Checks the header length, that it
+    is JSON, and that every tensor's byte range fits its dtype and shape inside the file.
+    Example: `sum(math.prod(t["shape"]) for t in check_safetensors("model.safetensors").values())`.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "the file is damaged or incomplete; download or write it again"
+    if size < 8:
+        raise ValueError(f"{path}: {size} bytes, too short for a safetensors file; {fix}.")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"{path}: header length {n} exceeds the file size {size}; {fix}.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+        data = size - 8 - n
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = t["data_offsets"]
+            want = math.prod(t["shape"]) * _DTYPE_BYTES[t["dtype"]]
+            if not 0 <= begin <= end <= data or end - begin != want:
+                raise ValueError(f"tensor {name} needs bytes {begin}..{end} of {data}")
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e}); {fix}.") from e
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, with any damage reported as one ValueError naming the file.
+
+    Example: `sd = load_safetensors_checked("transformer/diffusion_pytorch_model.safetensors")`.
+    """
+    check_safetensors(path)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # SafetensorError and friends: a damaged file the header check let through
+        raise ValueError(
+            f"{path}: cannot read the safetensors file ({e}); download or write it again."
+        ) from e
+
+
 def load_state_dict(
     folder: str | os.PathLike, stem: str | None = None, device: str = "cpu", progress: bool = False
 ) -> dict:
@@ -81,8 +136,19 @@ def load_state_dict(
     """
     sd: dict[str, torch.Tensor] = {}
     files = find_weight_files(folder, stem)
+    indexes = sorted(Path(folder).glob(f"{stem or ''}*{SAFE_INDEX_SUFFIX}")) if Path(folder).is_dir() else []
+    listed = read_json(indexes[0], "weight index")["weight_map"] if indexes else None
     for f in tqdm(files, desc=f"read {Path(folder).name}", unit="file", disable=not progress):
-        sd.update(load_file(str(f), device=device))
+        part = load_safetensors_checked(f, device=device)
+        if listed is not None:  # a damaged header renames tensors: name the file, not just the keys
+            want = {k for k, v in listed.items() if v == f.name}
+            if set(part) != want:
+                odd = sorted(set(part) ^ want)[:3]
+                raise ValueError(
+                    f"{f}: its tensors differ from those {indexes[0].name} lists for it (e.g. {', '.join(odd)}); "
+                    "the file or the index is damaged; download or write it again"
+                )
+        sd.update(part)
     return sd
 
 
@@ -178,6 +244,9 @@ def read_json(path: str | os.PathLike, what: str = "config") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj

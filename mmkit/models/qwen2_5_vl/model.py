@@ -76,7 +76,8 @@ class Qwen2_5_VLModel(nn.Module):
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
     def kv_cache_spec(self) -> dict:
-        """What a decoder KV cache holds: layers, kv_heads, head_dim, dtype, device.
+        """What a decoder KV cache holds: layers, kv_heads, head_dim, dtype, device; and max_positions,
+        the context the engine caps prompt + new tokens to (not a `KVCache` argument).
 
         Example: `KVCache(batch=1, max_len=512, **model.kv_cache_spec())`.
         """
@@ -87,6 +88,7 @@ class Qwen2_5_VLModel(nn.Module):
             "head_dim": t.head_dim,
             "dtype": w.dtype,
             "device": w.device,
+            "max_positions": t.max_position_embeddings,
         }
 
     def media_inputs(self, inputs: dict) -> dict:

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmkit.common import MAX_IMAGE_PIXELS
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # explicit, not Pillow's default: bombs fail from the header
+
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 _PLACEHOLDER_RE = re.compile(re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
@@ -110,9 +114,16 @@ def to_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image file {image} does not exist")
-        with Image.open(image) as im:
-            im.load()
-            image = im.copy()
+        try:
+            with Image.open(image) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed"
+                    )
+                im.load()
+                image = im.copy()
+        except Exception as e:  # any decoder failure (bombs, truncation, bad headers) names the file
+            raise ValueError(f"image file {image}: not a readable image ({e})") from e
     if isinstance(image, torch.Tensor):
         image = image.cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -235,7 +246,15 @@ class VisionConfig:
 
     @classmethod
     def from_json(cls, path: Path, base: VisionConfig | None = None) -> VisionConfig:
-        """Fields of a preprocessor json over `base` (or the defaults); unknown fields are ignored."""
+        """Fields of a preprocessor json over `base` (or the defaults); unknown fields are ignored.
+        A damaged file is one ValueError naming it."""
+        try:
+            return cls._from_json(path, base)
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid preprocessor config ({e})") from e
+
+    @classmethod
+    def _from_json(cls, path: Path, base: VisionConfig | None = None) -> VisionConfig:
         raw = json.loads(path.read_text())
         cfg = VisionConfig(**vars(base)) if base is not None else cls()
         size = raw.get("size") or {}
@@ -362,8 +381,16 @@ class Qwen2_5_VLProcessor:
         video_cfg.max_frames = max_frames or video_cfg.max_frames
         image_cfg.validate("min_pixels/max_pixels")
         video_cfg.validate("fps/max_frames")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(tokenizer, image_cfg, video_cfg, _read_chat_template(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # tokenizers' own errors carry no file name
+            raise ValueError(
+                f"{path}: the tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt) "
+                f"cannot be read ({type(e).__name__}: {e}); copy them again from the original checkpoint"
+            ) from e
+        template = _read_chat_template(path)
+        _check_template(template or getattr(tokenizer, "chat_template", None), path)
+        return cls(tokenizer, image_cfg, video_cfg, template)
 
     # -------------------------------------------------------------------------------------------- text
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
@@ -523,10 +550,28 @@ def check_placeholders(
             )
 
 
+def _check_template(template: str | None, path: Path) -> None:
+    """A chat template that does not compile is an error naming the folder now, not at the first turn."""
+    if not isinstance(template, str):
+        return
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateError as e:
+        raise ValueError(
+            f"{path}: the chat template (chat_template.jinja / chat_template.json / tokenizer_config.json) "
+            f"does not compile ({e}); copy it again from the original checkpoint"
+        ) from e
+
+
 def _read_chat_template(path: Path) -> str | None:
     """The folder's chat template: chat_template.jinja, else chat_template.json, else None (tokenizer's)."""
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        try:
+            return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'chat_template.json'}: not a valid chat template file ({e})") from e
     return None

@@ -56,10 +56,10 @@ def _validate(cfg, world: int) -> list[str]:
     return []
 
 
-def _tiny(outdir, seed: int = 0, **_):
+def _tiny(outdir, seed: int = 0, overwrite: bool = False, **_):
     from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
 
-    return create_tiny_qwen2_5_vl(outdir, seed=seed)
+    return create_tiny_qwen2_5_vl(outdir, seed=seed, overwrite=overwrite)
 
 
 def _estimator_stats(cfg, net) -> dict:

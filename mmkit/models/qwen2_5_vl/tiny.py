@@ -19,6 +19,7 @@ from mmkit.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionC
 from mmkit.models.qwen2_5_vl.hf import to_hf
 from mmkit.models.qwen2_5_vl.model import Qwen2_5_VLModel
 from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+from mmkit.outputs import claim_output_dir
 
 
 def tiny_config(token_ids: dict[str, int] | None = None, **text_overrides) -> Qwen2_5_VLConfig:
@@ -76,17 +77,19 @@ def perturbed_init(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
-def create_tiny_qwen2_5_vl(outdir: str | Path, seed: int = 0, cfg: Qwen2_5_VLConfig | None = None) -> Path:
+def create_tiny_qwen2_5_vl(
+    outdir: str | Path, seed: int = 0, cfg: Qwen2_5_VLConfig | None = None, overwrite: bool = False
+) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint folder that transformers and mmkit both load.
 
     `cfg` replaces the tiny config (its token ids are overwritten with the tiny tokenizer's, so it must
-    not change the vocabulary). Returns the folder.
+    not change the vocabulary). Returns the folder. A folder an earlier `create-tiny` wrote is replaced only
+    with `overwrite=True`; any other non-empty folder is refused (`mmkit.outputs.claim_output_dir`).
     Example:
         >>> path = create_tiny_qwen2_5_vl("/tmp/tiny_qwen", seed=0)
         >>> model, processor = mmkit.load_vlm(path)
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = claim_output_dir(outdir, "create-tiny qwen2_5_vl", overwrite)
     ids = build_tiny_tokenizer(outdir)
     if cfg is None:
         cfg = tiny_config(ids)

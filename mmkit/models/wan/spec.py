@@ -76,10 +76,12 @@ def _validate(cfg, world: int) -> list[str]:
 
 
 def _tiny(task: str):
-    def write(outdir, seed: int = 0, original_layout: bool = False, **_):
+    def write(outdir, seed: int = 0, original_layout: bool = False, overwrite: bool = False, **_):
         from mmkit.models.wan.tiny import create_tiny_wan
 
-        return create_tiny_wan(outdir, task=task, seed=seed, original_layout=original_layout)
+        return create_tiny_wan(
+            outdir, task=task, seed=seed, original_layout=original_layout, overwrite=overwrite
+        )
 
     return write
 

@@ -21,10 +21,11 @@ import collections
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from mmkit.outputs import claim_output_dir
 
 # Tiny stand-ins for the real components. Widths are small but every structural feature stays:
 # RoPE head_dim 32 splits unevenly into t/h/w = 12/10/10, the VAE keeps 8x spatial and 4x temporal
@@ -186,6 +187,7 @@ def create_tiny_wan(
     seed: int = 0,
     original_layout: bool = False,
     vae: str = "fitted",
+    overwrite: bool = False,
 ) -> Path:
     """Write a tiny random Wan2.1 t2v or i2v pipeline in the diffusers layout; returns `outdir`.
 
@@ -195,8 +197,8 @@ def create_tiny_wan(
     videos, whatever the seed); `vae="random"` writes perturbed random VAE weights drawn from `seed`
     (`random_tiny_vae`), which decode noise. `original_layout=True` also writes the same DiT
     weights in the original Wan2.1 release layout (original key names, `config.json` with `dim`, `in_dim`,
-    ..., sharded safetensors) under `outdir/original/`. An existing pipeline folder at `outdir` is replaced;
-    any other non-empty folder is refused.
+    ..., sharded safetensors) under `outdir/original/`. A folder an earlier `create-tiny` wrote is replaced
+    only with `overwrite=True`; any other non-empty folder is refused (`mmkit.outputs.claim_output_dir`).
     Example: `create_tiny_wan("/tmp/wan-tiny", task="i2v", seed=0)` then
     `diffusers.WanImageToVideoPipeline.from_pretrained("/tmp/wan-tiny")`.
     """
@@ -204,19 +206,9 @@ def create_tiny_wan(
         raise ValueError(f"create_tiny_wan: task={task!r} is not supported; use 't2v' or 'i2v'.")
     if vae not in ("fitted", "random"):
         raise ValueError(f"create_tiny_wan: vae={vae!r} is not supported; use 'fitted' or 'random'.")
+    out = claim_output_dir(outdir, f"create-tiny wan-{task}", overwrite)
     from diffusers import WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
-
-    out = Path(outdir)
-    if out.exists() and any(out.iterdir()):
-        # Replace an earlier pipeline folder, but never wipe an unrelated non-empty directory.
-        if not (out / "model_index.json").is_file():
-            raise FileExistsError(
-                f"create_tiny_wan: {out} exists, is not empty and holds no model_index.json; "
-                "pass a new or empty folder (an existing pipeline folder is replaced)."
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     # Tokenizer first: the text encoder's vocabulary is its size.
     tok = build_tokenizer()

@@ -109,7 +109,7 @@ def test_frame_count_unknown_everywhere_is_counted_from_packets(tmp_path):
     assert got == list(range(got[0], got[0] + 18, 2)) and got[0] % 2 == 0 and got[-1] <= 29
     # 30 frames at 32 fps -> 15 at 16 fps < 17: found when read; with no other sample, a clear error
     with pytest.raises(
-        RuntimeError, match=r"none of the 1 samples could be read \(skipped: \{'too_short': 1\}"
+        ValueError, match=r"none of the 1 samples could be read \(skipped: \{'too_short': 1\}"
     ):
         VideoDataset(data_txt(tmp_path, f"{root},{ann}"), num_frames=17, progress=False)[0]
 
