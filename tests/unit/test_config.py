@@ -1,5 +1,6 @@
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +8,7 @@ from mmkit.config import (
     SECTIONS,
     Config,
     ConfigError,
+    absolute_paths,
     load_config,
     parse_cli,
     save_resolved,
@@ -184,7 +186,8 @@ def test_resolved_config_round_trip(tmp_path):
     text = path.read_text()
     assert "# JSONL metrics file" in text  # documented
     back = load_config(path)
-    assert back == cfg
+    assert back == absolute_paths(cfg)  # paths saved absolute: resume / export work from any directory
+    assert back.data.paths == [str(Path.cwd() / "a b.txt"), str(Path.cwd() / 'quote".json')]
     assert to_toml(back) == text
 
 
