@@ -62,7 +62,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmkit.checkpoint.files import DamagedFileError, check_safetensors, verify_manifest, write_manifest
+from mmkit.checkpoint.files import (
+    MANIFEST,
+    DamagedFileError,
+    check_safetensors,
+    verify_manifest,
+    write_manifest,
+)
 from mmkit.parallel.comm import local_tensor
 
 FORMAT_VERSION = 1
@@ -447,6 +453,7 @@ def _save_files(d, tmp, final, step, state, hparams, world, save_rng, config, da
                 "has_ema": has_ema,
                 "has_rng": save_rng,
                 "finite": True,  # checked before writing
+                "manifest": True,  # written next; its absence later means damage
                 "torch": torch.__version__,
             },
         )
@@ -515,6 +522,10 @@ def verify_step(step_dir: str | os.PathLike, checksums: bool = True) -> list[str
             return [f"{state}: not a training state (no 'step')"]
     except DamagedFileError as e:
         return [str(e)]
+    if (d / MANIFEST).is_file():
+        return []  # verified above
+    if meta.get("manifest"):
+        return [f"{d / MANIFEST}: missing"]  # saved with one
     files = sorted((d / "dcp").glob("*.safetensors"))
     if not files:
         return [f"{d / 'dcp'}: no tensor files (*.safetensors)"]
