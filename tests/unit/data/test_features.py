@@ -17,7 +17,8 @@ def _write(root, n=4):
     for i in range(n):
         name = f"features/{i:06d}.safetensors"
         save_file(
-            {"latents": torch.full((4, 1, 2, 2), float(i)), "text_context": torch.ones(3, 8)}, str(root / name)
+            {"latents": torch.full((4, 1, 2, 2), float(i)), "text_context": torch.ones(3, 8)},
+            str(root / name),
         )
         records.append({"file": name, "caption": f"c{i}", "source": f"v{i}.mp4"})
     (root / "index.json").write_text(json.dumps({"task": "t2v", "text_len": 6, "samples": records}))
