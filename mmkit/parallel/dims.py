@@ -56,8 +56,7 @@ def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp
     """
     if pp > layers:
         raise LayoutError(
-            f"{'--pp' if field.startswith('--') else 'parallel.pp'}={pp} stages but the model has {layers} "
-            "layers: every stage needs at least one; "
+            f"parallel.pp={pp} stages but the model has {layers} layers: every stage needs at least one; "
             f"use at most {layers} stages"
         )
     if pp_layers is None:  # the last stages take the remainder (stage 0 also holds the embeddings)
