@@ -317,13 +317,12 @@ def _flat_items(state: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (so all ranks raise together)."""
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (so all ranks raise together); `device` is where
+    the process group's backend reduces (CPU for gloo, the accelerator for nccl / hccl)."""
     if not _dist_on():
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device if dist.get_backend() != "gloo" else "cpu")
     dist.all_reduce(t)
     return bool(t.item())
 
@@ -389,7 +388,8 @@ def save_checkpoint(
     if ema is not None:
         state["ema"] = ema.state_dict()
     bad = nonfinite_names(state)
-    if _any_rank(bool(bad)):
+    device = next((local_tensor(p).device for p in model.parameters()), torch.device("cpu"))
+    if _any_rank(bool(bad), device):
         prev = find_latest(d) if d.is_dir() else None
         raise NonFiniteWeightsError(
             f"step {step}: not saved, the weights hold NaN/inf ({', '.join(bad) or 'on another rank'})"
