@@ -69,10 +69,17 @@ class CheckpointManager:
             where = self.source
         if mode == "none":
             return None
+        explicit_dir = (
+            mode != "auto" and Path(mode).is_dir() and not (Path(mode) / "train_state.json").is_file()
+        )
+        if explicit_dir:
+            mode, where = "auto", Path(mode)  # a checkpoint dir named explicitly: its newest intact step
         if mode == "auto":
             if where is None:
                 return None
             found, skipped = find_intact(where)
+            if found is None and explicit_dir and not skipped:
+                return resolve_step_dir(where)  # raises: no step folders there
             for line in skipped:
                 self._say(f"checkpoint: {line}; falling back to an earlier step")
             if found is None and skipped:

@@ -12,6 +12,7 @@ import torch
 
 import mmkit.convert.export as export_mod
 from mmkit.checkpoint.dcp import export_model_state, list_checkpoints
+from mmkit.cli.main import main
 from mmkit.config import parse_cli
 from mmkit.train.trainer import Trainer, TrainingDiverged
 
@@ -90,11 +91,14 @@ def test_a_diverging_run_keeps_the_good_checkpoints(wan_train_root, tmp_path, mo
         return sd
 
     monkeypatch.setattr(export_mod, "export_model_state", nan_state)
-    with pytest.raises(ValueError, match="hold NaN/inf .*--allow-nonfinite"):
-        export_mod.export_to_hf(ck, tmp_path / "hf", progress=False)
-    assert not (tmp_path / "hf").exists()
+    capsys.readouterr()
+    assert main(["convert", "mm-to-hf", str(ck), str(tmp_path / "hf"), "--quiet"]) == 2
+    assert "hold NaN/inf" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     with pytest.warns(UserWarning, match="exporting weights that hold NaN/inf"):
-        export_mod.export_to_hf(ck, tmp_path / "hf", progress=False, allow_nonfinite=True)
+        assert (
+            main(["convert", "mm-to-hf", str(ck), str(tmp_path / "hf"), "--quiet", "--allow-nonfinite"]) == 0
+        )
+    assert (tmp_path / "hf" / "model_index.json").is_file()
 
 
 def test_stop_after_max_bad_steps_in_a_row(wan_train_root, tmp_path, monkeypatch):

@@ -202,7 +202,10 @@ def test_fuzz_damaged_checkpoint_folder(tmp_path, capsys):
         if case % 4 == 3:
             what.append(_damage(rng, tmp_path / "ck" / "step_1"))
         cfg = Config()
-        cfg.checkpoint = CheckpointConfig(dir=str(tmp_path / "ck"))
+        # checkpoint.resume auto, or the checkpoint dir named explicitly: the same fallback
+        cfg.checkpoint = CheckpointConfig(
+            dir=str(tmp_path / "ck"), resume="auto" if case % 2 else str(tmp_path / "ck")
+        )
         model, opt, sched = build(seed=5)
         capsys.readouterr()
         try:
