@@ -12,14 +12,16 @@ step_200/
   train_state.json             step, data position, LR-scheduler state, world size, what is inside
   ranks/rank_0000R.json        per rank: RNG states (python, numpy, torch cpu, cuda) and the
                                optimizer's non-tensor hyper-parameters for that rank's parameters
+  manifest.json                size + sha256 of every file above (checkpoint/files.py), written last
 ```
 Tensors go through DCP's safetensors storage (`HuggingFaceStorageWriter/Reader`), everything else is
 JSON: nothing is ever unpickled. DCP records where each shard of each tensor lives, so a checkpoint
 saved by N processes in one layout (FSDP2, TP, plain) loads into M processes in another: the state
 dicts come from `torch.distributed.checkpoint.state_dict.get_state_dict` and are resharded on load.
 
-Atomicity: every rank writes into `<dir>/.tmp-step_N`; after a barrier, rank 0 fsyncs, renames it to
-`step_N`, then replaces `latest` (temp file + os.replace). A crash at any point leaves `latest`
+Atomicity: every rank writes into `<dir>/.tmp-step_N`; after a barrier, rank 0 writes the manifest,
+fsyncs, renames it to `step_N`, then replaces `latest` (temp file + os.replace). Non-finite weights
+are never written (NonFiniteWeightsError); a file-system failure is one CheckpointWriteError. A crash at any point leaves `latest`
 naming the previous complete checkpoint; a leftover `.tmp-*` folder is deleted by the next save or
 load. Works in one process without `init_process_group` and under torchrun (gloo/nccl).
 
