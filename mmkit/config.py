@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,12 @@ class TrainConfig:
     flow_shift: float = _f(
         5.0, "video: shift of the flow-matching sigma schedule, sigma' = s*sigma/(1+(s-1)*sigma)"
     )
+    nan_policy: str = _f(
+        "stop",
+        "a step whose loss or gradient norm is NaN/inf is never applied: 'stop' ends the run there (nothing "
+        "saved from it); 'skip' drops that update, counts it and goes on",
+    )
+    max_bad_steps: int = _f(5, "nan_policy=skip: stop after this many non-finite steps in a row")
 
 
 @dataclass
@@ -173,6 +181,11 @@ class CheckpointConfig:
     resume: str = _f(
         "auto",
         "auto (latest in dir, if any), none (start fresh) or a path (a step_N folder or a checkpoint dir)",
+    )
+    fork: str | None = _f(
+        None,
+        "save into this new folder instead of dir (resuming from dir or checkpoint.resume): continues an "
+        "earlier step without touching the later steps already in dir",
     )
 
 
@@ -255,6 +268,7 @@ _CHOICES = {
     "train.mixed_precision": ("bf16", "fp32"),
     "train.loss": ("flow", "v_pred_zero_snr"),
     "train.timestep_sampling": ("uniform", "logit_normal"),
+    "train.nan_policy": ("stop", "skip"),
     "optim.schedule": ("cosine", "constant"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "parallel.cp_algo": ("ulysses", "ring", "hybrid"),
@@ -270,8 +284,34 @@ def field_names() -> list[str]:
     return [f"{s}.{f.name}" for s, k in SECTIONS.items() for f in dataclasses.fields(k)]
 
 
+# Names other tools use for a field; spelling distance alone would match "learning_rate" to "ema_decay".
+SYNONYMS = {
+    "learning_rate": "optim.lr",
+    "lr": "optim.lr",
+    "max_steps": "train.steps",
+    "num_steps": "train.steps",
+    "train_steps": "train.steps",
+    "batch_size": "train.global_batch",
+    "warmup": "optim.warmup_steps",
+    "output_dir": "checkpoint.dir",
+    "save_dir": "checkpoint.dir",
+    "save_interval": "checkpoint.interval",
+}
+
+
+def _synonym(name: str, known: list[str]) -> str | None:
+    """The field another tool's name for it means, spelled as in `known` (with or without `--`)."""
+    target = SYNONYMS.get(name.lstrip("-").rpartition(".")[2].replace("-", "_"))
+    if target is None:
+        return None
+    return next((k for k in known if k.lstrip("-") == target), None)
+
+
 def _unknown(kind: str, name: str, known: list[str], hint_pool: list[str] | None = None) -> ConfigError:
     """An unknown-key error naming the closest valid name (from `known`, else from `hint_pool`)."""
+    syn = _synonym(name, known) or (_synonym(name, hint_pool) if hint_pool else None)
+    if syn is not None:
+        return ConfigError(f"unknown {kind} {name!r}; did you mean {syn!r}?")
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     if not close and hint_pool:
         close = difflib.get_close_matches(name, hint_pool, n=1, cutoff=0.6)
@@ -529,6 +569,8 @@ class _Errors(list):
         self.cfg = cfg
 
     def bad(self, name: str, why: str) -> None:
+        if any(line.startswith(f"{name}=") for line in self):
+            return  # one problem per field: a NaN is not also "out of range"
         section, _, fld = name.partition(".")
         self.append(f"{name}={getattr(getattr(self.cfg, section), fld)!r}: {why}")
 
@@ -554,10 +596,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         spec = None
     else:
         spec = registry.get(cfg.model.family)
+    nonfinite = _check_finite(cfg, errs)
     _check_model(cfg, spec, errs)
     _check_data(cfg, errs)
     _check_train(cfg, errs)
-    _check_optim(cfg, errs)
+    _check_optim(cfg, errs, nonfinite)
     _check_checkpoint(cfg, errs)
     _check_parallel(cfg, world, errs)
     _check_batch(cfg, errs)
@@ -619,15 +662,39 @@ def _check_train(cfg: Config, errs: _Errors) -> None:
         errs.bad("train.logit_std", "must be > 0")
     if t.flow_shift <= 0:
         errs.bad("train.flow_shift", "must be > 0 (1 = no shift)")
+    if t.max_bad_steps < 1:
+        errs.bad("train.max_bad_steps", "must be >= 1 (1 = stop at the first non-finite step)")
     from mmkit.device import DEVICES
 
     if t.device.split(":")[0] not in DEVICES:
         errs.bad("train.device", f"choose one of {', '.join(DEVICES)}")
 
 
-def _check_optim(cfg: Config, errs: _Errors) -> None:
+def _check_finite(cfg: Config, errs: _Errors) -> list[str]:
+    """NaN anywhere, and inf in a rate, is an error of its own field (not of a field compared with it);
+    returns the names found, so the rules comparing fields skip them."""
+    bad = []
+    for section, klass in SECTIONS.items():
+        for f in dataclasses.fields(klass):
+            v = getattr(getattr(cfg, section), f.name)
+            vals = v if isinstance(v, list) else [v]
+            if any(isinstance(x, float) and math.isnan(x) for x in vals):
+                errs.bad(f"{section}.{f.name}", "is not a number; give a finite value")
+                bad.append(f"{section}.{f.name}")
+    for name in ("optim.lr", "optim.min_lr"):
+        section, _, fld = name.partition(".")
+        v = getattr(getattr(cfg, section), fld)
+        if name not in bad and math.isinf(v):
+            errs.bad(name, "must be finite, e.g. 1e-4")
+            bad.append(name)
+    return bad
+
+
+def _check_optim(cfg: Config, errs: _Errors, nonfinite: list[str]) -> None:
     o, steps = cfg.optim, cfg.train.steps
-    if o.lr <= 0:
+    if "optim.lr" in nonfinite or "optim.min_lr" in nonfinite:
+        pass  # reported as such; comparing them with each other would blame the wrong field
+    elif o.lr <= 0:
         errs.bad("optim.lr", "must be > 0, e.g. 1e-4")
     if o.weight_decay < 0:
         errs.bad("optim.weight_decay", "must be >= 0")
@@ -637,14 +704,44 @@ def _check_optim(cfg: Config, errs: _Errors) -> None:
         errs.bad("optim.eps", "must be > 0, e.g. 1e-8")
     if o.warmup_steps < 0:
         errs.bad("optim.warmup_steps", "must be >= 0")
-    elif o.warmup_steps > steps:
-        errs.bad("optim.warmup_steps", f"is longer than train.steps={steps}; use at most {steps}")
-    if not 0.0 <= o.min_lr <= max(o.lr, 0.0):
+    elif o.warmup_steps > steps >= 1:
+        # a short smoke run of a long recipe: allowed, the rate simply never reaches optim.lr
+        warnings.warn(
+            f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={steps}: the learning rate "
+            f"reaches only {steps / o.warmup_steps:.2g} x optim.lr; set optim.warmup_steps <= {steps} for the full rate",
+            stacklevel=3,
+        )
+    if not nonfinite and not 0.0 <= o.min_lr <= max(o.lr, 0.0):
         errs.bad("optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why checkpoints cannot be written into folder `path` (created if missing), or None."""
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a folder; give a folder path"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "is not writable (read-only?); choose a writable folder"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file; give another folder path"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable; choose a writable folder"
+    return None
 
 
 def _check_checkpoint(cfg: Config, errs: _Errors) -> None:
     c = cfg.checkpoint
+    for name in ("dir", "fork"):
+        value = getattr(c, name)
+        why = _unwritable(Path(value)) if value else None
+        if why:
+            errs.bad(f"checkpoint.{name}", why)
+    if c.fork and c.dir and Path(c.fork).resolve() == Path(c.dir).resolve():
+        errs.bad("checkpoint.fork", "is checkpoint.dir itself; give a new folder for the continuation")
     if c.interval < 0:
         errs.bad("checkpoint.interval", "must be >= 0 (0 = save only at the end)")
     if c.keep_last < 0:
@@ -764,11 +861,36 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Fields that name files or folders: saved configs hold them absolute, so resume and export work from
+# any working directory.
+PATH_FIELDS = (
+    "model.init_from", "data.paths", "data.media_root", "data.precomputed_dir", "checkpoint.dir",
+    "checkpoint.resume", "checkpoint.fork", "logging.metrics_file", "logging.tensorboard_dir",
+)  # fmt: skip
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of `cfg` with every path field absolute (`checkpoint.resume` auto/none kept).
+
+    Example: `absolute_paths(cfg).model.init_from` -> `"/home/me/outputs/wan-tiny"`.
+    """
+    out = _copy(cfg)
+    for name in PATH_FIELDS:
+        section, _, fld = name.partition(".")
+        v = getattr(getattr(out, section), fld)
+        if v is None or (name == "checkpoint.resume" and v in ("auto", "none")):
+            continue
+        absolute = [os.path.abspath(x) for x in v] if isinstance(v, list) else os.path.abspath(v)
+        setattr(getattr(out, section), fld, absolute)
+    return out
+
+
 def save_resolved(cfg: Config, directory: str | os.PathLike, name: str = "config.toml") -> Path:
-    """Write the resolved config as `<directory>/config.toml` (atomically); returns its path.
+    """Write the resolved config as `<directory>/config.toml` (atomically, paths absolute); returns its path.
 
     Example: `save_resolved(cfg, cfg.checkpoint.dir)`; re-run with `mmkit train --config <that file>`.
     """
+    cfg = absolute_paths(cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / name

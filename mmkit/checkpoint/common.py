@@ -76,6 +76,27 @@ def check_state(family: str, cfg, state: dict[str, torch.Tensor], where: str, fi
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], where: str, allow: bool = False) -> None:
+    """Refuse weights holding NaN/inf (a diverged run) unless `allow` (`--allow-nonfinite`).
+
+    Example: `check_finite(sd, "ckpt/step_8")`.
+    """
+    from mmkit.checkpoint.dcp import nonfinite_names
+
+    bad = nonfinite_names(state, limit=3)
+    if not bad:
+        return
+    if allow:
+        import warnings
+
+        warnings.warn(f"{where}: exporting weights that hold NaN/inf ({', '.join(bad)})", stacklevel=2)
+        return
+    raise ValueError(
+        f"{where}: the weights hold NaN/inf (e.g. {', '.join(bad)}), from a diverged run; export an earlier "
+        "step_N folder, or pass --allow-nonfinite to export them anyway"
+    )
+
+
 def check_dtype(dtype: str | None) -> torch.dtype | None:
     """The torch dtype of a `--dtype` name (fp32 / bf16 / fp16), None for "as stored"."""
     if dtype is not None and dtype not in DTYPES:

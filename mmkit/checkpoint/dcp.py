@@ -12,14 +12,16 @@ step_200/
   train_state.json             step, data position, LR-scheduler state, world size, what is inside
   ranks/rank_0000R.json        per rank: RNG states (python, numpy, torch cpu, cuda) and the
                                optimizer's non-tensor hyper-parameters for that rank's parameters
+  manifest.json                size + sha256 of every file above (checkpoint/files.py), written last
 ```
 Tensors go through DCP's safetensors storage (`HuggingFaceStorageWriter/Reader`), everything else is
 JSON: nothing is ever unpickled. DCP records where each shard of each tensor lives, so a checkpoint
 saved by N processes in one layout (FSDP2, TP, plain) loads into M processes in another: the state
 dicts come from `torch.distributed.checkpoint.state_dict.get_state_dict` and are resharded on load.
 
-Atomicity: every rank writes into `<dir>/.tmp-step_N`; after a barrier, rank 0 fsyncs, renames it to
-`step_N`, then replaces `latest` (temp file + os.replace). A crash at any point leaves `latest`
+Atomicity: every rank writes into `<dir>/.tmp-step_N`; after a barrier, rank 0 writes the manifest,
+fsyncs, renames it to `step_N`, then replaces `latest` (temp file + os.replace). Non-finite weights
+are never written (NonFiniteWeightsError); a file-system failure is one CheckpointWriteError. A crash at any point leaves `latest`
 naming the previous complete checkpoint; a leftover `.tmp-*` folder is deleted by the next save or
 load. Works in one process without `init_process_group` and under torchrun (gloo/nccl).
 
@@ -35,11 +37,13 @@ Example:
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -59,6 +64,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmkit.checkpoint.files import (
+    MANIFEST,
+    DamagedFileError,
+    check_safetensors,
+    verify_manifest,
+    write_manifest,
+)
 from mmkit.parallel.comm import local_tensor
 
 FORMAT_VERSION = 1
@@ -69,6 +81,25 @@ LATEST = "latest"
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (not a folder, read-only, disk full); the previous one is intact."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """The weights to be saved or exported hold NaN or inf."""
+
+
+# Fault injection for the kill -9 test: MMKIT_CKPT_KILL="<point>:<step>" sends SIGKILL to this process at
+# that point of the save of that step; points: before_rename (the temp folder is complete, not yet
+# renamed), after_rename (renamed, `latest` not yet updated).
+KILL_ENV = "MMKIT_CKPT_KILL"
+
+
+def _fault_point(point: str, step: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @dataclass
 class ResumeState:
     """What `load_checkpoint` restored besides the tensors: the step to continue after and the data position."""
@@ -76,6 +107,7 @@ class ResumeState:
     step: int
     data_state: dict = field(default_factory=dict)
     path: Path | None = None
+    scheduler: dict | None = None  # the saved LR-scheduler state (None when the run saved none)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,6 +294,63 @@ def _untied(sd: dict) -> tuple[dict, dict[str, str]]:
     return out, aliases
 
 
+def nonfinite_names(state: dict, limit: int = 5) -> list[str]:
+    """Names (up to `limit`) of floating tensors in a nested `{name: tensor}` state that hold NaN or inf,
+    over this process's local shards; one host sync for the whole state (not one per tensor).
+
+    Example: `nonfinite_names({"model": model.state_dict()})` -> `[]` for healthy weights.
+    """
+    flat = [
+        (k, local_tensor(v))
+        for k, v in _flat_items(state)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()
+    ]
+    if not flat:
+        return []
+    ok = torch.stack([t.isfinite().all() for _, t in flat]).cpu()  # (n,) one transfer
+    return [k for (k, _), good in zip(flat, ok.tolist()) if not good][:limit]
+
+
+def _flat_items(state: dict, prefix: str = ""):
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _flat_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (so all ranks raise together); `device` is where
+    the process group's backend reduces (CPU for gloo, the accelerator for nccl / hccl)."""
+    if not _dist_on():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device if dist.get_backend() != "gloo" else "cpu")
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def _write_failed(d: Path, step: int, e: BaseException) -> CheckpointWriteError:
+    """One message for a save that failed on the file system; the previous checkpoint is untouched."""
+    inner = e
+    if not isinstance(e, OSError):  # DCP wraps a writer's exception per rank
+        failures = getattr(e, "failures", None) or {}
+        inner = next((f[0] for f in failures.values() if isinstance(f, tuple | list) and f), e)
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EACCES: "permission denied (read-only folder?)",
+        errno.EROFS: "the file system is read-only",
+        errno.EEXIST: "a file of that name is in the way",
+        errno.ENOTDIR: "a file is in the way where a folder should be",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(getattr(inner, "errno", None), str(inner))
+    prev = find_latest(d) if d.is_dir() else None
+    return CheckpointWriteError(
+        f"checkpoint.dir={str(d)!r}: could not save step {step}: {why}"
+        + (f"; the previous checkpoint {prev} is intact" if prev else "")
+        + ". Free space or choose a writable checkpoint.dir, then run the same command again to resume"
+    )
+
+
 def save_checkpoint(
     ckpt_dir: str | os.PathLike,
     step: int,
@@ -294,18 +383,46 @@ def save_checkpoint(
     sched_state = (
         _json_ready(scheduler.state_dict(), "the LR scheduler state") if scheduler is not None else None
     )
-    if rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-        clean_tmp(d)
-    _barrier()
-
-    # 1. Tensors, sharded: each rank writes the pieces it owns (replicated tensors once).
     state: dict[str, Any] = {"model": _untied(get_model_state_dict(model))[0]}
     hparams: dict = {}
     if optimizer is not None:
         state["optim"], hparams = _split_optim(model, optimizer)
     if ema is not None:
         state["ema"] = ema.state_dict()
+    bad = nonfinite_names(state)
+    device = next((local_tensor(p).device for p in model.parameters()), torch.device("cpu"))
+    if _any_rank(bool(bad), device):
+        prev = find_latest(d) if d.is_dir() else None
+        raise NonFiniteWeightsError(
+            f"step {step}: not saved, the weights hold NaN/inf ({', '.join(bad) or 'on another rank'})"
+            + (f"; the newest checkpoint, {prev}, is kept" if prev else "")
+            + ". Lower optim.lr or set train.grad_clip, and resume from it"
+        )
+    try:
+        _save_files(d, tmp, final, step, state, hparams, world, save_rng, config, data_state, sched_state,
+                    optimizer is not None, ema is not None)  # fmt: skip
+    except (OSError, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save; frees the space it took
+        raise _write_failed(d, step, e) from None
+    if rank == 0 and keep_last > 0:
+        for old in list_checkpoints(d)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _save_files(d, tmp, final, step, state, hparams, world, save_rng, config, data_state, sched_state,
+                has_optim, has_ema) -> None:  # fmt: skip
+    """The writes of `save_checkpoint`, in order: tensors, per-rank JSON, then rank 0 publishes."""
+    rank = rank_world()[0]
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        clean_tmp(d)
+    _barrier()
+
+    # 1. Tensors, sharded: each rank writes the pieces it owns (replicated tensors once).
     writer = HuggingFaceStorageWriter(str(tmp / "dcp"), save_distributed=True)
     ctx = _quiet_no_dist()
     try:
@@ -334,29 +451,28 @@ def save_checkpoint(
                 "world_size": world,
                 "data_state": data_state,
                 "scheduler": sched_state,
-                "has_optim": optimizer is not None,
-                "has_ema": ema is not None,
+                "has_optim": has_optim,
+                "has_ema": has_ema,
                 "has_rng": save_rng,
+                "finite": True,  # checked before writing
+                "manifest": True,  # written next; its absence later means damage
                 "torch": torch.__version__,
             },
         )
-        _publish(tmp, final, d)
-        if keep_last > 0:
-            for old in list_checkpoints(d)[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+        write_manifest(tmp)  # sizes + sha256 of every file, before anything names this folder
+        _publish(tmp, final, d, step)
 
 
-def _publish(tmp: Path, final: Path, ckpt_dir: Path) -> None:
+def _publish(tmp: Path, final: Path, ckpt_dir: Path, step: int = -1) -> None:
     """fsync the finished temp folder, rename it into place, then point `latest` at it (rank 0)."""
     for sub in (tmp / "dcp", tmp / "ranks", tmp):
         _fsync_dir(sub)
+    _fault_point("before_rename", step)
     if final.exists():  # a stale folder of the same step from a run that died before updating `latest`
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
+    _fault_point("after_rename", step)
     pointer_tmp = ckpt_dir / f"{LATEST}.tmp-{os.getpid()}"
     with open(pointer_tmp, "w") as f:
         f.write(final.name + "\n")
@@ -369,11 +485,73 @@ def _publish(tmp: Path, final: Path, ckpt_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; a damaged one is a DamagedFileError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DamagedFileError(path, f"unreadable JSON ({e})", _DAMAGED_FIX) from None
+
+
+_DAMAGED_FIX = "this checkpoint is damaged; resume from an earlier step_N folder (checkpoint.resume)"
+
+
 def _read_rank_files(step_dir: Path) -> dict[int, dict]:
     out = {}
     for p in sorted((step_dir / "ranks").glob("rank_*.json")):
-        out[int(p.stem.split("_")[1])] = json.loads(p.read_text())
+        out[int(p.stem.split("_")[1])] = _read_json(p)
     return out
+
+
+def verify_step(step_dir: str | os.PathLike, checksums: bool = True) -> list[str]:
+    """Problems of one step folder, each naming a file ([] = intact): its manifest (sizes, sha256), or
+    for a folder saved before manifests, the train state and each tensor file's header and size.
+
+    Example: `verify_step("ckpt/step_4")` -> `[]`.
+    """
+    d = Path(step_dir)
+    problems = verify_manifest(d, checksums)
+    if problems:
+        return problems
+    state = d / "train_state.json"
+    if not state.is_file():
+        return [f"{state}: missing"]
+    try:
+        meta = _read_json(state)
+        if not isinstance(meta, dict) or "step" not in meta:
+            return [f"{state}: not a training state (no 'step')"]
+    except DamagedFileError as e:
+        return [str(e)]
+    if (d / MANIFEST).is_file():
+        return []  # verified above
+    if meta.get("manifest"):
+        return [f"{d / MANIFEST}: missing"]  # saved with one
+    files = sorted((d / "dcp").glob("*.safetensors"))
+    if not files:
+        return [f"{d / 'dcp'}: no tensor files (*.safetensors)"]
+    for f in files:
+        try:
+            check_safetensors(f)
+        except DamagedFileError as e:
+            problems.append(str(e))
+    return problems
+
+
+def find_intact(ckpt_dir: str | os.PathLike, checksums: bool = True) -> tuple[Path | None, list[str]]:
+    """(the newest step folder of `ckpt_dir` that verifies, one line per newer folder passed over).
+
+    A save killed after its rename but before `latest` was updated leaves a complete, verified folder
+    newer than `latest`; it is used. Example: `step_dir, skipped = find_intact("ckpt")`.
+    """
+    skipped = []
+    for step_dir in reversed(list_checkpoints(ckpt_dir)):
+        problems = verify_step(step_dir, checksums)
+        if not problems:
+            return step_dir, skipped
+        skipped.append(f"{step_dir.name} is damaged ({'; '.join(problems[:3])})")
+    return None, skipped
 
 
 def _restore_tuples(value: Any, template: Any) -> Any:
@@ -394,9 +572,32 @@ def _flat_shapes(state: dict, prefix: str = "") -> dict[str, torch.Size]:
     return out
 
 
+def _short(e: BaseException) -> str:
+    """The first line of an exception (DCP's wrap the per-rank tracebacks into its text)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _read_dcp_metadata(step_dir: Path) -> dict:
+    """The DCP metadata of a checkpoint, after a header check of each tensor file (names the file)."""
+    files = sorted((step_dir / "dcp").glob("*.safetensors"))
+    if not files:
+        raise DamagedFileError(step_dir / "dcp", "holds no tensor files (*.safetensors)", _DAMAGED_FIX)
+    for f in files:
+        check_safetensors(f, _DAMAGED_FIX)
+    try:
+        return HuggingFaceStorageReader(str(step_dir / "dcp")).read_metadata().state_dict_metadata
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise DamagedFileError(
+            step_dir / "dcp", f"unreadable tensor index ({_short(e)})", _DAMAGED_FIX
+        ) from None
+
+
 def _dcp_load(state: dict, step_dir: Path) -> None:
     """Fill `state`'s tensors in place from the checkpoint, after checking names and shapes match."""
-    saved = HuggingFaceStorageReader(str(step_dir / "dcp")).read_metadata().state_dict_metadata
+    saved = _read_dcp_metadata(step_dir)
     want = _flat_shapes(state)
     missing = [k for k in want if k not in saved]
     wrong = [
@@ -417,6 +618,10 @@ def _dcp_load(state: dict, step_dir: Path) -> None:
         dcp.load(
             state, storage_reader=HuggingFaceStorageReader(str(step_dir / "dcp")), no_dist=not _dist_on()
         )
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:
+        raise DamagedFileError(
+            step_dir / "dcp", f"the tensors cannot be read ({_short(e)})", _DAMAGED_FIX
+        ) from None
     finally:
         ctx.__exit__(None, None, None)
 
@@ -444,14 +649,19 @@ def load_checkpoint(
     if rank == 0 and ckpt_dir_guess.is_dir() and not (ckpt_dir_guess / "train_state.json").is_file():
         clean_tmp(ckpt_dir_guess)
     step_dir = resolve_step_dir(path)
-    meta = json.loads((step_dir / "train_state.json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {step_dir}: format {meta.get('format')} is not {FORMAT_VERSION}")
+    meta = _read_json(step_dir / "train_state.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise ValueError(f"checkpoint {step_dir}: format {got!r} is not {FORMAT_VERSION}")
     use_optim = load_optim and optimizer is not None
-    if use_optim and not meta["has_optim"]:
-        raise ValueError(
-            f"checkpoint {step_dir} has no optimizer state; resume with --checkpoint.no_load_optim to start it fresh"
-        )
+    if use_optim and not meta.get("has_optim"):
+        use_optim = False
+        if rank == 0:
+            warnings.warn(
+                f"checkpoint {step_dir} has no optimizer state: the optimizer (AdamW moments) is NOT restored "
+                "and starts fresh, as with --checkpoint.no_load_optim",
+                stacklevel=2,
+            )
     if ema is not None and not meta["has_ema"]:
         raise ValueError(
             f"checkpoint {step_dir} has no EMA weights; resume with train.ema=false or start a new run"
@@ -468,6 +678,15 @@ def load_checkpoint(
 
     set_model_state_dict(model, {**state["model"], **{a: state["model"][o] for a, o in aliases.items()}})
     ranks = _read_rank_files(step_dir)
+    missing = [r for r in range(int(meta.get("world_size", 1))) if r not in ranks]
+    if missing and rank == 0:
+        names = ", ".join(f"ranks/rank_{r:05d}.json" for r in missing[:4])
+        warnings.warn(
+            f"checkpoint {step_dir}: {names} missing: the RNG states"
+            + (" and optimizer hyper-parameters (the config's are used)" if use_optim else "")
+            + " of those ranks are NOT restored (the run continues, but not bit-identically)",
+            stacklevel=2,
+        )
     if use_optim:
         saved: dict = {}
         for r in sorted(ranks):  # union over the saving ranks: under pp each held only its stage
@@ -484,16 +703,26 @@ def load_checkpoint(
     if ema is not None:
         ema.load_state_dict(state["ema"])
 
-    if load_rng and meta["has_rng"]:
+    if load_rng and not meta.get("has_rng", False) and rank == 0:
+        warnings.warn(
+            f"checkpoint {step_dir} was saved without RNG states (checkpoint.no_save_rng): RNG states NOT "
+            "restored (the run continues, but not bit-identically)",
+            stacklevel=2,
+        )
+    elif load_rng:
         if meta["world_size"] == world and rank in ranks and "rng" in ranks[rank]:
             set_rng_state(ranks[rank]["rng"])
+        elif meta["world_size"] == world:
+            pass  # the missing rank file was named above
         elif rank == 0:
             warnings.warn(
                 f"checkpoint {step_dir}: saved by {meta['world_size']} processes, loading into {world}; "
                 "RNG states not restored (the run continues, but not bit-identically)",
                 stacklevel=2,
             )
-    return ResumeState(step=int(meta["step"]), data_state=meta["data_state"], path=step_dir)
+    return ResumeState(
+        step=int(meta["step"]), data_state=meta["data_state"], path=step_dir, scheduler=meta.get("scheduler")
+    )
 
 
 def export_model_state(path: str | os.PathLike, which: str = "model") -> dict[str, torch.Tensor]:
@@ -506,8 +735,12 @@ def export_model_state(path: str | os.PathLike, which: str = "model") -> dict[st
     if which not in ("model", "ema"):
         raise ValueError(f"export_model_state: which={which!r}; use 'model' or 'ema'")
     step_dir = resolve_step_dir(path)
-    reader = HuggingFaceStorageReader(str(step_dir / "dcp"))
-    md = reader.read_metadata().state_dict_metadata
+    problems = verify_manifest(step_dir)
+    if problems:
+        raise DamagedFileError(
+            step_dir, "damaged: " + "; ".join(problems[:3]), "export an earlier step_N folder"
+        )
+    md = _read_dcp_metadata(step_dir)
     prefixes = ("model.",) if which == "model" else ("model.", "ema.")
     if which == "ema" and not any(k.startswith("ema.") for k in md):
         raise ValueError(
@@ -517,6 +750,10 @@ def export_model_state(path: str | os.PathLike, which: str = "model") -> dict[st
     ctx = _quiet_no_dist()
     try:
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(step_dir / "dcp")), no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:
+        raise DamagedFileError(
+            step_dir / "dcp", f"the tensors cannot be read ({_short(e)})", _DAMAGED_FIX
+        ) from None
     finally:
         ctx.__exit__(None, None, None)
     out = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}

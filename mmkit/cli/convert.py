@@ -108,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mm_to_hf.add_argument(
         "--max-shard-size", metavar="SIZE", default="5GB", help="largest safetensors shard (default 5GB)"
     )
+    mm_to_hf.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="export weights even if they hold NaN/inf (refused by default)",
+    )
     mm_to_hf.add_argument("--quiet", action="store_true", help="no progress bars")
     mm_to_hf.set_defaults(_convert_run=_mm_to_hf)
 
@@ -174,6 +179,7 @@ def _mm_to_hf(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_shard_bytes=parse_size(args.max_shard_size),
         progress=not args.quiet,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"exported {'EMA' if args.ema else 'model'} weights -> {out}")
     return 0

@@ -25,7 +25,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmkit.checkpoint.common import adapter, check_dtype, check_family, check_out, check_state, new_dir
+from mmkit.checkpoint.common import (
+    adapter,
+    check_dtype,
+    check_family,
+    check_finite,
+    check_out,
+    check_state,
+    new_dir,
+)
 from mmkit.checkpoint.dcp import export_model_state, read_checkpoint_info
 from mmkit.checkpoint.hf import CONFIG_SOURCE_FIX, hf_layout
 from mmkit.models.common.hf_io import DEFAULT_SHARD_BYTES
@@ -43,6 +51,7 @@ def export_to_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
     family: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write the weights of checkpoint `ckpt` as a Hugging Face folder `outdir` (must be new or empty).
 
@@ -51,7 +60,8 @@ def export_to_hf(
     qwen2_5_vl "transformers". `init_from` replaces the run's `model.init_from` (the source of the
     frozen components / tokenizer, e.g. when that folder moved); `tokenizer_from` supplies Qwen's
     tokenizer files. `dtype`: None keeps the checkpoint's (fp32 master weights), or fp32 / bf16 / fp16.
-    `family` refuses a checkpoint of another family. Returns `outdir`.
+    `family` refuses a checkpoint of another family. Weights holding NaN/inf are refused unless
+    `allow_nonfinite`. Returns `outdir`.
     Example: `export_to_hf("outputs/ckpt/wan_t2v_tiny", "outputs/wan-trained")` then
     `diffusers.WanPipeline.from_pretrained("outputs/wan-trained")`.
     """
@@ -81,6 +91,7 @@ def export_to_hf(
     # Everything the user can get wrong was checked above; only now are the tensors read.
     # (Names need no cleaning: DCP saved them without wrapper prefixes, the EMA keeps clean names.)
     sd = export_model_state(info.step_dir, which)
+    check_finite(sd, str(info.step_dir), allow_nonfinite)
     check_state(info.family, writer.cfg, sd, writer.checked_against, CONFIG_SOURCE_FIX)
     with new_dir(out) as tmp:
         writer.write(sd, tmp, to, max_shard_bytes, progress)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmkit.checkpoint.common import MMCheckpoint, cast, check_out
+from mmkit.checkpoint.common import MMCheckpoint, cast, check_finite, check_out
 from mmkit.checkpoint.hf import read_hf, read_hf_config, write_hf
 from mmkit.checkpoint.layouts import Layout, LayoutError, plan_layout
 from mmkit.checkpoint.mm import LAYOUT_FILE, layout_file, read_mm, write_mm
@@ -137,6 +137,7 @@ def mm_to_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     family: str | None = None,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Any mmkit checkpoint -> a Hugging Face folder. A training checkpoint goes through `export_to_hf`
     (EMA, original layout, ...); a converted one (layout.json) is merged first, then written the same way.
@@ -160,11 +161,13 @@ def mm_to_hf(
             max_shard_bytes=max_shard_bytes,
             progress=progress,
             family=family,
+            allow_nonfinite=allow_nonfinite,
         )
     if which != "model":
         raise ValueError(f"{p} is a converted checkpoint: it holds no EMA weights; drop --ema")
     check_out(outdir)
     ck = read_mm(p, family=family, init_from=init_from, progress=progress)
+    check_finite(ck.state, str(p), allow_nonfinite)
     return write_hf(
         ck,
         outdir,

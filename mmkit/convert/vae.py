@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mmkit.models.common.hf_io import (
     check_keys,
-    load_safetensors_checked,
+    load_safetensors,
     load_state_dict,
     read_json,
     save_state_dict,
@@ -233,7 +233,7 @@ def load_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not p.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {p}")
     if p.suffix == ".safetensors":
-        sd = load_safetensors_checked(p)  # a damaged file: one error naming it
+        sd = load_safetensors(p)  # a damaged file: one error naming it
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
         try:

@@ -9,7 +9,8 @@ file per clip under `OUTDIR/features/`:
 plus `null_text.safetensors` (the empty prompt, used for caption dropout) and `index.json`.
 
 `FeatureDataset` reads them back with the same item keys the task's precomputed path takes, and
-works with `ResumableSampler` like the video dataset, so resume stays exact.
+works with `ResumableSampler` like the video dataset, so resume stays exact. A damaged file or one
+holding NaN/inf is skipped and counted (the next sample stands in), never trained on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mmkit.checkpoint.files import DamagedFileError, load_safetensors
 from mmkit.data.video import SampleKey
-from mmkit.models.common.hf_io import load_safetensors_checked, read_json
+from mmkit.models.common.hf_io import read_json
 from mmkit.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
@@ -100,8 +102,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise ValueError(f"data.precomputed_dir: {self.root} holds no samples")
         self.task, self.text_len = index["task"], index["text_len"]
-        self.null_text = load_safetensors_checked(self.root / "null_text.safetensors")["text_context"]
-        self.stats: Counter = Counter()  # {"unreadable": n} samples skipped in this process
+        self.null_text = load_safetensors(self.root / "null_text.safetensors")["text_context"]
+        self.bad: dict[int, str] = {}  # index -> reason, each bad file counted once
+        self.stats: Counter = Counter()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,35 +116,49 @@ class FeatureDataset(torch.utils.data.Dataset):
         return full
 
     def _read(self, index: int) -> dict | None:
-        """One sample's tensors, or None (counted, warned) when its file is missing or damaged."""
-        rec = self.samples[index]
-        try:
-            t = load_safetensors_checked(self.root / str(rec["file"]))
-            missing = {"latents", "text_context"} - set(t)
-            if missing:
-                raise ValueError(f"{rec['file']}: has no {', '.join(sorted(missing))}")
-            return t
-        except Exception as e:  # any damage: this sample's file, not the run's fault
-            self.stats["unreadable"] += 1
-            logger.warning(
-                "features: skipping sample %d (%s) [unreadable so far: %d]",
-                index,
-                e,
-                self.stats["unreadable"],
-            )
+        """The tensors of sample `index`, or None (counted, warned once per file) when the file is damaged
+        or holds NaN/inf: one bad latent would otherwise turn every later step's loss into NaN."""
+        if index in self.bad:
             return None
+        path = self.root / self.samples[index]["file"]
+        try:
+            t = load_safetensors(path, fix="recompute it with `mmkit data features`")
+        except (DamagedFileError, FileNotFoundError) as e:
+            return self._skip(index, "damaged", str(e))
+        bad = [k for k, v in t.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:
+            return self._skip(index, "nonfinite", f"{path}: {', '.join(bad)} hold NaN/inf")
+        return t
+
+    def _skip(self, index: int, reason: str, detail: str) -> None:
+        self.bad[index] = reason
+        self.stats[reason] += 1
+        if self.stats[reason] <= 5:
+            logger.warning("precomputed features: skipping sample %d (%s): %s", index, reason, detail)
+        return None
+
+    def report(self) -> dict:
+        """Log and return {"samples", "skipped": {reason: n}}. Example: `ds.report()["skipped"]`."""
+        skipped = dict(self.stats)
+        if skipped:
+            logger.warning(
+                "precomputed features: %d samples, skipped %d (%s)", len(self.samples), sum(skipped.values()),
+                ", ".join(f"{r}: {n}" for r, n in skipped.items()),
+            )  # fmt: skip
+        return {"samples": len(self.samples), "skipped": skipped}
 
     def __getitem__(self, key: int | SampleKey) -> dict:
-        start = key.index if isinstance(key, SampleKey) else key
+        index = key.index if isinstance(key, SampleKey) else key
         n = len(self.samples)
-        for attempt in range(n):  # an unreadable file: the next sample stands in, the batch keeps its size
-            index = (start + attempt) % n
-            t = self._read(index)
+        for attempt in range(n):  # a bad sample: the next index stands in, so the batch keeps its size
+            t = self._read((index + attempt) % n)
             if t is not None:
+                index = (index + attempt) % n
                 break
         else:
             raise ValueError(
-                f"data.precomputed_dir: none of the {n} feature files in {self.root} could be read"
+                f"data.precomputed_dir: none of the {n} samples in {self.root} is usable "
+                f"(skipped: {dict(self.stats)}); recompute them with `mmkit data features`"
             )
         rec = self.samples[index]
         item = {k: v for k, v in t.items() if k != "text_context"}

@@ -39,6 +39,12 @@ def model_shape(family: str, model_cfg) -> ModelShape:
     return spec.model_shape(model_cfg)
 
 
+def _even_split(pp: int, layers: int) -> list[int]:
+    """`layers` over `pp` stages, the last stages taking the remainder: `_even_split(3, 8)` -> `[2, 3, 3]`."""
+    base, extra = divmod(layers, pp)
+    return [base + (1 if i >= pp - extra else 0) for i in range(pp)]
+
+
 def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp_layers") -> list[int]:
     """Layers per pipeline stage, in stage order (with virtual stages: chunk-major, i.e. rank 0's first
     chunk, rank 1's first chunk, ..., then everyone's second chunk).
@@ -48,16 +54,20 @@ def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp
     notation; `[[12, 16]]` is the same as `[12, 16]`).
     Example: `stage_layers(2, 28, [[6, 8], [7, 7]])` -> `[6, 8, 7, 7]`.
     """
+    if pp > layers:
+        raise LayoutError(
+            f"parallel.pp={pp} stages but the model has {layers} layers: every stage needs at least one; "
+            f"use at most {layers} stages"
+        )
     if pp_layers is None:  # the last stages take the remainder (stage 0 also holds the embeddings)
-        base, extra = divmod(layers, pp)
-        counts = [base + (1 if i >= pp - extra else 0) for i in range(pp)]
+        counts = _even_split(pp, layers)
     elif all(isinstance(x, (list, tuple)) for x in pp_layers) and pp_layers:
         rounds = [list(r) for r in pp_layers]
         bad = [r for r in rounds if len(r) != pp]
         if bad:
             raise LayoutError(
                 f"{field}={pp_layers}: every inner list needs one entry per pipeline stage (parallel.pp={pp}); "
-                f"got {[len(r) for r in rounds]}. Example for pp={pp}: {[[layers // pp] * pp]}"
+                f"got {[len(r) for r in rounds]}. Example for pp={pp}: {[_even_split(pp, layers)]}"
             )
         counts = [int(x) for r in rounds for x in r]
     elif all(isinstance(x, int) for x in pp_layers):
@@ -65,8 +75,7 @@ def stage_layers(pp: int, layers: int, pp_layers=None, field: str = "parallel.pp
         if len(counts) != pp:
             raise LayoutError(
                 f"{field}={pp_layers}: {len(counts)} entries but parallel.pp={pp}; give one layer count per "
-                f"stage (e.g. {[layers // pp] * (pp - 1) + [layers - layers // pp * (pp - 1)]}) or nested lists "
-                "for virtual stages"
+                f"stage (e.g. {_even_split(pp, layers)}) or nested lists for virtual stages"
             )
     else:
         raise LayoutError(

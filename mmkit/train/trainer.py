@@ -22,6 +22,7 @@ bit on CPU, and a checkpoint saved under one layout resumes under another (DCP r
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -37,9 +38,13 @@ from mmkit.parallel.dims import ParallelDims, check_model_layout, process_group_
 from mmkit.parallel.plans import parallelize
 from mmkit.train.checkpoint import CheckpointManager
 from mmkit.train.ema import EMA
-from mmkit.train.lr import build_lr_scheduler
+from mmkit.train.lr import build_lr_scheduler, rebase_scheduler
 from mmkit.train.metrics import MetricsLogger
 from mmkit.train.optim import build_optimizer, clip_grad_norm_
+
+
+class TrainingDiverged(ValueError):
+    """The numerics guard stopped the run: a non-finite loss or gradient (train.nan_policy)."""
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
@@ -115,6 +120,7 @@ class Trainer:
         # autocast keeps a bf16 copy of every weight until the forward ends: full-size, so with sharded
         # weights (FSDP2) it would undo the sharding; there the copies are made per use instead
         self.amp_cache = not (self.dims.fsdp or self.pipe is not None)
+        self.skipped = self.bad_streak = 0  # steps dropped by the numerics guard: in all, in a row
 
     def _batches(self):
         """Endless batches; the sampler starts the next epoch when one ends."""
@@ -145,8 +151,15 @@ class Trainer:
             (total, count, samples, tokens), data_state = run(batches, g, data_state)
             grad_norm = self._finish_grads(count)
             lr = self.opt.param_groups[0]["lr"]
-            self._update()
             loss = (total / count).item()
+            # the numerics guard: loss and grad norm are one host number each (the norm is one reduction
+            # over every gradient, equal on every rank), so checking them adds no sync per parameter
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                self._update()
+                self.bad_streak = 0
+            else:
+                self._bad_step(step, loss, grad_norm, log)
             losses.append(loss)
             log.step(
                 {
@@ -158,6 +171,7 @@ class Trainer:
                     "samples": samples,
                     "tokens": tokens,
                     "flops": self.task.train_flops(samples, tokens),
+                    "skipped_steps": self.skipped,
                 }
             )
             self.ckpt.maybe_save(
@@ -166,14 +180,54 @@ class Trainer:
         log.close()
         if hasattr(self.data, "report"):
             self.data.report()
+        if self.skipped and self.rank == 0:
+            print(
+                f"train: skipped {self.skipped} step(s) with a non-finite loss or gradient (train.nan_policy=skip)"
+            )
         return losses
+
+    def _bad_step(self, step: int, loss: float, grad_norm: float, log) -> None:
+        """A non-finite loss or gradient: drop the update (the lr schedule still advances, so the rate stays a
+        function of the step number); stop at once under nan_policy=stop, or after max_bad_steps in a row."""
+        t = self.cfg.train
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.skipped += 1
+        self.bad_streak += 1
+        what = f"step {step}: loss {loss}, grad norm {grad_norm} (not finite)"
+        if t.nan_policy == "skip" and self.bad_streak < t.max_bad_steps:
+            if self.rank == 0:
+                print(f"train: {what}; update skipped (train.nan_policy=skip, {self.bad_streak} in a row)")
+            return
+        log.close()
+        last = self.ckpt.latest_step()
+        why = (
+            f"train.nan_policy=skip and {self.bad_streak} bad steps in a row (train.max_bad_steps={t.max_bad_steps})"
+            if t.nan_policy == "skip"
+            else "train.nan_policy=stop"
+        )
+        raise TrainingDiverged(
+            f"{what}; stopped ({why}). Nothing was saved from this step"
+            + (f"; the newest checkpoint, {last}, holds the last finite weights" if last else "")
+            + ". Lower optim.lr, set train.grad_clip, check the data, or set train.nan_policy=skip to drop "
+            "such steps"
+        )
 
     # ---- the steps of one optimizer step -----------------------------------------------------------
     def _resume(self) -> tuple[int, dict | None]:
         """(the step to continue after, the sampler state) from the latest checkpoint; (0, None) fresh."""
-        resumed = self.ckpt.resume(self.owned, self.opt, self.sched, ema=self.ema)
+        resumed = self.ckpt.resume(
+            self.owned, self.opt, self.sched, ema=self.ema, total_steps=self.cfg.train.steps
+        )
         if resumed is None:
             return 0, None
+        # the schedule of this config from the saved step: a new optim.lr is the new base, a new
+        # train.steps continues the decay from the rate reached (train/lr.py)
+        note = rebase_scheduler(
+            self.sched, self.opt, self.cfg.optim, self.cfg.train.steps, resumed.step, resumed.scheduler
+        )
+        if note and self.rank == 0:
+            print(f"resume: {note}", flush=True)
         if resumed.data_state:
             self.sampler.load_state_dict(resumed.data_state)
         return resumed.step, resumed.data_state

@@ -1,5 +1,6 @@
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +8,7 @@ from mmkit.config import (
     SECTIONS,
     Config,
     ConfigError,
+    absolute_paths,
     load_config,
     parse_cli,
     save_resolved,
@@ -90,6 +92,11 @@ def test_flat_list_and_yaml(tmp_path):
         (["--trian.steps", "3"], "unknown config section 'trian'; did you mean 'train'?"),
         (["--train.lr", "1e-3"], "unknown field 'train.lr'; did you mean 'optim.lr'?"),
         (["--steps", "3"], "unknown option '--steps'; did you mean '--train.steps'?"),
+        (["--learning_rate", "1e-3"], "unknown option '--learning_rate'; did you mean '--optim.lr'?"),
+        (["--optim.learning_rate", "1e-3"], "unknown field 'optim.learning_rate'; did you mean 'optim.lr'?"),
+        (["--optim.lr", "nan"], "optim.lr=nan: is not a number"),
+        (["--train.grad_clip", "nan"], "train.grad_clip=nan: is not a number"),
+        (["--optim.lr", "inf"], "optim.lr=inf: must be finite"),
         (["--train.steps", "many"], "train.steps='many': expected an integer"),
         (["--train.ema", "maybe"], "train.ema='maybe': expected a boolean"),
         (["--train.steps"], "--train.steps needs a value"),
@@ -184,7 +191,8 @@ def test_resolved_config_round_trip(tmp_path):
     text = path.read_text()
     assert "# JSONL metrics file" in text  # documented
     back = load_config(path)
-    assert back == cfg
+    assert back == absolute_paths(cfg)  # paths saved absolute: resume / export work from any directory
+    assert back.data.paths == [str(Path.cwd() / "a b.txt"), str(Path.cwd() / 'quote".json')]
     assert to_toml(back) == text
 
 
@@ -208,3 +216,15 @@ def test_help_lists_fields(capsys):
         "--checkpoint.no_load_optim (bool, default False)" in out
         and "--metrics-file = --logging.metrics_file" in out
     )
+
+
+def test_nan_is_reported_once_for_its_own_field():
+    with pytest.raises(ConfigError) as e:
+        parse_cli(["--optim.lr", "nan"], world_size=1)
+    assert "min_lr" not in str(e.value) and str(e.value).count("optim.lr=nan") == 1
+
+
+def test_warmup_longer_than_the_run_warns_and_goes_on():
+    with pytest.warns(UserWarning, match=r"warmup_steps=10 is longer than train.steps=6.*0\.6 x optim.lr"):
+        cfg = parse_cli(["--train.steps", "6", "--optim.warmup_steps", "10"], world_size=1)
+    assert cfg.train.steps == 6

@@ -1,12 +1,14 @@
 """Reading and writing Hugging Face checkpoint files: single or sharded safetensors with an index, the
 non-weight side files of a folder, and `HFModel`, what a family's HF adapter reads out of a folder.
 
-Only safetensors are read: nothing here unpickles a file. A `.bin`/`.pt`/`.pth` checkpoint is
+Only safetensors are read: nothing here unpickles a file. Every read goes through `check_safetensors`,
+so a damaged file is one `DamagedFileError` naming it, never a bare `SafetensorError`. A `.bin`/`.pt`/`.pth` checkpoint is
 refused with a message that says how to convert it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,52 +81,92 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _DTYPE_BYTES.update({"BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8})
 
 
-def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be what it claims to be (truncated, empty, overwritten, altered)."""
+
+    def __init__(self, path: str | os.PathLike, why: str, fix: str = ""):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {why}" + (f"; {fix}" if fix else ""))
+
+
+_FIX = "the file is damaged (an interrupted download or save?); fetch or copy it again"
+_HEADER_LIMIT = 100 * 1024**2  # the safetensors library refuses headers above 100 MB too
+
+
+def check_safetensors(path: str | os.PathLike, fix: str = _FIX) -> dict[str, dict]:
     """Read and check a safetensors file's header without loading it: {name: {"dtype", "shape", ...}}.
 
-    A truncated, empty or damaged file (an interrupted download, a broken shard) raises one ValueError
-    naming the file, instead of the library's bare `SafetensorError`. Checks the header length, that it
-    is JSON, and that every tensor's byte range fits its dtype and shape inside the file.
+    A truncated, empty or damaged file (an interrupted download, a broken shard, a save cut short) makes
+    the `safetensors` library raise a bare `SafetensorError` without the file name; this raises one
+    DamagedFileError (a ValueError) naming the file, what is wrong and `fix`. Checks the header length,
+    that it is JSON tensor metadata, that every tensor's byte range fits its dtype and shape, and that
+    the last tensor ends exactly at the end of the file. Reads no tensor data.
     Example: `sum(math.prod(t["shape"]) for t in check_safetensors("model.safetensors").values())`.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    fix = "the file is damaged or incomplete; download or write it again"
-    if size < 8:
-        raise ValueError(f"{path}: {size} bytes, too short for a safetensors file; {fix}.")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8 or n > 100_000_000:
-            raise ValueError(f"{path}: header length {n} exceeds the file size {size}; {fix}.")
-        raw = f.read(n)
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DamagedFileError(p, f"{size} bytes, too short for a safetensors header", fix)
+            n = int.from_bytes(head, "little")
+            if n > min(_HEADER_LIMIT, size - 8):
+                raise DamagedFileError(
+                    p, f"header length {n} does not fit in the file's {size} bytes (truncated?)", fix
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise DamagedFileError(p, f"cannot be read ({e.strerror or e})", fix) from None
     try:
         header = json.loads(raw)
-        assert isinstance(header, dict)
-        data = size - 8 - n
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = t["data_offsets"]
-            want = math.prod(t["shape"]) * _DTYPE_BYTES[t["dtype"]]
-            if not 0 <= begin <= end <= data or end - begin != want:
-                raise ValueError(f"tensor {name} needs bytes {begin}..{end} of {data}")
-    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e}); {fix}.") from e
-    return {k: v for k, v in header.items() if k != "__metadata__"}
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        ranges = [(k, *map(int, v["data_offsets"]), math.prod(v["shape"]) * _DTYPE_BYTES[v["dtype"]])
+                  for k, v in tensors.items()]  # fmt: skip
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise DamagedFileError(p, "the safetensors header is not valid JSON tensor metadata", fix) from None
+    for name, begin, end, want in ranges:
+        if not 0 <= begin <= end or end - begin != want:
+            raise DamagedFileError(
+                p, f"tensor {name} claims bytes {begin}..{end}, its shape needs {want}", fix
+            )
+    expected = 8 + n + max((end for _, _, end, _ in ranges), default=0)
+    if expected != size:
+        raise DamagedFileError(
+            p, f"{size} bytes, but its header describes {expected} (truncated or altered)", fix
+        )
+    return tensors
 
 
-def load_safetensors_checked(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file`, with any damage reported as one ValueError naming the file.
+def load_safetensors(
+    path: str | os.PathLike, device: str = "cpu", fix: str = _FIX
+) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, `{name: tensor}`; DamagedFileError naming the file if damaged.
 
-    Example: `sd = load_safetensors_checked("transformer/diffusion_pytorch_model.safetensors")`.
+    Example: `sd = load_safetensors("transformer/diffusion_pytorch_model.safetensors")`.
     """
-    check_safetensors(path)
+    check_safetensors(path, fix)
     try:
         return load_file(str(path), device=device)
-    except Exception as e:  # SafetensorError and friends: a damaged file the header check let through
-        raise ValueError(
-            f"{path}: cannot read the safetensors file ({e}); download or write it again."
-        ) from e
+    except Exception as e:  # SafetensorError and friends: damage the header check let through
+        raise DamagedFileError(path, f"cannot be read as safetensors ({e})", fix) from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, framework: str = "pt", device: str = "cpu", fix: str = _FIX):
+    """`safetensors.safe_open` after `check_safetensors`; errors while opening name the file.
+
+    Example: `with open_safetensors(p) as f: names = list(f.keys())`.
+    """
+    from safetensors import safe_open
+
+    check_safetensors(path, fix)
+    try:
+        handle = safe_open(str(path), framework=framework, device=device)
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot be read as safetensors ({e})", fix) from None
+    with handle as f:
+        yield f
 
 
 def load_state_dict(
@@ -139,7 +181,7 @@ def load_state_dict(
     indexes = sorted(Path(folder).glob(f"{stem or ''}*{SAFE_INDEX_SUFFIX}")) if Path(folder).is_dir() else []
     listed = read_json(indexes[0], "weight index")["weight_map"] if indexes else None
     for f in tqdm(files, desc=f"read {Path(folder).name}", unit="file", disable=not progress):
-        part = load_safetensors_checked(f, device=device)
+        part = load_safetensors(f, device=device)
         if listed is not None:  # a damaged header renames tensors: name the file, not just the keys
             want = {k for k, v in listed.items() if v == f.name}
             if set(part) != want:

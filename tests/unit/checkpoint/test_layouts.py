@@ -202,7 +202,8 @@ def test_impossible_layouts_name_the_field():
         (dict(tp=3), "parallel.tp=3.*key/value heads"),
         (dict(pp_layers=[1, 2]), "pp_layers=.*3 layers but the model has 2"),
         (dict(pp_layers=[2, 0]), "stage 1 has no layers"),
-        (dict(pp=3), "stage 0 has no layers"),  # the even split gives the remainder to the last stages
+        (dict(pp=3), "parallel.pp=3 stages but the model has 2 layers.*at most 2 stages"),
+        (dict(pp=3, pp_layers=[1, 1]), "parallel.pp=3 stages but the model has 2 layers"),  # no bad hint
         (dict(pp_layers=[1, 1], vit_pp_layers=[1, 1]), "vision tower .* stage 0"),
         (dict(tp=0), "parallel.tp=0: must be a positive integer"),
     ]

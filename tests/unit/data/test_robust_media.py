@@ -113,8 +113,8 @@ def test_feature_set_damaged_file_is_skipped_and_counted(tmp_path):
     ds = FeatureDataset(tmp_path)
     item = ds[SampleKey(0, epoch=0, consumed=1)]
     assert item["caption"] == "clip 1" and float(item["latents"].max()) == 1.0
-    assert ds.stats["unreadable"] == 1
+    assert ds.stats["damaged"] == 1
     first.write_bytes(b"")
     (tmp_path / samples[1]["file"]).write_bytes(b"\x00" * 7)
-    with pytest.raises(ValueError, match="none of the 2 feature files"):
+    with pytest.raises(ValueError, match="none of the 2 samples"):
         FeatureDataset(tmp_path)[0]

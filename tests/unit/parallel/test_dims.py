@@ -26,6 +26,7 @@ def test_valid_layouts_pass():
         (dict(pp=2, pp_layers=[2, 0]), "stage 1 has no layers", "at least one"),
         (dict(pp=2, pp_layers=[2]), "1 entries but parallel.pp=2", "one layer count per stage"),
         (dict(pp=2, pp_layers=[[1, 1], [1]]), "one entry per pipeline stage", "Example"),
+        (dict(pp=3, pp_layers=[1, 1]), "parallel.pp=3 stages but the model has 2 layers", "at most 2"),
     ],
 )
 def test_impossible_layouts_name_field_and_fix(kw, field, fix):
@@ -40,6 +41,9 @@ def test_vision_tower_sits_on_stage_zero():
 
 
 def test_stage_layers_and_padding():
+    with pytest.raises(LayoutError, match=r"e\.g\. \[2, 3, 3\]"):  # the suggestion is itself valid
+        stage_layers(3, 8, [4, 4])
+    assert stage_layers(3, 8, [2, 3, 3]) == [2, 3, 3]
     assert stage_layers(2, 5) == [2, 3]  # stage 0 also holds the embeddings: the last stages take the rest
     assert stage_layers(2, 28, [[6, 8], [7, 7]]) == [6, 8, 7, 7]
     assert stage_layers(2, 28, [[12, 16]]) == [12, 16]

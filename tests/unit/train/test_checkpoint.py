@@ -108,7 +108,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     train_step(model, opt, sched)
 
-    def killed(tmp, final, ckpt_dir):
+    def killed(tmp, final, ckpt_dir, step):
         raise KeyboardInterrupt("killed after writing the temporary folder")
 
     monkeypatch.setattr(ckpt_mod, "_publish", killed)
@@ -173,10 +173,11 @@ def test_checkpoint_manager(tmp_path):
     cfg = Config()
     cfg.checkpoint = CheckpointConfig(dir=str(tmp_path / "ck"), interval=2, keep_last=0)
     mgr = CheckpointManager(cfg.checkpoint, config=cfg)
-    assert (tmp_path / "ck" / "config.toml").is_file()
+    assert not (tmp_path / "ck").exists()  # nothing is written before resume() checked the run
     assert [s for s in range(1, 6) if mgr.should_save(s, 5)] == [2, 4, 5]
     model, opt, sched = build(seed=0)
     assert mgr.resume(model, opt, sched) is None  # fresh run
+    assert (tmp_path / "ck" / "config.toml").is_file()
     for step in range(1, 6):
         train_step(model, opt, sched)
         mgr.maybe_save(step, 5, model, opt, sched, data_state={"step": step})
@@ -187,7 +188,13 @@ def test_checkpoint_manager(tmp_path):
     model2, opt2, sched2 = build(seed=1)
     assert mgr.resume(model2, opt2, sched2).step == 5
     mgr.cfg.resume = str(tmp_path / "ck" / "step_2")
-    assert mgr.resume(model2, opt2, sched2).data_state == {"step": 2}
+    with pytest.raises(ValueError, match=r"later steps \(step_4, step_5\).*--checkpoint.fork"):
+        mgr.resume(model2, opt2, sched2)  # continuing step_2 here would mix two continuations
+    mgr.cfg.fork = str(tmp_path / "fork")
+    fork = CheckpointManager(mgr.cfg, config=cfg)
+    assert fork.resume(model2, opt2, sched2).data_state == {"step": 2}
+    assert fork.dir == tmp_path / "fork"
+    mgr.cfg.fork = None
     mgr.cfg.resume = "none"
     assert mgr.resume(model2, opt2, sched2) is None
     save_resolved(cfg, tmp_path)  # the file is plain TOML written atomically
