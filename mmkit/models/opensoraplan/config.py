@@ -4,11 +4,12 @@ Field names follow the diffusers-style `config.json` the release writes next to
 `diffusion_pytorch_model.safetensors` (classes `OpenSoraT2V_v1_3` and `OpenSoraInpaint_v1_3`), so a
 release folder's `config.json` maps onto `OSPConfig` one to one.
 
-Flavors cite the public configs (LanguageBind/Open-Sora-Plan-v1.3.0, `any93x640x640/config.json` and
-`any93x640x640_i2v/config.json`, the `OpenSoraT2V_v1_3-2B/122` model of Open-Sora-Plan v1.3.1):
+Flavors cite the public release (weights LanguageBind/Open-Sora-Plan-v1.3.0; the model factories
+`OpenSoraT2V_v1_3_2B_122` / `OpenSoraInpaint_v1_3_2B_122` of Open-Sora-Plan v1.3.1):
 32 layers, 24 heads x 96 = 2304, caption 4096 (mT5-XXL), patch 1x2x2, 8 latent channels,
-gelu-approximate MLP of 4x width, LayerNorm without affine (eps 1e-6), Skiparse with k = 4.
-The i2v flavor adds the inpainting branches (masked-video latents and a 4-channel compressed mask).
+gelu-approximate MLP of 4x width, LayerNorm without affine (eps 1e-6), Skiparse with k = 4
+(`sparse1d`, `sparse_n` 4 in the release config). The i2v flavor adds the inpainting branches
+(masked-video latents and a 4-channel compressed mask, `vae_scale_factor_t` 4).
 """
 
 from __future__ import annotations

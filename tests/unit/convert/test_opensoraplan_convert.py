@@ -109,3 +109,18 @@ def test_pipeline_folder_round_trip_keeps_frozen_parts(tmp_path):
     _same_folder(pipe / "transformer", tmp_path / "back" / "transformer")
     assert (tmp_path / "back" / "vae" / "config.json").read_text() == '{"_class_name": "WFVAEModel"}'
     assert json.loads((tmp_path / "back" / "model_index.json").read_text()) == index
+
+
+@pytest.mark.parametrize("name", ["t2v", "t2v32l", "i2v"])
+def test_constructor_kwargs_and_release_config_agree(name):
+    """The original constructor kwargs (`<name>_config.json`, no `_class_name`) and the release config.json
+    describe the same model (i2v recognised by `vae_scale_factor_t`)."""
+    from mmkit.models.opensoraplan.config import OSPConfig
+
+    kwargs = OSPConfig.from_dict(json.loads((FIX / f"{name}_config.json").read_text()))
+    release = OSPConfig.from_dict(json.loads((FIX / f"{name}_diffusers_config.json").read_text()))
+    assert kwargs == release and release.i2v == (name == "i2v")
+    assert [release.skiparse(i) for i in range(4)] == [None, None, "single", "group"]
+    if name == "t2v32l":
+        modes = [release.skiparse(i) for i in range(32)]
+        assert modes[:2] == [None, None] and modes[30:] == [None, None] and None not in modes[2:30]
