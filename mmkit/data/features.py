@@ -40,7 +40,10 @@ def extract_features(task, dataset, outdir: str | os.PathLike, progress: bool = 
     text_len = task.model.cfg.text_len
 
     def trimmed(ctx: torch.Tensor, caption: str) -> torch.Tensor:
-        n = len(task.enc.tokenizer(caption, add_special_tokens=True).input_ids)
+        if hasattr(task, "text_length"):  # a task whose text encoder is not `task.enc.tokenizer`'s
+            n = task.text_length(caption)
+        else:
+            n = len(task.enc.tokenizer(caption, add_special_tokens=True).input_ids)
         return ctx[
             : min(n, text_len)
         ].contiguous()  # the encoder's dtype: training matches on-the-fly exactly
@@ -55,7 +58,7 @@ def extract_features(task, dataset, outdir: str | os.PathLike, progress: bool = 
             "latents": task.encode_video(video)[0].contiguous(),
             "text_context": trimmed(task.encode_text([item["caption"]], _keep(1))[0], item["caption"]),
         }
-        if task.cfg.task == "i2v":
+        if task.cfg.task == "i2v" and hasattr(task, "image_condition"):  # (OpenSoraPlan: from the latents)
             cond, clip = task.image_condition(video, video.shape[2])
             tensors["cond"], tensors["image_context"] = cond[0].contiguous(), clip[0].contiguous()
         name = f"features/{i:06d}.safetensors"

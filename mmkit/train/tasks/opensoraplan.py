@@ -121,6 +121,22 @@ class OpenSoraPlanTask:
         )
         return 3.0 * (tokens * per_tok + samples * n * 2 * c.text_len * 2 * d * d)
 
+    # ---- frozen encoders (raw videos; `mmkit data features` writes their outputs once) -----------
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> scaled WF-VAE latents (B, 8, T', H/8, W/8), float32."""
+        return self.enc.encode(video).float()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
+        """mT5 features (B, 512, 4096); captions where `drop` is True become the empty prompt."""
+        return self.enc.encode_prompt(["" if d else c for c, d in zip(captions, drop.tolist())])[0]
+
+    def text_length(self, caption: str) -> int:
+        """Real tokens of a caption (its mT5 attention mask), at most the model's text length."""
+        tok = self.enc.text_encoder.tokenizer(caption, add_special_tokens=True)
+        return min(len(tok.input_ids), self.model.cfg.text_len)
+
     # ---- conditioning ----------------------------------------------------------------------
     def _i2v_condition(self, x0: torch.Tensor, video, gens) -> torch.Tensor:
         """(B, C + C + stride_t, T', H', W'): masked-video latents and the compressed mask."""

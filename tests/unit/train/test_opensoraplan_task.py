@@ -111,3 +111,45 @@ def test_mask_types():
     assert 250 < draws.count("i2v") < 350
     with pytest.raises(ValueError, match="mask_type_ratios"):
         pick_mask_type({"nope": 1.0})
+
+
+class _FakeEncoders:
+    """Stands in for the family pipeline's frozen parts: `encode` (WF-VAE), `encode_prompt` (mT5)."""
+
+    class _Tok:
+        def __call__(self, text, add_special_tokens=True):
+            return type("T", (), {"input_ids": list(range(len(text.split()) + 1))})()  # words + </s>
+
+    def __init__(self):
+        self.text_encoder = type("E", (), {"tokenizer": self._Tok()})()
+
+    def encode(self, video):  # (B, 3, 9, 48, 80) -> (B, 8, 3, 6, 10)
+        x = torch.nn.functional.avg_pool3d(video, (1, 8, 8))
+        return torch.cat([x[:, :, :1], x[:, :, 1:].unflatten(2, (2, 4)).mean(3)], 2).repeat(1, 3, 1, 1, 1)[
+            :, :8
+        ]
+
+    def encode_prompt(self, prompts):
+        n = [len(p.split()) + 1 for p in prompts]
+        mask = torch.arange(8)[None] < torch.tensor(n)[:, None]
+        return torch.stack([torch.full((8, 32), float(k)) for k in n]) * mask[..., None], mask
+
+
+def test_features_written_and_read_back(tmp_path):
+    from mmkit.data.features import FeatureDataset, collate_features, extract_features
+
+    model = registry.get("opensoraplan").build_model(registry.get("opensoraplan").flavor("tiny"))
+    task = OpenSoraPlanTask(model, _FakeEncoders(), OSPTaskConfig())
+    g = torch.Generator().manual_seed(0)
+    clips = [{"video": torch.rand(3, 9, 48, 80, generator=g) * 2 - 1, "caption": c, "path": f"{i}.mp4"}
+             for i, c in enumerate(["a red ball", "two cats play"])]  # fmt: skip
+    extract_features(task, clips, tmp_path / "f", progress=False)
+    ds = FeatureDataset(tmp_path / "f")
+    b = collate_features([ds[0], ds[1]])
+    assert b["latents"].shape == (2, 8, 3, 6, 10) and b["text_mask"].sum(1).tolist() == [4, 4]
+    assert b["null_text_mask"].sum(1).tolist() == [1, 1]  # "" -> </s>
+    raw = task.prepare({"video": torch.stack([c["video"] for c in clips]), "caption": b["caption"],
+                        "index": b["index"], "epoch": b["epoch"]}, torch.Generator().manual_seed(5))  # fmt: skip
+    pre = task.prepare(b, torch.Generator().manual_seed(5))  # the same draws on features as on raw videos
+    for k in ("latents", "timestep", "text_context", "text_mask", "target"):
+        torch.testing.assert_close(pre[k].float(), raw[k].float(), msg=k)
