@@ -471,6 +471,8 @@ def test_opensoraplan_layouts_four_processes(osp_root, tmp_path):
                                         "--parallel.ulysses_degree", "2"]},
         {"name": "cp2_ring_window_tp2", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring",
                                                  "--parallel.tp", "2", "--parallel.ring_window", "1"]},
+        # pipeline stages running the plan's pieces: Skiparse under cp inside each stage
+        {"name": "pp2_cp2_ulysses", "args": ["--parallel.pp", "2", "--parallel.cp", "2"]},
     ]  # fmt: skip
     _launch(4, base, layouts, tmp_path / "out")
     for lay in layouts:
