@@ -446,9 +446,9 @@ def test_opensoraplan_layouts_two_processes(osp_root, tmp_path):
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
         {"name": "cp2_ulysses", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
         {"name": "cp2_ring", "args": ["--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
-        {"name": "pp2_1f1b", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"]},
-        # stage 0 holds one layer, stage 1 three (MindSpeed keeps stage 0 light for the encoders)
-        {"name": "pp2_1f1b_1_3", "args": ["--parallel.pp", "2", "--parallel.pp_layers", "[1,3]"]},
+        # 1F1B with stage 0 holding one layer, stage 1 three (MindSpeed keeps stage 0 light for the encoders)
+        {"name": "pp2_1f1b_1_3", "args": ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
+                                          "--parallel.pp_layers", "[1,3]"]},
         {"name": "pp2_v2_interleaved", "args": [
             "--train.micro_batch", "1", "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b",
             "--parallel.pp_layers", "[[1,1],[1,1]]"]},
