@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 # the families shipped with mmkit: module that defines `SPEC`
-BUILTIN = ("mmkit.models.wan.spec", "mmkit.models.qwen2_5_vl.spec")
+BUILTIN = ("mmkit.models.wan.spec", "mmkit.models.qwen2_5_vl.spec", "mmkit.models.opensoraplan.spec")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,7 +50,10 @@ def extract_features(
     text_len = task.model.cfg.text_len
 
     def trimmed(ctx: torch.Tensor, caption: str) -> torch.Tensor:
-        n = len(task.enc.tokenizer(caption, add_special_tokens=True).input_ids)
+        if hasattr(task, "text_length"):  # a task whose text encoder is not `task.enc.tokenizer`'s
+            n = task.text_length(caption)
+        else:
+            n = len(task.enc.tokenizer(caption, add_special_tokens=True).input_ids)
         return ctx[
             : min(n, text_len)
         ].contiguous()  # the encoder's dtype: training matches on-the-fly exactly
@@ -67,7 +70,7 @@ def extract_features(
             "latents": task.encode_video(video)[0].contiguous(),
             "text_context": trimmed(task.encode_text([item["caption"]], _keep(1))[0], item["caption"]),
         }
-        if task.cfg.task == "i2v":
+        if task.cfg.task == "i2v" and hasattr(task, "image_condition"):  # (OpenSoraPlan: from the latents)
             cond, clip = task.image_condition(video, video.shape[2])
             tensors["cond"], tensors["image_context"] = cond[0].contiguous(), clip[0].contiguous()
         name = f"features/{i:06d}.safetensors"
@@ -81,7 +84,8 @@ def extract_features(
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Items {"latents", "text_context" (text_len, D), "caption", "data_state"[, "cond", "image_context"]}.
+    """Items {"latents", "text_context" (text_len, D), "text_mask" (text_len,) bool, "null_text_context",
+    "null_text_mask", "caption", "data_state"[, "cond", "image_context"]}.
 
     Example: `ds = FeatureDataset("feats"); batch = collate_features([ds[0], ds[1]])`.
     """
@@ -164,6 +168,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         item = {k: v for k, v in t.items() if k != "text_context"}
         item["text_context"] = self.pad_text(t["text_context"])
         item["null_text_context"] = self.pad_text(self.null_text)  # for caption dropout
+        # 1 over the prompt's real tokens (a text encoder's attention mask; Wan attends to the padding)
+        item["text_mask"] = torch.arange(self.text_len) < len(t["text_context"])
+        item["null_text_mask"] = torch.arange(self.text_len) < len(self.null_text)
         item["caption"] = str(rec.get("caption", ""))
         item["index"] = torch.tensor(index)  # with "epoch": the sample visit training keys its noise on
         item["epoch"] = torch.tensor(key.epoch if isinstance(key, SampleKey) else 0)
