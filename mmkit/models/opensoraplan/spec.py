@@ -1,0 +1,113 @@
+"""The OpenSoraPlan 1.3 family as the registry sees it (`mmkit.registry`): detection, configs, the tensor-
+and pipeline-parallel split declared once, and where its plan, stages, task and pipeline live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmkit.registry import EstimatorInfo, FamilySpec, ModelShape, PPRule, TPRule
+
+
+def detect(folder: Path) -> bool:
+    """A release DiT folder (config.json `_class_name` OpenSoraT2V_v1_3 / OpenSoraInpaint_v1_3), or a
+    pipeline folder (model_index.json) whose `transformer/config.json` is one."""
+    from mmkit.models.opensoraplan.hf import is_osp_dit
+
+    if (folder / "model_index.json").is_file():
+        return is_osp_dit(folder / "transformer")
+    return is_osp_dit(folder)
+
+
+def _flavors():
+    import dataclasses
+
+    from mmkit.models.opensoraplan.config import FLAVORS
+
+    return {
+        name: (lambda c=cfg: dataclasses.replace(c, extra=dict(c.extra))) for name, cfg in FLAVORS.items()
+    }
+
+
+def _config_from_hf(d: dict):
+    from mmkit.models.opensoraplan.config import OSPConfig
+
+    return OSPConfig.from_dict(d)
+
+
+def _build(cfg):
+    from mmkit.models.opensoraplan.model import OpenSoraPlanTransformer
+
+    return OpenSoraPlanTransformer(cfg)
+
+
+def _shape(cfg) -> ModelShape:
+    h = cfg.num_attention_heads
+    return ModelShape("opensoraplan", h, h, cfg.num_layers)
+
+
+def _validate(cfg, world: int) -> list[str]:
+    """OpenSoraPlan's own config rules: clip geometry the WF-VAE (4x8x8) and the 2x2 patches accept."""
+    m, d = cfg.model, cfg.data
+    errs = []
+    if any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
+        errs.append(
+            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for opensoraplan"
+        )
+    if d.num_frames < 1 or (d.num_frames - 1) % 4:
+        k = max(0, round((d.num_frames - 1) / 4))
+        errs.append(
+            f"data.num_frames={d.num_frames!r}: must be 4k+1 (the WF-VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}"
+        )
+    for name in ("height", "width"):
+        v = getattr(d, name)
+        if v < 16 or v % 16:
+            errs.append(
+                f"data.{name}={v!r}: must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}"
+            )
+    if not 0.0 <= d.text_dropout <= 1.0:
+        errs.append(f"data.text_dropout={d.text_dropout!r}: is a probability; use a value in [0, 1]")
+    return errs
+
+
+def _estimator_stats(cfg, net) -> dict:
+    """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
+    d = dict(hidden=cfg.hidden, ffn=4 * cfg.hidden, heads=cfg.num_attention_heads)
+    d.update(kv_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, layers=cfg.num_layers)
+    d["ctx_tokens"] = cfg.text_len
+    return d
+
+
+_BLOCK = r"blocks\.\d+\."
+
+SPEC = FamilySpec(
+    name="opensoraplan",
+    title="OpenSoraPlan 1.3",
+    tasks=("t2v", "i2v"),
+    flavors=_flavors,
+    detect=detect,
+    config_from_hf=_config_from_hf,
+    build_model=_build,
+    model_shape=_shape,
+    tp_rules=(
+        # colwise: q/k/v and the first MLP matrix split their output features (whole heads per rank)
+        TPRule(_BLOCK + r"(attn\.(q|k|v)|cross\.(q|k|v)|mlp\.fc1)", "colwise"),
+        # rowwise: output projections split their input features; their bias is added once (replicated)
+        TPRule(_BLOCK + r"(attn\.out|cross\.out|mlp\.fc2)", "rowwise"),
+    ),
+    pp_rule=PPRule(
+        r"blocks\.(\d+)\.",
+        first=("patch_embed.", "masked_embed.", "mask_embed.", "text_embed.", "time_embed.", "time_proj."),
+        last=("head.",),
+    ),
+    hf_layouts=("diffusers",),
+    converter="OpenSoraPlanConverter",
+    estimator=EstimatorInfo(
+        kind="dit",
+        names={"opensoraplan-v1.3-2b": "v1.3-2B", "opensoraplan-v1.3-2b-i2v": "v1.3-2B-i2v"},
+        stats=_estimator_stats,
+        block=_BLOCK,
+        last=r"head\.",
+    ),
+    validate=_validate,
+    hf="mmkit.models.opensoraplan.hf:ADAPTER",
+)
