@@ -1,4 +1,7 @@
-"""`mmkit generate t2v|i2v`: text/image-to-video from a diffusers-layout Wan2.1 folder.
+"""`mmkit generate t2v|i2v`: text/image-to-video from a model folder (Wan2.1, OpenSoraPlan 1.3).
+
+Options left out take the family pipeline's defaults (Wan: 480x832, 81 frames, 50 steps, CFG 5; OpenSoraPlan:
+352x640, 93 frames, 100 steps, CFG 7.5, the release's negative prompt and scheduler).
 
 Example:
     mmkit generate t2v --model Wan2.1-T2V-1.3B-Diffusers --prompt "a red circle moves left" \
@@ -17,18 +20,22 @@ def add_arguments(p) -> None:
     p.add_argument("task", choices=["t2v", "i2v"])
     p.add_argument("--model", required=True, help="diffusers-layout folder (model_index.json)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--image", help="first frame (i2v)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--frames", type=int, default=81, help="4k+1 frames")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--negative-prompt", default=None, help="default: the family's (Wan: empty)")
+    p.add_argument(
+        "--image",
+        action="append",
+        help="i2v conditioning image; repeat it for OpenSoraPlan (2 = first and last frame: transition)",
+    )
+    p.add_argument("--height", type=int, default=None, help="default: the family's (Wan 480)")
+    p.add_argument("--width", type=int, default=None, help="default: the family's (Wan 832)")
+    p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default: the family's, Wan 81)")
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (Wan 50)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the family's (Wan 5.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--flow-shift", type=float, help="override the scheduler's flow shift (3.0 for 480p, 5.0 for 720p)"
     )
-    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default=None, help="Wan only (default unipc)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument(
@@ -41,15 +48,16 @@ def precheck(a) -> None:
     resolve_device(a.device), resolve_dtype(a.dtype)
     if Path(a.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {a.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
-    if (a.frames - 1) % 4 or a.frames < 1:
+    if a.frames is not None and ((a.frames - 1) % 4 or a.frames < 1):
         raise ValueError(f"--frames {a.frames}: must be 4k+1 (e.g. {max(1, (a.frames - 1) // 4 * 4 + 1)})")
     for name in ("height", "width"):
-        if getattr(a, name) % 16 or getattr(a, name) <= 0:
+        if getattr(a, name) is not None and (getattr(a, name) % 16 or getattr(a, name) <= 0):
             raise ValueError(f"--{name} {getattr(a, name)}: must be a positive multiple of 16")
     if a.task == "i2v" and not a.image:
         raise ValueError("i2v needs --image PATH (the first frame)")
-    if a.image and not Path(a.image).is_file():
-        raise FileNotFoundError(f"--image: file not found: {a.image}")
+    for image in a.image or []:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"--image: file not found: {image}")
 
 
 def run(a) -> int:
@@ -57,19 +65,19 @@ def run(a) -> int:
     from mmkit.infer.pipelines import load_pipeline
 
     pipe = load_pipeline(a.model, task=a.task, device=a.device, dtype=a.dtype)
-    out = pipe(
-        a.prompt,
+    image = a.image[0] if a.image and len(a.image) == 1 else a.image
+    given = dict(
         negative_prompt=a.negative_prompt,
-        image=a.image,
+        image=image,
         height=a.height,
         width=a.width,
         num_frames=a.frames,
         num_inference_steps=a.steps,
         guidance_scale=a.guidance,
-        seed=a.seed,
         sampler=a.sampler,
         flow_shift=a.flow_shift,
     )
+    out = pipe(a.prompt, seed=a.seed, **{k: v for k, v in given.items() if v is not None})
     frames = out.frames[0]  # (T, H, W, 3)
     path = save_video(frames, a.out)
     steps = out.step_times
