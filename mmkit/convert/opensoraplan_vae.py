@@ -28,13 +28,15 @@ def _source(src: Path) -> Path:
 def convert_vae(src: str | os.PathLike, out: str | os.PathLike, to: str, progress: bool = True) -> Path:
     """Convert a WF-VAE folder between the release `.ckpt` layout ("original") and "diffusers".
 
-    `src` is a VAE folder in either layout (or a pipeline folder with `vae/`, or the `.ckpt` itself, whose
+    `to="auto"` picks the other layout than the source's. `src` is a VAE folder in either layout (or a pipeline folder with `vae/`, or the `.ckpt` itself, whose
     folder must hold `config.json`); `out` is a new or empty folder. Returns what was written.
     Example: `convert_vae("osp/vae", "vae_diffusers", to="diffusers")`.
     """
+    src, out = Path(src), Path(out)
+    if to == "auto":  # the other layout than the source's
+        to = "diffusers" if src.suffix == ".ckpt" or vae_io.find_ckpt(_source(src)) else "original"
     if to not in ("diffusers", "original"):
         raise ValueError(f"--to {to!r}: choose 'diffusers' or 'original'")
-    src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output folder {out} exists and is not empty; pass a new folder")
     folder = _source(src)
