@@ -205,6 +205,8 @@ class OpenSoraPlanPipeline:
             uncond_kw = {"caption": neg.to(self.dtype), "caption_mask": neg_mask}
         shape = self.latent_shape(height, width, num_frames)
         if latents is None:
+            # init_noise_sigma depends on the step count (4096 for the release's trailing 100 steps)
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
             latents = torch.randn((b, *shape), generator=generator, dtype=torch.float32)
             latents = latents.to(self.device) * self.scheduler.init_noise_sigma
         video_mask = torch.ones(b, *shape[1:], device=self.device)  # every latent pixel is real
