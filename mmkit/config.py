@@ -107,6 +107,11 @@ class DataConfig:
     text_dropout: float = _f(
         0.1, "video: probability of replacing the caption with the empty prompt (classifier-free guidance)"
     )
+    mask_type_ratios: list[float] | None = _f(
+        None,
+        "opensoraplan i2v: relative weights of the mask types [t2iv, i2v, transition, continuation, clear, "
+        "random_temporal]; unset = the release's [1, 8, 8, 2, 0, 1] (mask_config.yaml)",
+    )
     precomputed_dir: str | None = _f(
         None, "video: folder of precomputed VAE latents + text embeddings; unset = encode on the fly"
     )
@@ -138,6 +143,15 @@ class TrainConfig:
     timestep_sampling: str = _f("uniform", "video: how training timesteps are drawn: uniform or logit_normal")
     logit_mean: float = _f(0.0, "logit_normal timestep sampling: mean of the normal before the sigmoid")
     logit_std: float = _f(1.0, "logit_normal timestep sampling: std of the normal before the sigmoid (> 0)")
+    snr_gamma: float = _f(
+        5.0, "v_pred_zero_snr (opensoraplan): min-SNR weights min(snr, gamma)/(snr+1); 0 = off"
+    )
+    timestep_strata: int = _f(
+        1,
+        "v_pred_zero_snr (opensoraplan): explicit uniform sampling, [0, 1000) cut into this many strata and "
+        "each sample drawn from stratum (its position in the epoch order mod n); n = data-parallel size "
+        "gives the original's per-rank strata",
+    )
     flow_shift: float = _f(
         5.0, "video: shift of the flow-matching sigma schedule, sigma' = s*sigma/(1+(s-1)*sigma)"
     )

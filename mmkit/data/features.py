@@ -69,7 +69,8 @@ def extract_features(task, dataset, outdir: str | os.PathLike, progress: bool = 
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Items {"latents", "text_context" (text_len, D), "caption", "data_state"[, "cond", "image_context"]}.
+    """Items {"latents", "text_context" (text_len, D), "text_mask" (text_len,) bool, "null_text_context",
+    "null_text_mask", "caption", "data_state"[, "cond", "image_context"]}.
 
     Example: `ds = FeatureDataset("feats"); batch = collate_features([ds[0], ds[1]])`.
     """
@@ -104,6 +105,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         item = {k: v for k, v in t.items() if k != "text_context"}
         item["text_context"] = self.pad_text(t["text_context"])
         item["null_text_context"] = self.pad_text(self.null_text)  # for caption dropout
+        # 1 over the prompt's real tokens (a text encoder's attention mask; Wan attends to the padding)
+        item["text_mask"] = torch.arange(self.text_len) < len(t["text_context"])
+        item["null_text_mask"] = torch.arange(self.text_len) < len(self.null_text)
         item["caption"] = rec["caption"]
         item["index"] = torch.tensor(index)  # with "epoch": the sample visit training keys its noise on
         item["epoch"] = torch.tensor(key.epoch if isinstance(key, SampleKey) else 0)

@@ -21,6 +21,8 @@ def test_recipe_is_valid(recipe, tmp_path):
     overrides = load_config(recipe, {"data.paths": [str(data)]})
     if overrides.model.init_from:
         overrides.model.init_from = str(model)
+    if overrides.data.precomputed_dir:
+        overrides.data.precomputed_dir = str(tmp_path)
     validate(overrides, world_size=1)
 
 

@@ -136,3 +136,13 @@ FLAVORS: dict[str, OSPConfig] = {
     "v1.3-2B": OSPConfig(),
     "v1.3-2B-i2v": OSPConfig(vae_scale_factor_t=4),
 }
+
+# the test models: the shape of the parity fixtures' t2v / i2v configs (2 heads x 24, 4 layers, caption 32;
+# layers 2, 3 are Skiparse single / group)
+_TINY = dict(
+    num_attention_heads=2, attention_head_dim=24, num_layers=4, caption_channels=32, cross_attention_dim=48
+)
+TINY: dict[str, OSPConfig] = {
+    "tiny": OSPConfig(**_TINY, text_len=8),
+    "tiny-i2v": OSPConfig(**_TINY, text_len=8, vae_scale_factor_t=4),
+}

@@ -57,8 +57,8 @@ def pixel_mask(
 def pick_mask_type(ratios: dict[str, float], rng: random.Random | None = None) -> str:
     """One mask type drawn with the given relative weights (the original `mask_type_ratio_dict`).
 
-    Example: `pick_mask_type({"t2iv": 0.05, "i2v": 0.6, "transition": 0.05, "continuation": 0.1,
-    "clear": 0.0, "random_temporal": 0.2})`.
+    Example: `pick_mask_type({"t2iv": 1, "i2v": 8, "transition": 8, "continuation": 2, "clear": 0,
+    "random_temporal": 1})`.
     """
     bad = sorted(set(ratios) - set(MASK_TYPES))
     if bad or not ratios or sum(ratios.values()) <= 0 or min(ratios.values()) < 0:

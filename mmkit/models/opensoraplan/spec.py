@@ -19,13 +19,13 @@ def detect(folder: Path) -> bool:
 
 
 def _flavors():
+    """Named public sizes (plus "tiny" / "tiny-i2v", the test models) -> a factory of a fresh config."""
     import dataclasses
 
-    from mmkit.models.opensoraplan.config import FLAVORS
+    from mmkit.models.opensoraplan.config import FLAVORS, TINY
 
-    return {
-        name: (lambda c=cfg: dataclasses.replace(c, extra=dict(c.extra))) for name, cfg in FLAVORS.items()
-    }
+    table = {**TINY, **FLAVORS}
+    return {name: (lambda c=cfg: dataclasses.replace(c, extra=dict(c.extra))) for name, cfg in table.items()}
 
 
 def _config_from_hf(d: dict):
@@ -66,6 +66,15 @@ def _validate(cfg, world: int) -> list[str]:
             )
     if not 0.0 <= d.text_dropout <= 1.0:
         errs.append(f"data.text_dropout={d.text_dropout!r}: is a probability; use a value in [0, 1]")
+    if d.mask_type_ratios is not None and (
+        len(d.mask_type_ratios) != 6 or min(d.mask_type_ratios) < 0 or not sum(d.mask_type_ratios)
+    ):
+        errs.append(
+            f"data.mask_type_ratios={d.mask_type_ratios!r}: give 6 non-negative weights, not all zero, for "
+            "[t2iv, i2v, transition, continuation, clear, random_temporal]"
+        )
+    if cfg.train.loss != "v_pred_zero_snr":
+        errs.append(f"train.loss={cfg.train.loss!r}: OpenSoraPlan 1.3 trains with 'v_pred_zero_snr'")
     return errs
 
 
@@ -110,6 +119,11 @@ SPEC = FamilySpec(
     ),
     hf_layouts=("diffusers",),
     converter="OpenSoraPlanConverter",
+    plan="mmkit.parallel.plans.opensoraplan:OpenSoraPlanPlan",
+    stages="mmkit.parallel.plans.opensoraplan_stages:OpenSoraPlanStage",
+    task="mmkit.train.tasks.opensoraplan:build_task",
+    data="mmkit.train.tasks.opensoraplan:build_data",
+    loss="mmkit.train.losses:mse_sum",
     estimator=EstimatorInfo(
         kind="dit",
         names={"opensoraplan-v1.3-2b": "v1.3-2B", "opensoraplan-v1.3-2b-i2v": "v1.3-2B-i2v"},

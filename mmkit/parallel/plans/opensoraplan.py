@@ -1,0 +1,215 @@
+"""OpenSoraPlan 1.3 DiT: tensor + sequence parallel, context parallel (Ulysses / ring / hybrid) with
+Skiparse, FSDP2. Pipeline stages: `plans/opensoraplan_stages.py`.
+
+Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's own stages:
+  patch / time / caption embeddings (replicated)
+  -> pad the S video tokens to S_pad and cut over cp ("local" backward), then over tp (SP)
+  -> blocks: every self-attention runs this plan's `core` (installed on each block):
+     dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked);
+     Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/cp of
+     them), attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
+     no cp: the padding is cut off and the single-device attention runs as is.
+  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target.
+TP shards q/k/v/out of both attentions and the MLP (the spec's tp_rules); embeddings, modulation and
+the head stay replicated.
+
+Exactness of Skiparse under cp: S_pad is a multiple of k^2 x cp, so each rank's contiguous shard starts
+on a k^2 boundary and regrouping the shard gives exactly its part of every global group (group
+membership, i mod k or (i // k) mod k, does not change by multiples of k^2), in global order. Tokens
+past S take q = k = v = 0 and the key bias -9980, as the single-device Skiparse padding does; extra
+padded k^2 blocks add keys of weight exp(-9980) = 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmkit.common import LossOut
+from mmkit.models.opensoraplan.model import (
+    SKIPARSE_PAD_BIAS,
+    skiparse_attention,
+    skiparse_regroup,
+    skiparse_restore,
+)
+from mmkit.parallel.comm import copy_to_group, split_seq
+from mmkit.parallel.dims import padded_len
+from mmkit.parallel.plans import ParallelPlan
+from mmkit.parallel.plans.wan import to_tokens
+from mmkit.parallel.tp import apply_tp_rules, gather_inputs
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over `group` with equal chunks along dim 0 (its own inverse routing, so the
+    backward is the same exchange of the gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = torch.empty_like(g)
+        dist.all_to_all_single(out, g.contiguous(), group=ctx.group)
+        return out, None
+
+
+def skiparse_context_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    valid: int,
+    mode: str,
+    n: int,
+    group,
+) -> torch.Tensor:
+    """Skiparse self-attention of this rank's contiguous shard (B, H, L, Dh) of a sequence of
+    S_pad = cp x L tokens (L a multiple of n^2, `valid` real tokens), exact to the single-device result.
+
+    One all-to-all gives rank r the whole groups [r k/cp, (r+1) k/cp); the attention of each group is
+    local; a second all-to-all returns the outputs to the shards. `bias` (B, valid) or None, replicated.
+    Example: `o = skiparse_context_parallel(q, k, v, None, 45, "single", 4, cp_group)`.
+    """
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    B, H, L, D = q.shape
+    g = n // cp  # groups per rank
+    start = r * L
+    keep = (torch.arange(start, start + L, device=q.device) < valid).to(q.dtype)[:, None]  # (L, 1)
+    q, k, v = (t * keep for t in (q, k, v))  # tokens past `valid`: zeros, as Skiparse pads
+
+    def to_groups(t):  # (B, H, L, D) shard -> (g, B, H, S_pad / n, D): my groups, whole
+        t = skiparse_regroup(t, mode, n).view(cp, g, B, H, L // n, D)
+        t = _AllToAll.apply(t, group)  # chunk j = shard j's part of my groups
+        return t.permute(1, 2, 3, 0, 4, 5).reshape(g * B, H, cp * L // n, D)
+
+    qg, kg, vg = (to_groups(t) for t in (q, k, v))
+    full = q.new_zeros(B, valid) if bias is None else bias.to(q.dtype)
+    full = F.pad(full, (0, cp * L - valid), value=SKIPARSE_PAD_BIAS)  # (B, S_pad)
+    mask = skiparse_regroup(full[:, None, :, None], mode, n)  # (n B, 1, S_pad / n, 1), group-major
+    mask = mask[r * g * B : (r + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, H, S_pad / n, D)
+    o = o.view(g, B, H, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, H, L / n, D)
+    o = _AllToAll.apply(o.contiguous(), group)  # chunk j = my shard's part of rank j's groups
+    return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
+
+
+class OpenSoraPlanPlan(ParallelPlan):
+    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+
+    def sp_partial_names(self) -> list[str]:
+        return ["blocks.", "head."]
+
+    def apply_tp(self) -> None:
+        """The spec's tp_rules, local head counts and gathered inputs (SP)."""
+        m, tp, sp = self.inner, self.tp_mesh, self.sp
+        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
+        for block in m.blocks:
+            block.attn.heads //= self.dims.tp
+            block.cross.heads //= self.dims.tp
+            gather_inputs(block.attn, tp, 3, sp)  # (x, rope, bias)
+            gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, bias)
+            gather_inputs(block.mlp, tp, 1, sp)
+
+    # ---- the pieces of a sharded forward (also what pipeline stages call) -------------------------
+    def padded(self, S: int) -> int:
+        """S_pad: a multiple of the sequence shards and, under cp, of k^2 x cp (Skiparse shards)."""
+        shards = self.dims.seq_shards
+        if self.dims.cp > 1 and self.inner.cfg.sparse1d:
+            shards = math.lcm(shards, self.inner.cfg.sparse_n**2 * self.dims.cp)
+        return padded_len(S, shards)
+
+    def _core(self, mode: str | None, n: int, q, k, v, bias):
+        """The self-attention of one block on this rank's shard (B, H_local, L, Dh)."""
+        S = self._valid
+        if self.cp_group is None:  # the whole padded sequence is here: drop the padding, run as one device
+            o = skiparse_attention(q[:, :, :S], k[:, :, :S], v[:, :, :S], bias, mode, n)
+            return F.pad(o, (0, 0, 0, q.shape[2] - S))
+        if mode is None:
+            return self.cp_attn.attention(q, k, v, valid_len=S)
+        if n % self.dims.cp:
+            raise ValueError(
+                f"parallel.cp={self.dims.cp}: Skiparse k={n} groups cannot be split whole over the context-parallel "
+                f"ranks; use a cp degree that divides {n}"
+            )
+        return skiparse_context_parallel(q, k, v, bias, S, mode, n, self.cp_group)
+
+    def local_rope(self, grid: tuple[int, int, int], device, dtype):
+        """This cp rank's (cos, sin) rows (S_pad / cp, Dh), and every block's attention routed to `_core`."""
+        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
+        S = cos.shape[0]
+        pad = self.padded(S) - S
+        if pad:
+            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
+        self._valid = S
+        for block in self.inner.blocks:
+            attn = getattr(block, "_checkpoint_wrapped_module", block).attn
+            attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
+        if self.cp_group is None:
+            return cos, sin
+        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
+
+    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
+        dim = 1 if t.ndim > 1 else 0
+        pad = self.padded(t.shape[dim]) - t.shape[dim]
+        if pad:
+            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
+        if self.cp_group is not None:
+            t = split_seq(t, dim, self.cp_group)
+        return split_seq(t, dim, self.tp_group) if self.sp else t
+
+    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
+        """Patch tokens (B, S, D), replicated -> this rank's piece; e / temb made ready for local tokens."""
+        pad = self.padded(x.shape[1]) - x.shape[1]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        if self.cp_group is not None:
+            x = split_seq(x, 1, self.cp_group, backward="local")
+        if self.sp:
+            x = split_seq(x, 1, self.tp_group, backward="gather")
+            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
+        return x, e, temb
+
+    def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None):
+        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
+        m = self.inner
+        p = m.cfg.patch_size
+        pred = m.head_tokens(x, temb)  # (B, S_local, p * p * C_out)
+        tgt = self._local_tokens(to_tokens(target.float(), (1, p, p)))
+        valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))
+        loss, _ = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
+        return loss, int(valid.sum())
+
+    @staticmethod
+    def check_masks(prep: dict) -> None:
+        """Under a plan every latent is real: a padded batch (video_mask with zeros) is a clear error."""
+        vm = prep.get("video_mask")
+        if vm is not None and not bool(vm.bool().all()):
+            raise ValueError(
+                "video_mask: padded latents are not supported under tensor/context/pipeline parallelism; "
+                "train on fixed-size clips (data.height/width/num_frames) or with one process"
+            )
+
+    def forward(self, prep: dict) -> LossOut:
+        m = self.inner
+        lat, target = prep["latents"], prep["target"]
+        m.check_input(lat, prep["text_context"])
+        self.check_masks(prep)
+        B = lat.shape[0]
+        x, temb, e, ctx = m.embed(lat, prep["timestep"], prep["text_context"])
+        _, tbias = m.biases(None, prep.get("text_mask"))
+        rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
+        x, e, temb = self.enter(x, e, temb)
+        for block in m.blocks:
+            x = block(x, e, ctx, rope, None, tbias)
+        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
+        per_token = m.cfg.out_channels * m.cfg.patch_size**2
+        return LossOut(loss, n_valid * B * per_token, B, n_valid * B)

@@ -1,0 +1,57 @@
+"""Tiny OpenSoraPlan 1.3 training material built locally: a release-layout DiT folder and a folder of
+precomputed features (random latents and caption features in the `mmkit.data.features` layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mmkit import registry
+from mmkit.models.common.hf_io import save_state_dict
+from mmkit.models.opensoraplan.hf import DIT_STEM, to_hf
+
+
+def write_tiny_dit(out: Path, flavor: str = "tiny", seed: int = 0, num_layers: int | None = None) -> Path:
+    """A random tiny DiT (weights off their init so parity can fail) as a release folder."""
+    import dataclasses
+
+    spec = registry.get("opensoraplan")
+    cfg = spec.flavor(flavor)
+    if num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=num_layers)
+    torch.manual_seed(seed)
+    model = spec.build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_state_dict(to_hf(model.state_dict()), out, DIT_STEM)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return out
+
+
+def write_features(
+    out: Path,
+    task: str = "t2v",
+    n: int = 8,
+    latent=(8, 3, 6, 10),
+    text_len: int = 8,
+    dim: int = 32,
+    seed: int = 0,
+) -> Path:
+    """`n` samples of random features: latents (C, T, H, W), caption features of 2..text_len tokens."""
+    g = torch.Generator().manual_seed(seed)
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    save_file({"text_context": torch.randn(1, dim, generator=g)}, str(out / "null_text.safetensors"))
+    samples = []
+    for i in range(n):
+        L = int(torch.randint(2, text_len + 1, (1,), generator=g))
+        t = {"latents": torch.randn(*latent, generator=g), "text_context": torch.randn(L, dim, generator=g)}
+        save_file(t, str(out / f"features/{i:06d}.safetensors"))
+        samples.append(
+            {"file": f"features/{i:06d}.safetensors", "caption": f"clip {i}", "source": f"clip{i}.mp4"}
+        )
+    (out / "index.json").write_text(json.dumps({"task": task, "text_len": text_len, "samples": samples}))
+    return out

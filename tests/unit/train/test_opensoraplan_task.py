@@ -1,0 +1,113 @@
+"""OpenSoraPlan 1.3 training task: the loss against the original trainer's numbers (`sched_io`), the
+explicit uniform timestep strata, caption dropout with the empty prompt's mask, and the i2v condition."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmkit import registry
+from mmkit.models.opensoraplan.masks import compress_mask, pick_mask_type, pixel_mask
+from mmkit.train.tasks.opensoraplan import OpenSoraPlanTask, OSPTaskConfig, stratified_timestep
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "opensoraplan13" / "sched_io.safetensors"
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _task(task="t2v", **kw):
+    model = registry.get("opensoraplan").build_model(
+        registry.get("opensoraplan").flavor("tiny" if task == "t2v" else "tiny-i2v")
+    )
+    return OpenSoraPlanTask(model, None, OSPTaskConfig(task=task, **kw))
+
+
+def _batch(B=4, g=None):
+    g = g or torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(B, 8, 3, 6, 10, generator=g),
+        "text_context": torch.randn(B, 8, 32, generator=g),
+        "text_mask": torch.arange(8)[None].expand(B, 8) < 5,
+        "null_text_context": torch.randn(1, 8, 32, generator=g).expand(B, 8, 32),
+        "null_text_mask": (torch.arange(8) < 1)[None].expand(B, 8),
+        "caption": [f"c{i}" for i in range(B)],
+        "index": torch.arange(B),
+        "epoch": torch.zeros(B, dtype=torch.long),
+    }
+
+
+def test_loss_matches_original_trainer():
+    io = load_file(FIX)
+    task = _task()
+    torch.testing.assert_close(task.alphas_cumprod, io["train_alphas_cumprod"], **TOL)
+    from mmkit.train import losses as L
+
+    t = io["loss_timesteps"]
+    xt, v = L.v_noisy(io["loss_x0"], io["loss_noise"], t, task.alphas_cumprod)
+    torch.testing.assert_close(xt, io["loss_noisy"], **TOL)
+    torch.testing.assert_close(v, io["loss_v_target"], **TOL)
+    w = L.min_snr_v_weights(L.snr(t, task.alphas_cumprod), 5.0)
+    torch.testing.assert_close(w, io["loss_weights_snr_gamma5"], **TOL)
+    prep = {"target": v, "weight": w, "video_mask": io["loss_attention_mask"]}
+    out = task.criterion(io["loss_model_pred"], prep)
+    torch.testing.assert_close((out.loss_sum / out.count).reshape(1), io["loss_value_masked"], **TOL)
+
+
+def test_explicit_uniform_sampling_strata():
+    # four strata of [0, 1000): rank r draws round(uniform(250 r - 0.5, 250 (r + 1) - 0.5))
+    assert [stratified_timestep(r, 4, 0.0) for r in range(4)] == [0, 250, 500, 750]
+    assert stratified_timestep(3, 4, 0.9999999) == 999  # round(999.5) would be 1000
+    task = _task(timestep_strata=4)
+    task.sample_order = lambda epoch: list(range(16))  # position = index
+    b = _batch(B=16)
+    b.update({k: torch.cat([v] * 4) if isinstance(v, torch.Tensor) and k not in ("index", "epoch") else v
+              for k, v in _batch(B=4).items()})  # fmt: skip
+    b["index"], b["epoch"], b["caption"] = torch.arange(16), torch.zeros(16, dtype=torch.long), ["c"] * 16
+    t = task.prepare(b, torch.Generator().manual_seed(1))["timestep"]
+    for pos, ts in enumerate(t.tolist()):
+        assert 250 * (pos % 4) <= ts < 250 * (pos % 4 + 1), (pos, ts)
+
+
+def test_caption_dropout_uses_empty_prompt_and_its_mask():
+    task = _task(text_dropout=0.5)
+    b = _batch(B=8)
+    prep = task.prepare(b, torch.Generator().manual_seed(3))
+    dropped = [bool(torch.equal(prep["text_context"][i], b["null_text_context"][i])) for i in range(8)]
+    assert 0 < sum(dropped) < 8
+    for i, d in enumerate(dropped):
+        assert int(prep["text_mask"][i].sum()) == (1 if d else 5)
+    again = task.prepare(b, torch.Generator().manual_seed(3))  # keyed on the sample visit: reproducible
+    assert torch.equal(again["latents"], prep["latents"]) and torch.equal(again["timestep"], prep["timestep"])
+
+
+def test_i2v_condition_channels():
+    task = _task("i2v", mask_type_ratios={"i2v": 1.0})
+    prep = task.prepare(_batch(B=2), torch.Generator().manual_seed(0))
+    x = prep["latents"]  # [noisy 8 | masked 8 | mask 4]
+    assert x.shape == (2, 20, 3, 6, 10)
+    mask = x[:, 16:]
+    assert torch.all(mask[:, :, 0] == 0) and torch.all(
+        mask[:, :, 1:] == 1
+    )  # frame 0 given, the rest generated
+    latents = _batch(B=2)["latents"]
+    torch.testing.assert_close(x[:, 8:16, 0], latents[:, :, 0])  # the given latent frame kept
+    assert torch.all(x[:, 8:16, 1:] == 0)
+    out = task.loss(_batch(B=2), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss_sum) and out.count == 2 * 8 * 3 * 6 * 10
+
+
+def test_mask_types():
+    m = pixel_mask("transition", 9, 2, 2)[:, 0, 0, 0]
+    assert m.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 0]
+    assert pixel_mask("clear", 5, 1, 1).sum() == 0 and pixel_mask("t2iv", 5, 1, 1).sum() == 5
+    cont = pixel_mask("continuation", 9, 1, 1, rng=random.Random(0))[:, 0, 0, 0]
+    k = int((cont == 0).sum())
+    assert cont[:k].sum() == 0 and cont[k:].sum() == 9 - k
+    assert compress_mask(torch.ones(1, 1, 9, 16, 16)).shape == (1, 4, 3, 2, 2)
+    draws = [pick_mask_type({"i2v": 3, "clear": 1}, random.Random(i)) for i in range(400)]
+    assert 250 < draws.count("i2v") < 350
+    with pytest.raises(ValueError, match="mask_type_ratios"):
+        pick_mask_type({"nope": 1.0})
