@@ -146,7 +146,7 @@ class OpenSoraPlanPipeline:
             video[0, :, i] = _image_tensor(p, height, width)
             mask[:, :, i] = 0
         with torch.no_grad():
-            post = self.vae.encode((video * (mask < 0.5)).to(self.device))
+            post = self.vae.encode((video * (mask < 0.5)).to(self.device), tiled=True)
             masked = self.vae.scale_latents(post.sample(generator=generator))
         cond = torch.cat([masked, compress_mask(mask.to(self.device), *VAE_STRIDE)], dim=1)
         return cond.to(self.dtype).expand(batch, -1, -1, -1, -1), mask_type

@@ -14,6 +14,7 @@ import mmkit
 from mmkit.cli.main import main as mmkit_main
 from mmkit.infer.opensoraplan import NEGATIVE_PROMPT, POSITIVE_TEMPLATE, load_scheduler
 from mmkit.models.opensoraplan.tiny import create_tiny_osp
+from mmkit.train import losses as L
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "opensoraplan13" / "sched_io.safetensors"
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -33,6 +34,11 @@ def test_release_scheduler_matches_reference(t2v_dir):
     torch.testing.assert_close(sch.sigmas.float(), ref["infer_sigmas"], **TOL)
     torch.testing.assert_close(sch.alphas_cumprod.float(), ref["infer_alphas_cumprod"], **TOL)
     assert float(sch.init_noise_sigma) == pytest.approx(ref["infer_init_noise_sigma"].item(), rel=1e-6)
+    # training side: the loss code's zero-SNR table gives the reference DDPM betas (the rest of the
+    # training reference, v-target / min-SNR-5 / masked loss, is tests/unit/train/test_losses.py)
+    ac = L.zero_snr_alphas_cumprod()
+    betas = 1 - ac / torch.cat([torch.ones(1), ac[:-1]])
+    torch.testing.assert_close(betas, ref["train_betas"], **TOL)
 
 
 def test_t2v_first_step_is_a_direct_dit_call_and_cli_writes_mp4(t2v_dir, tmp_path):
