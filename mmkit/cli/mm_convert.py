@@ -6,12 +6,14 @@
     mm-convert Qwen2_5_VLConverter mm_to_hf --cfg.mm_dir IN --cfg.save_hf_dir OUT --cfg.hf_config.hf_dir HF
     mm-convert WanConverter resplit --cfg.source_path IN --cfg.target_path OUT \\
         --cfg.target_parallel_config.pp_layers [15,15]
+    mm-convert OpenSoraPlanConverter --version v1.3 hf_to_mm --cfg.source_path IN --cfg.target_path OUT \
+        --cfg.target_parallel_config.tp_size 2 --cfg.target_parallel_config.pp_layers [[4,4],[12,12]]
     mm-convert OpenSoraPlanConverter --version v1.3 vae_convert --cfg.source_path VAE --cfg.target_path OUT
 
-Converters: each model family's (`Qwen2_5_VLConverter`, `WanConverter`, `OpenSoraPlanConverter`); an
-optional `--version` after the converter names the model version (a prefix of one of its flavors, e.g.
-v1.3); actions `hf_to_mm`, `mm_to_hf`, `resplit`, and `vae_convert` (`--cfg.to diffusers|original`,
-default: the other layout than the source's). Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
+Converters: each model family's (`Qwen2_5_VLConverter`, `WanConverter`, `OpenSoraPlanConverter`; a
+`--version` before the action names the flavor generation, e.g. v1.3); actions `hf_to_mm`, `mm_to_hf`,
+`resplit`, and `vae_convert` (the family's VAE between its release file and the diffusers layout;
+`--cfg.to diffusers|original`, default: the other layout than the source's). Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
 otherwise. The fields' meaning and the work are `mmkit.convert.mm_convert`'s.
 """
 
@@ -44,35 +46,28 @@ def parse_args(argv: list[str]) -> tuple[str, str, dict[str, object]]:
     -> `("wan", "resplit", {"source_path": "a", "target_path": "b"})`.
     """
     converters = sorted(s.converter for s in registry.specs())
-    if (
-        len(argv) < 2
-        or argv[0].startswith("-")
-        or (argv[1].startswith("-") and not argv[1].startswith("--version"))
-    ):
+    if len(argv) < 2 or argv[0].startswith("-") or (argv[1].startswith("-") and argv[1] != "--version"):
         raise UsageError(
             f"usage: mm-convert {{{'|'.join(converters)}}} {{{'|'.join(ACTIONS)}}} --cfg.<field> VALUE ..."
         )
-    converter = argv[0]
+    converter, argv = argv[0], list(argv)
     spec = registry.by_converter(converter)
     if spec is None:
         raise UsageError(
             f"unknown converter {converter!r}{_closest(converter, converters)} Known converters: "
             f"{', '.join(converters)}"
         )
-    argv = list(argv)
-    if argv[1].startswith("--version"):
-        _, eq, version = argv.pop(1).partition("=")
-        if not eq:
-            version = argv.pop(1) if len(argv) > 1 else ""
-        versions = sorted({name.split("-")[0] for name in spec.flavor_names()})
+    if argv[1] == "--version":  # MindSpeed's `OpenSoraPlanConverter --version v1.3 ACTION`
+        if len(argv) < 4:
+            raise UsageError(f"{converter} --version VERSION ACTION: give the version and then the action")
+        version = argv[2]
+        # a version names a generation of the family's flavors ("v1.3" of "v1.3-2B")
+        versions = sorted({f.split("-")[0] for f in spec.flavor_names() if f.startswith("v")})
         if version not in versions:
             raise UsageError(
-                f"{converter}: --version {version!r} unknown; choose one of {', '.join(versions)}"
+                f"{converter} --version {version!r}: choose one of {', '.join(versions) or '(none: drop --version)'}"
             )
-        if len(argv) < 2:
-            raise UsageError(
-                f"usage: mm-convert {converter} --version {version} ACTION --cfg.<field> VALUE ..."
-            )
+        argv = [converter, *argv[3:]]
     action = argv[1]
     if action not in ACTIONS:
         raise UsageError(

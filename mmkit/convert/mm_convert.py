@@ -105,7 +105,7 @@ def _layout(family: str, action: str, fields: dict, role: str) -> tuple[dict, di
             raise UsageError(
                 f"cfg.{name}: {spec.converter} takes its pipeline split as cfg.{name.replace('llm_', '')}"
             )
-        out["pp_layers"] = value
+        out["pp_layers"] = value if value != [] else None  # [] = no pipeline split (MindSpeed's spelling)
         names["parallel.pp_layers"], names["parallel.pp"] = f"cfg.{name}", "pp size"
     if "vit_pp_layers" in got:
         name, value = got["vit_pp_layers"]

@@ -48,17 +48,20 @@ class _AllToAll(torch.autograd.Function):
     backward is the same exchange of the gradient)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
+    def exchange(x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous()  # the collective reads and writes flat memory: both buffers row-major
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, x, group=group)
         return out
 
     @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _AllToAll.exchange(x, group)
+
+    @staticmethod
     def backward(ctx, g):
-        out = torch.empty_like(g)
-        dist.all_to_all_single(out, g.contiguous(), group=ctx.group)
-        return out, None
+        return _AllToAll.exchange(g, ctx.group), None
 
 
 def skiparse_context_parallel(
@@ -85,12 +88,12 @@ def skiparse_context_parallel(
     keep = (torch.arange(start, start + L, device=q.device) < valid).to(q.dtype)[:, None]  # (L, 1)
     q, k, v = (t * keep for t in (q, k, v))  # tokens past `valid`: zeros, as Skiparse pads
 
-    def to_groups(t):  # (B, H, L, D) shard -> (g, B, H, S_pad / n, D): my groups, whole
-        t = skiparse_regroup(t, mode, n).view(cp, g, B, H, L // n, D)
-        t = _AllToAll.apply(t, group)  # chunk j = shard j's part of my groups
-        return t.permute(1, 2, 3, 0, 4, 5).reshape(g * B, H, cp * L // n, D)
-
-    qg, kg, vg = (to_groups(t) for t in (q, k, v))
+    # one exchange for q, k and v: (B, H, L, D) x 3 -> (cp, g, 3, B, H, L / n, D), chunk j = rank j's groups
+    qkv = skiparse_regroup(torch.stack([q, k, v]).view(3 * B, H, L, D), mode, n).view(
+        cp, g, 3, B, H, L // n, D
+    )
+    qkv = _AllToAll.apply(qkv, group)  # chunk j = shard j's part of my groups, in global token order
+    qg, kg, vg = qkv.permute(2, 1, 3, 4, 0, 5, 6).reshape(3, g * B, H, cp * L // n, D).unbind(0)
     full = q.new_zeros(B, valid) if bias is None else bias.to(q.dtype)
     full = F.pad(full, (0, cp * L - valid), value=SKIPARSE_PAD_BIAS)  # (B, S_pad)
     mask = skiparse_regroup(full[:, None, :, None], mode, n)  # (n B, 1, S_pad / n, 1), group-major
