@@ -10,8 +10,9 @@ Defaults follow the release sampling script (`opensora/utils/sample_utils.py` of
 initial noise is drawn on a CPU generator seeded with `seed` and multiplied by the scheduler's
 `init_noise_sigma`; each step scales the model input with `scheduler.scale_model_input`.
 
-i2v conditions on one image (mask type "i2v": frame 0 given), two ("transition": first and last) or more
-(frames spread evenly, "random_temporal"); `mask_type` overrides the choice. The conditioning frames go
+i2v conditions on one image (mask type "i2v": frame 0 given), two ("transition": first and last), more
+(frames spread evenly, "random_temporal") or a video file (its frames start the clip: "continuation");
+`mask_type` overrides the choice ("continuation" puts images on the first frames). The conditioning frames go
 through the VAE as a masked video and the pixel mask is compressed to 4 channels (`masks.compress_mask`);
 the DiT input is [noisy latents 8 | masked-video latents 8 | mask 4].
 
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.accel.hooks import reset_all
-from mmkit.infer.media import load_image
+from mmkit.infer.media import load_image, read_video
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise
 from mmkit.infer.t2v import VideoOutput, check_components
 from mmkit.models.common.hf_io import read_json
@@ -42,6 +44,7 @@ NEGATIVE_PROMPT = """
     nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, 
     low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.
     """  # noqa: W291 (the release string has a trailing space there)
+CLIP_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")  # an --image that is a video: continuation
 VAE_STRIDE = (4, 8, 8)  # WF-VAE (t, h, w)
 PATCH = 2  # DiT patch (h, w)
 
@@ -63,8 +66,13 @@ def load_scheduler(folder: Path):
 def image_indices(n_images: int, num_frames: int, mask_type: str | None) -> tuple[list[int], str]:
     """Frames the conditioning images fill, and the mask type, as the release picks them.
 
-    Example: `image_indices(2, 93, None)` -> `([0, 92], "transition")`.
+    "continuation" puts the images on the first frames. Example: `image_indices(2, 93, None)` ->
+    `([0, 92], "transition")`.
     """
+    if n_images > num_frames:
+        raise ValueError(f"image: {n_images} conditioning frames for a {num_frames}-frame clip")
+    if mask_type == "continuation":
+        return list(range(n_images)), mask_type
     if n_images == 1:
         return [0], mask_type or "i2v"
     if n_images == 2:
@@ -74,7 +82,7 @@ def image_indices(n_images: int, num_frames: int, mask_type: str | None) -> tupl
 
 
 def _image_tensor(path, height: int, width: int) -> torch.Tensor:
-    """An image file -> (3, H, W) in [-1, 1], center-cropped to the aspect ratio, then resized."""
+    """An image (file or PIL) -> (3, H, W) in [-1, 1], center-cropped to the aspect ratio, then resized."""
     im = load_image(path)
     w0, h0 = im.size
     scale = max(height / h0, width / w0)
@@ -139,6 +147,11 @@ class OpenSoraPlanPipeline:
     def _conditioning(self, image, mask_type, num_frames, height, width, batch, generator):
         """i2v: [masked-video latents | compressed mask] (B, 8 + 4, T', h, w) for every model call."""
         paths = [image] if isinstance(image, (str, Path)) or hasattr(image, "convert") else list(image)
+        if len(paths) == 1 and Path(str(paths[0])).suffix.lower() in CLIP_SUFFIXES:
+            # a video: its first frames are kept and the rest generated (the release's default for a video)
+            clip = read_video(paths[0])[:num_frames]
+            paths = [Image.fromarray(f) for f in clip]
+            mask_type = mask_type or "continuation"
         idx, mask_type = image_indices(len(paths), num_frames, mask_type)
         video = torch.zeros(1, 3, num_frames, height, width)
         mask = torch.ones(1, 1, num_frames, height, width)  # 1 = frame to generate

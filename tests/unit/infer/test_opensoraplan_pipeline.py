@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import mmkit
 from mmkit.cli.main import main as mmkit_main
+from mmkit.infer.media import save_video
 from mmkit.infer.opensoraplan import NEGATIVE_PROMPT, POSITIVE_TEMPLATE, load_scheduler
 from mmkit.models.opensoraplan.tiny import create_tiny_osp
 from mmkit.train import losses as L
@@ -81,6 +82,11 @@ def test_i2v_transition_with_two_images(tmp_path):
     assert mask_type == "transition" and cond.shape == (1, 12, 3, 4, 6)
     # mask channels: the first latent frame (4 pixel frames, all given) and the last are 0, the middle 1
     assert cond[0, 8:, 0].max() == 0 and cond[0, 8:, 1].min() == 1 and cond[0, 11, 2].max() == 0
+    # a video as the condition: its frames start the clip (continuation)
+    clip = save_video(np.random.RandomState(0).rand(5, 40, 60, 3), tmp_path / "start.mp4")
+    cond, mask_type = pipe._conditioning(str(clip), None, 9, 32, 48, 1, torch.Generator().manual_seed(0))
+    assert mask_type == "continuation"
+    assert cond[0, 8:, :2].max() == 0 and cond[0, 8:, 2].min() == 1  # pixel frames 0-4 given, 5-8 generated
     out = pipe(
         "a cube", image=[str(p) for p in paths], height=32, width=48, num_frames=9, num_inference_steps=2
     )
