@@ -123,6 +123,17 @@ class OpenSoraPlanPipeline:
         self.text_encoder = MT5TextEncoder.from_folder(self.folder, self.device, self.dtype, hf.cfg.text_len)
         self.scheduler = load_scheduler(self.folder / "scheduler")
 
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) in [-1, 1] -> DiT latents: a posterior sample, shifted and scaled (the
+        release's `WFVAEModelWrapper.encode`). Training on raw videos calls this."""
+        post = self.vae.encode(video.to(self.device, torch.float32), tiled=True)
+        return self.vae.scale_latents(post.sample(generator=generator))
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as given (no template) -> (mT5 features (B, 512, D), mask (B, 512))."""
+        return self.text_encoder(list(prompts))
+
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         st, sh, sw = VAE_STRIDE
         return (self.transformer.cfg.in_channels, (num_frames - 1) // st + 1, height // sh, width // sw)

@@ -20,10 +20,14 @@ import torch
 MAX_LENGTH = 512  # the release pipeline's max_sequence_length
 
 
-class MT5TextEncoder:
-    """mT5 encoder + tokenizer: prompts -> (features (B, L, D), attention mask (B, L) int64)."""
+class MT5TextEncoder(torch.nn.Module):
+    """mT5 encoder + tokenizer: prompts -> (features (B, L, D), attention mask (B, L) int64).
+
+    A module (the encoder is its submodule), so `.to()`, `.eval()` and `.requires_grad_(False)` apply.
+    """
 
     def __init__(self, model, tokenizer, max_length: int = MAX_LENGTH):
+        super().__init__()
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
 
     @classmethod
@@ -57,7 +61,7 @@ class MT5TextEncoder:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (last_hidden_state (B, max_length, D), mask (B, max_length) int64, 1 = real token)."""
         tok = self.tokenizer(
             list(prompts),

@@ -62,6 +62,11 @@ def test_t2v_first_step_is_a_direct_dit_call_and_cli_writes_mp4(t2v_dir, tmp_pat
     (args, out) = seen[0]
     torch.testing.assert_close(args[0], x_in)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    # what training on raw videos asks of the pipeline: latents and prompt features
+    video = torch.rand(2, 3, 9, 32, 48) * 2 - 1
+    z = pipe.encode(video, torch.Generator().manual_seed(0))
+    assert z.shape == (2, 8, 3, 4, 6)
+    torch.testing.assert_close(pipe.encode_prompt(["a red cube"])[0], pipe.text_encoder(["a red cube"])[0])
     neg, _ = pipe.text_encoder([NEGATIVE_PROMPT])
     torch.testing.assert_close(seen[1][0][2], neg)  # the uncond branch sees the release negative prompt
 
