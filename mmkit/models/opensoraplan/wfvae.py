@@ -556,14 +556,11 @@ class Posterior:
     def sample(
         self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """mean + std * eps; eps drawn from `generator` (on the tensor's device) unless `noise` is given."""
+        """mean + std * eps; eps drawn from `generator` (on its own device) unless `noise` is given."""
         if noise is None:
-            noise = torch.randn(
-                self.mean.shape,
-                generator=generator,
-                device=self.parameters.device,
-                dtype=self.parameters.dtype,
-            )
+            dev = generator.device if generator is not None else self.parameters.device
+            noise = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.parameters.dtype)
+        noise = noise.to(self.parameters.device)
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
 
