@@ -18,13 +18,15 @@ def _diffusers_folder(root, pipeline: str):
         json.dumps({"_class_name": pipeline, "transformer": ["diffusers", "X"]})
     )
     (root / "transformer").mkdir()
-    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "OpenSoraT2V_v1_3"}))
+    (root / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "HunyuanVideoTransformer3DModel"})
+    )
     return root
 
 
 def test_other_diffusers_pipeline_is_refused_not_read_as_wan(tmp_path, capsys):
-    src = _diffusers_folder(tmp_path / "osp", "OpenSoraPipeline")
-    msg = "_class_name='OpenSoraPipeline' is not a model family mmkit knows; known: wan"
+    src = _diffusers_folder(tmp_path / "hv", "HunyuanVideoPipeline")
+    msg = "_class_name='HunyuanVideoPipeline' is not a model family mmkit knows; known: wan"
     with pytest.raises(ValueError, match=msg):
         read_hf(src)
     with pytest.raises(ValueError, match=msg):
@@ -40,7 +42,7 @@ def test_other_diffusers_pipeline_is_refused_not_read_as_wan(tmp_path, capsys):
         str(tmp_path / "o"),
     ]
     assert mm_convert(argv) == 2
-    assert "OpenSoraPipeline" in capsys.readouterr().err
+    assert "HunyuanVideoPipeline" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
