@@ -107,6 +107,17 @@ def skiparse_context_parallel(
 class OpenSoraPlanPlan(ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
 
+    def apply(self, fsdp: bool = True):
+        """Refuse a cp degree that cannot hold whole Skiparse groups (before any compute), then apply."""
+        c = self.inner.cfg
+        if self.dims.cp > 1 and c.sparse1d and c.sparse_n % self.dims.cp:
+            raise ValueError(
+                f"parallel.cp={self.dims.cp}: each context-parallel rank must hold whole Skiparse groups, so cp "
+                f"must divide sparse_n={c.sparse_n}; use cp in "
+                f"{[d for d in range(2, c.sparse_n + 1) if c.sparse_n % d == 0]}"
+            )
+        return super().apply(fsdp)
+
     def sp_partial_names(self) -> list[str]:
         return ["blocks.", "head."]
 
@@ -137,11 +148,6 @@ class OpenSoraPlanPlan(ParallelPlan):
             return F.pad(o, (0, 0, 0, q.shape[2] - S))
         if mode is None:
             return self.cp_attn.attention(q, k, v, valid_len=S)
-        if n % self.dims.cp:
-            raise ValueError(
-                f"parallel.cp={self.dims.cp}: Skiparse k={n} groups cannot be split whole over the context-parallel "
-                f"ranks; use a cp degree that divides {n}"
-            )
         return skiparse_context_parallel(q, k, v, bias, S, mode, n, self.cp_group)
 
     def local_rope(self, grid: tuple[int, int, int], device, dtype):

@@ -254,30 +254,36 @@ def build_task(cfg, device: torch.device) -> OpenSoraPlanTask:
     spec = registry.get("opensoraplan")
     tcfg = _task_config(cfg)
     src = cfg.model.init_from
-    mm = mm_checkpoint(src)
+    mm = mm_checkpoint(src)  # an mmkit checkpoint (converted, pre-split or trained), else None
     if mm is not None:
-        model_cfg, state, src = mm.model_cfg, mm.state, (str(mm.source) if mm.source else None)
-    elif src:
-        m = spec.resolve("hf").read(Path(src))
-        model_cfg, state = m.cfg, m.state
-    else:
-        model_cfg, state = spec.flavor(cfg.model.flavor), None
-    model = spec.build_model(model_cfg).to(device)
-    if state is not None:
-        model.load_state_dict(state)
-    model.float().train()
-    enc = None
-    if not cfg.data.precomputed_dir:
+        src = str(mm.source) if mm.source else None
+    enc = model = None
+    if not cfg.data.precomputed_dir:  # raw videos: the pipeline's WF-VAE and mT5 encode them
         if not src:
             raise ValueError(
                 "model.init_from: training on raw videos needs an OpenSoraPlan pipeline folder (WF-VAE + mT5); "
                 "set model.init_from, or train on features with data.precomputed_dir"
             )
-        pipe = spec.resolve("pipeline")(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
-        enc = pipe
-        for m in (getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        enc = spec.resolve("pipeline")(src, task=cfg.model.task, device=str(device), dtype=cfg.model.dtype)
+        for part in (getattr(enc, "vae", None), getattr(enc, "text_encoder", None)):
+            if part is not None:
+                part.requires_grad_(False).eval()
+        model = enc.transformer  # the pipeline's DiT is the one trained (no second copy)
+    state = mm.state if mm is not None else None
+    if model is None:
+        if mm is not None:
+            model_cfg = mm.model_cfg
+        elif src:
+            m = spec.resolve("hf").read(Path(src))
+            model_cfg, state = m.cfg, m.state
+        else:
+            model_cfg = spec.flavor(cfg.model.flavor)
+        model = spec.build_model(model_cfg).to(device)
+    if state is not None:
+        model.load_state_dict(state)
+    model.float().train()  # trainable weights are the fp32 master copy
+    for p in model.parameters():
+        p.requires_grad_(True)
     return OpenSoraPlanTask(model, enc, tcfg)
 
 

@@ -91,3 +91,21 @@ def test_layout_validated_against_the_model(tmp_path, capsys):
     assert mm_convert(["OpenSoraPlanConverter", "--version", "v9", "hf_to_mm"]) != 0
     assert "v1.3" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pipeline_folder_round_trip_keeps_frozen_parts(tmp_path):
+    """A pipeline folder (model_index.json, the DiT under transformer/, frozen vae/): the DiT converts, the
+    frozen parts are copied back from the source folder."""
+    pipe = tmp_path / "pipe"
+    shutil.copytree(_release(tmp_path), pipe / "transformer")
+    (pipe / "vae").mkdir()
+    (pipe / "vae" / "config.json").write_text('{"_class_name": "WFVAEModel"}')
+    index = {"_class_name": "OpenSoraPlanPipeline", "transformer": ["diffusers", "OpenSoraT2V_v1_3"],
+             "vae": ["mmkit", "WFVAEModel"]}  # fmt: skip
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    assert registry.detect(pipe).name == "opensoraplan"
+    ops.hf_to_mm(pipe, tmp_path / "mm", family="opensoraplan", tp=2, progress=False)
+    ops.mm_to_hf(tmp_path / "mm", tmp_path / "back", family="opensoraplan", progress=False)
+    _same_folder(pipe / "transformer", tmp_path / "back" / "transformer")
+    assert (tmp_path / "back" / "vae" / "config.json").read_text() == '{"_class_name": "WFVAEModel"}'
+    assert json.loads((tmp_path / "back" / "model_index.json").read_text()) == index
