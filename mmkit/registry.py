@@ -153,6 +153,9 @@ class FamilySpec:
     loss: str = ""  # the training loss of pipeline stages built without a plan (a plan uses its task's)
     data: str = ""  # fn(cfg, task, rank, world_size) -> (dataset, sampler, loader)
     pipeline: str = ""  # fn(path, task, device, dtype) -> inference pipeline
+    vae_convert: str = (
+        ""  # fn(src, out, to, progress) -> Path: the VAE between its release and diffusers layouts
+    )
     # `mmkit create-tiny KIND DIR`: kind -> fn(outdir, seed=0, **options) writing a tiny random model in the
     # real HF layout (options the CLI offers: original_layout)
     tiny: Mapping[str, Callable[..., Path]] = field(default_factory=dict)

@@ -4,7 +4,8 @@
   checkpoint (unsplit DCP for tp = pp = 1, else MindSpeed-style per-rank folders);
 - `mm-to-hf CKPT OUTDIR [--ema] [--layout L]`: any mmkit checkpoint (trained, converted, pre-split) -> HF folder;
 - `resplit IN OUT [--tp N] [--pp N] [--pp-layers JSON]`: any mmkit checkpoint -> another layout;
-- `vae-convert IN OUT --to diffusers|original`: the Wan2.1 VAE between its release file and diffusers.
+- `vae-convert IN OUT --to diffusers|original [--family F]`: a family's VAE between its release file and
+  diffusers (the family's `vae_convert`; default the first family that has one, Wan2.1).
 The work lives in `mmkit.convert` (ops.py, export.py, vae.py) over the formats of `mmkit.checkpoint`.
 """
 
@@ -148,14 +149,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     vae = actions.add_parser(
         "vae-convert",
-        help="Wan2.1 VAE: original release file (Wan2.1_VAE.pth) <-> diffusers AutoencoderKLWan",
-        description="--to diffusers: IN is Wan2.1_VAE.pth/.safetensors (or a folder with it), OUT a new "
-        "folder. --to original: IN is a diffusers VAE (or pipeline) folder, OUT a .safetensors file or a "
-        "folder for Wan2.1_VAE.safetensors. .pth files are read with torch.load(weights_only=True).",
+        help="a VAE: original release file <-> diffusers layout (Wan2.1, OpenSoraPlan 1.3 WF-VAE)",
+        description="Wan2.1 (default): --to diffusers: IN is Wan2.1_VAE.pth/.safetensors (or a folder with "
+        "it), OUT a new folder. --to original: IN is a diffusers VAE (or pipeline) folder, OUT a .safetensors "
+        "file or a folder for Wan2.1_VAE.safetensors. --family opensoraplan: IN is a WF-VAE folder (release "
+        "config.json + *.ckpt, or diffusers) or a pipeline folder, OUT a new folder. .pth/.ckpt files are "
+        "read with torch.load(weights_only=True).",
     )
     vae.add_argument("src", help="input VAE file or folder")
     vae.add_argument("out", help="output folder or .safetensors file")
     vae.add_argument("--to", required=True, choices=("diffusers", "original"), help="target layout")
+    vae.add_argument(
+        "--family",
+        default=None,
+        help="model family whose VAE it is (default: the first with a VAE converter, wan)",
+    )
     vae.add_argument("--quiet", action="store_true", help="no progress bars")
     vae.set_defaults(_convert_run=_vae_convert)
 
@@ -216,8 +224,12 @@ def _resplit(args: argparse.Namespace) -> int:
 
 
 def _vae_convert(args: argparse.Namespace) -> int:
-    from mmkit.convert.vae import convert_vae
-
-    out = convert_vae(args.src, args.out, to=args.to, progress=not args.quiet)
+    have = [s for s in registry.specs() if s.vae_convert]
+    spec = registry.get(args.family, "--family") if args.family else have[0]
+    if not spec.vae_convert:
+        raise ValueError(
+            f"--family {spec.name}: {spec.title} has no VAE converter; choose one of {', '.join(s.name for s in have)}"
+        )
+    out = spec.resolve("vae_convert")(args.src, args.out, to=args.to, progress=not args.quiet)
     print(f"converted VAE ({args.to} layout) -> {out}")
     return 0

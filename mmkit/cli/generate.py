@@ -1,4 +1,7 @@
-"""`mmkit generate t2v|i2v`: text/image-to-video from a diffusers-layout Wan2.1 folder.
+"""`mmkit generate t2v|i2v`: text/image-to-video from a model folder (Wan2.1, OpenSoraPlan 1.3).
+
+Options left out take the family pipeline's defaults (Wan: 480x832, 81 frames, 50 steps, CFG 5; OpenSoraPlan:
+352x640, 93 frames, 100 steps, CFG 7.5, the release's negative prompt and scheduler).
 
 Example:
     mmkit generate t2v --model Wan2.1-T2V-1.3B-Diffusers --prompt "a red circle moves left" \
@@ -19,20 +22,27 @@ def add_arguments(p) -> None:
     p.add_argument("task", choices=["t2v", "i2v"])
     p.add_argument("--model", required=True, help="diffusers-layout folder (model_index.json)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--image", help="first frame (i2v)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--frames", type=int, default=81, help="4k+1 frames")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--negative-prompt", default=None, help="default: the family's (Wan: empty)")
     p.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale >= 0; <= 1 turns it off"
+        "--image",
+        action="append",
+        help="i2v conditioning image; repeat it for OpenSoraPlan (2 = first and last frame: transition)",
+    )
+    p.add_argument("--height", type=int, default=None, help="default: the family's (Wan 480)")
+    p.add_argument("--width", type=int, default=None, help="default: the family's (Wan 832)")
+    p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default: the family's, Wan 81)")
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (Wan 50)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale >= 0; <= 1 turns it off (default: the family's, Wan 5.0)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--flow-shift", type=float, help="override the scheduler's flow shift (3.0 for 480p, 5.0 for 720p)"
     )
-    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default=None, help="Wan only (default unipc)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument(
@@ -48,9 +58,9 @@ def precheck(a) -> None:
     resolve_dtype(a.dtype)
     if not a.prompt.strip():
         raise ValueError("--prompt: is empty; describe the video to generate")
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps {a.steps}: must be >= 1")
-    if not math.isfinite(a.guidance) or a.guidance < 0:
+    if a.guidance is not None and (not math.isfinite(a.guidance) or a.guidance < 0):
         raise ValueError(f"--guidance {a.guidance}: must be a finite number >= 0 (<= 1 disables guidance)")
     if a.flow_shift is not None and not (math.isfinite(a.flow_shift) and a.flow_shift > 0):
         raise ValueError(
@@ -58,24 +68,29 @@ def precheck(a) -> None:
         )
     if Path(a.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {a.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
-    if (a.frames - 1) % 4 or a.frames < 1:
+    if a.frames is not None and ((a.frames - 1) % 4 or a.frames < 1):
         raise ValueError(f"--frames {a.frames}: must be 4k+1 (e.g. {max(1, (a.frames - 1) // 4 * 4 + 1)})")
     for name in ("height", "width"):
-        if getattr(a, name) % 16 or getattr(a, name) <= 0:
+        if getattr(a, name) is not None and (getattr(a, name) % 16 or getattr(a, name) <= 0):
             raise ValueError(f"--{name} {getattr(a, name)}: must be a positive multiple of 16")
     if a.task == "i2v" and not a.image:
         raise ValueError("i2v needs --image PATH (the first frame)")
     if a.task == "t2v" and a.image:
         raise ValueError(f"--image {a.image}: t2v takes no image; use `mmkit generate i2v` or drop --image")
-    if a.image:
-        load_image(a.image)  # decodable now, not after the weights load
+    for image in a.image or []:
+        if Path(image).suffix.lower() in (".mp4", ".mov", ".avi", ".mkv", ".webm"):  # a clip to continue
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"--image: file not found: {image}")
+            continue
+        load_image(image)  # decodable now, not after the weights load
     out = check_output_file(a.out, a.overwrite)
     if out.suffix.lower() == ".mp4":
         check_output_file(out.with_suffix(".png"), a.overwrite, flag="--out (its frame grid)")
     from mmkit.infer.budget import check_memory
     from mmkit.infer.pipelines import estimate_memory
 
-    shape = {"height": a.height, "width": a.width, "num_frames": a.frames, "dtype": a.dtype}
+    shape = {"height": a.height, "width": a.width, "num_frames": a.frames}
+    shape = {k: v for k, v in shape.items() if v is not None} | {"dtype": a.dtype}  # None: the family's
     need = estimate_memory(a.model, task=a.task, **shape)
     if need is not None:
         check_memory(need, device, "this generation", "lower --height/--width/--frames or use --dtype bf16")
@@ -86,19 +101,19 @@ def run(a) -> int:
     from mmkit.infer.pipelines import load_pipeline
 
     pipe = load_pipeline(a.model, task=a.task, device=a.device, dtype=a.dtype)
-    out = pipe(
-        a.prompt,
+    image = a.image[0] if a.image and len(a.image) == 1 else a.image
+    given = dict(
         negative_prompt=a.negative_prompt,
-        image=a.image,
+        image=image,
         height=a.height,
         width=a.width,
         num_frames=a.frames,
         num_inference_steps=a.steps,
         guidance_scale=a.guidance,
-        seed=a.seed,
         sampler=a.sampler,
         flow_shift=a.flow_shift,
     )
+    out = pipe(a.prompt, seed=a.seed, **{k: v for k, v in given.items() if v is not None})
     frames = out.frames[0]  # (T, H, W, 3)
     path = save_video(frames, a.out)
     steps = out.step_times

@@ -8,10 +8,12 @@
         --cfg.target_parallel_config.pp_layers [15,15]
     mm-convert OpenSoraPlanConverter --version v1.3 hf_to_mm --cfg.source_path IN --cfg.target_path OUT \
         --cfg.target_parallel_config.tp_size 2 --cfg.target_parallel_config.pp_layers [[4,4],[12,12]]
+    mm-convert OpenSoraPlanConverter --version v1.3 vae_convert --cfg.source_path VAE --cfg.target_path OUT
 
 Converters: each model family's (`Qwen2_5_VLConverter`, `WanConverter`, `OpenSoraPlanConverter`; a
 `--version` before the action names the flavor generation, e.g. v1.3); actions `hf_to_mm`, `mm_to_hf`,
-`resplit`. Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
+`resplit`, and `vae_convert` (the family's VAE between its release file and the diffusers layout;
+`--cfg.to diffusers|original`, default: the other layout than the source's). Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
 otherwise. The fields' meaning and the work are `mmkit.convert.mm_convert`'s.
 """
 

@@ -17,7 +17,7 @@ from mmkit import registry
 from mmkit.checkpoint.layouts import has_vision_tower
 from mmkit.convert import ops
 
-ACTIONS = ("hf_to_mm", "mm_to_hf", "resplit")
+ACTIONS = ("hf_to_mm", "mm_to_hf", "resplit", "vae_convert")
 _LAYOUT = ("tp_size", "llm_pp_layers", "vit_pp_layers", "pp_layers", "ep_size")
 
 
@@ -61,11 +61,14 @@ FIELDS = {
         **_group("parallel_config", "target"),
         "trust_remote_code": "ignored",
     },
+    # the family's VAE between its release file and the diffusers layout (`FamilySpec.vae_convert`)
+    "vae_convert": {"source_path": "src", "target_path": "out", "to": "to"},
 }
 _REQUIRED = {
     "hf_to_mm": {"src": "hf_config.hf_dir", "out": "mm_dir"},
     "mm_to_hf": {"src": "mm_dir", "out": "save_hf_dir"},
     "resplit": {"src": "source_dir", "out": "target_dir"},
+    "vae_convert": {"src": "source_path", "out": "target_path"},
 }
 
 
@@ -135,6 +138,9 @@ def run(family: str, action: str, fields: dict, progress: bool = True):
     Example: `run("wan", "resplit", {"source_path": "a", "target_path": "b"})`.
     """
     src, out = _one(fields, action, "src"), _one(fields, action, "out")
+    if action == "vae_convert":
+        to = str(fields.get("to", "auto"))
+        return registry.get(family).resolve("vae_convert")(src, out, to=to, progress=progress)
     init_from = _one(fields, action, "init_from")
     if action != "hf_to_mm":  # a stated source layout must be the one on disk; checked before reading
         stated, names = _layout(family, action, fields, "source")

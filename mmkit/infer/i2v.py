@@ -62,6 +62,10 @@ class WanI2VPipeline(WanT2VPipeline):
         )
         if image is None:
             raise ValueError("image: i2v needs a first-frame image (--image PATH)")
+        if isinstance(image, (list, tuple)) and len(image) > 1:
+            raise ValueError(
+                f"image: Wan2.1 i2v takes one first-frame image (--image once), got {len(image)}"
+            )
         if self.transformer.cfg.in_channels != 2 * self.vae.config.z_dim + self.vae_scale_t:
             raise ValueError(
                 f"transformer in_channels={self.transformer.cfg.in_channels} is not an i2v model "

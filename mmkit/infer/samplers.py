@@ -124,10 +124,13 @@ def denoise(
     prepare_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     stats: DenoiseStats | None = None,
+    step_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Run the sampler from noise `latents` (float32) over `num_steps`; returns the final latents.
 
-    `prepare_input(latents)` builds the model input (e.g. concatenates i2v mask + image latents).
+    A scheduler with `scale_model_input` (diffusers' Euler family: x / sqrt(sigma^2 + 1)) scales the
+    latents first; `prepare_input(latents)` then builds the model input (e.g. concatenates i2v mask +
+    image latents). `step_kwargs` go to `scheduler.step` (e.g. the generator of an ancestral sampler).
     Example: `x0 = denoise(cfg_velocity(dit, 5.0, cond, uncond), noise, sched, 30)`.
     """
     scheduler.set_timesteps(num_steps, device=latents.device)
@@ -136,9 +139,10 @@ def denoise(
     bar = tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress)
     for t in bar:
         t0 = time.perf_counter()
-        x_in = prepare_input(latents) if prepare_input is not None else latents
+        x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        x_in = prepare_input(x_in) if prepare_input is not None else x_in
         v = velocity_fn(x_in, t.expand(latents.shape[0]))
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        latents = scheduler.step(v, t, latents, return_dict=False, **(step_kwargs or {}))[0]
         if stats is not None:
             stats.step_times.append(time.perf_counter() - t0)
             bar.set_postfix(s_per_step=f"{stats.step_times[-1]:.2f}")

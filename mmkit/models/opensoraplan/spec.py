@@ -86,6 +86,15 @@ def _estimator_stats(cfg, net) -> dict:
     return d
 
 
+def _tiny(task: str):
+    def write(outdir, seed: int = 0, **options):
+        from mmkit.models.opensoraplan.tiny import create_tiny_osp
+
+        return create_tiny_osp(outdir, task=task, seed=seed)
+
+    return write
+
+
 _BLOCK = r"blocks\.\d+\."
 
 SPEC = FamilySpec(
@@ -124,4 +133,7 @@ SPEC = FamilySpec(
     ),
     validate=_validate,
     hf="mmkit.models.opensoraplan.hf:ADAPTER",
+    pipeline="mmkit.infer.opensoraplan:load_opensoraplan_pipeline",
+    vae_convert="mmkit.convert.opensoraplan_vae:convert_vae",
+    tiny={"osp-t2v": _tiny("t2v"), "osp-i2v": _tiny("i2v")},
 )

@@ -130,6 +130,7 @@ SPEC = FamilySpec(
     ),
     validate=_validate,
     hf="mmkit.models.wan.hf:ADAPTER",
+    vae_convert="mmkit.convert.vae:convert_vae",
     plan="mmkit.parallel.plans.wan:WanPlan",
     stages="mmkit.parallel.plans.wan_stages:WanStage",
     task="mmkit.train.tasks.wan:build_task",
