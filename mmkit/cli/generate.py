@@ -34,6 +34,21 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--out", required=True, help="output .mp4 (16 fps, plus a .png grid beside it), .npy or .png"
     )
+    c = p.add_argument_group("acceleration")
+    c.add_argument("--cache", choices=["none", "dit", "attention", "adaptive"], default="none")
+    c.add_argument(
+        "--cache-config", help="cache JSON ({'method': ..., fields}; `mmkit accel search` writes one)"
+    )
+    c.add_argument("--cache-threshold", type=float, help="adaptive cache threshold (default 0.1)")
+    c.add_argument("--cache-calibration", help="adaptive cache calibration JSON (`mmkit accel calibrate`)")
+    c.add_argument(
+        "--attention-backend", default="sdpa", help="sdpa (default), auto, static, or a kernel name"
+    )
+    # MindIE spellings of AttentionCache
+    c.add_argument("--use_attentioncache", action="store_true", help="= --cache attention")
+    c.add_argument("--start_step", type=int, help="cache step_start")
+    c.add_argument("--attentioncache_interval", type=int, help="cache step_interval")
+    c.add_argument("--end_step", type=int, help="cache step_end")
 
 
 def precheck(a) -> None:
@@ -50,13 +65,72 @@ def precheck(a) -> None:
         raise ValueError("i2v needs --image PATH (the first frame)")
     if a.image and not Path(a.image).is_file():
         raise FileNotFoundError(f"--image: file not found: {a.image}")
+    a.cache_configs = cache_configs(a)
+
+
+def cache_configs(a) -> list:
+    """The cache configs the flags ask for (checked before any weights are read)."""
+    from mmkit.infer.accel.cache import (
+        AdaptiveCacheConfig,
+        AttentionCacheConfig,
+        DiTCacheConfig,
+        load_cache_config,
+    )
+    from mmkit.models.common import attention_backends
+
+    attention_backends.check_name(a.attention_backend, "--attention-backend")
+    method = "attention" if a.use_attentioncache else a.cache
+    if a.use_attentioncache and a.cache not in ("none", "attention"):
+        raise ValueError(f"--use_attentioncache conflicts with --cache {a.cache}")
+    if a.cache_config:
+        cfg = load_cache_config(a.cache_config)
+        if method not in ("none", cfg.method):
+            raise ValueError(
+                f"--cache {method} conflicts with --cache-config {a.cache_config} (method {cfg.method})"
+            )
+    elif method == "none":
+        if a.cache_threshold is not None or a.start_step is not None:
+            raise ValueError(
+                "--cache-threshold / --start_step need a cache: add --cache adaptive|dit|attention"
+            )
+        return []
+    else:
+        cfg = {"dit": DiTCacheConfig, "attention": AttentionCacheConfig, "adaptive": AdaptiveCacheConfig}[
+            method
+        ]()
+    for flag, field in (
+        ("start_step", "step_start"),
+        ("attentioncache_interval", "step_interval"),
+        ("end_step", "step_end"),
+    ):
+        if getattr(a, flag) is not None:
+            if not hasattr(cfg, field):
+                raise ValueError(f"--{flag}: the {cfg.method} cache has no {field}")
+            setattr(cfg, field, getattr(a, flag))
+    if a.cache_threshold is not None or a.cache_calibration:
+        if cfg.method != "adaptive":
+            raise ValueError(
+                f"--cache-threshold / --cache-calibration apply to the adaptive cache, not {cfg.method}"
+            )
+        if a.cache_threshold is not None:
+            cfg.threshold = a.cache_threshold
+        if a.cache_calibration:
+            cfg.calibration = a.cache_calibration
+    if cfg.method != "dit":  # DiTCache's block range is checked against the model when installed
+        cfg.validate()
+    return [cfg]
 
 
 def run(a) -> int:
     precheck(a)
+    from mmkit.infer.accel.cache import apply_cache, cache_stats
     from mmkit.infer.pipelines import load_pipeline
+    from mmkit.models.common import attention_backends
 
     pipe = load_pipeline(a.model, task=a.task, device=a.device, dtype=a.dtype)
+    attention_backends.configure(backend=a.attention_backend)
+    if a.cache_configs:
+        apply_cache(pipe.transformer, *a.cache_configs)
     out = pipe(
         a.prompt,
         negative_prompt=a.negative_prompt,
@@ -74,6 +148,8 @@ def run(a) -> int:
     path = save_video(frames, a.out)
     steps = out.step_times
     print(f"{len(steps)} steps, {sum(steps) / len(steps):.3f} s/step (total {sum(steps):.1f} s)")
+    if a.cache_configs:
+        print(f"cache {a.cache_configs[0].method}: {cache_stats(pipe.transformer).summary()}")
     print(f"wrote {path}")
     if path.suffix == ".mp4":
         grid = save_video(frames, path.with_suffix(".png"))
