@@ -273,24 +273,17 @@ def main() -> None:
     summaries = [summarize(name, "mmkit", r, base) for name, r in rows.items()]
 
     transfer = []
+    gen_kw = {k: v for k, v in kw.items() if k != "num_inference_steps"}
     for steps in [int(s) for s in a.transfer_steps.split(",") if s]:
-        own = calibrate_adaptive(
-            pipe,
-            CALIB_PROMPT,
-            steps,
-            seed=0,
-            progress=False,
-            **{k: v for k, v in kw.items() if k != "num_inference_steps"},
-        )
-        for th in (0.1, 0.2):
+        own = calibrate_adaptive(pipe, CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
+        refs = [run_mmkit(prompt, i, [], steps)[0] for i, prompt in enumerate(prompts)]
+        for th in (0.1,):
             for label, c in ((f"calibrated at {a.steps}", calib), (f"calibrated at {steps}", own)):
                 ps, fr = [], []
                 for i, prompt in enumerate(prompts):
-                    ref, _ = run_mmkit(prompt, i, [], steps)
-                    frames, r = run_mmkit(
-                        prompt, i, [AdaptiveCacheConfig(th, "magnitude", calibration=c)], steps
-                    )
-                    ps.append(psnr(frames, ref))
+                    cfg = AdaptiveCacheConfig(th, "magnitude", calibration=c)
+                    frames, r = run_mmkit(prompt, i, [cfg], steps)
+                    ps.append(psnr(frames, refs[i]))
                     fr.append(r["skipped"])
                 transfer.append(
                     {
@@ -302,6 +295,7 @@ def main() -> None:
                         "skipped": float(np.mean(fr)),
                     }
                 )
+        print(f"transfer check at {steps} steps done", flush=True)
 
     if not a.no_diffusers:
         from diffusers import WanPipeline
