@@ -58,15 +58,21 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         "dit (MindIE 20/2/47, blocks N/3..N)": [DiTCacheConfig(s20, 2, s47, n_blocks // 3, n_blocks)],
         "attention (MindIE 20/2/47)": [AttentionCacheConfig(s20, 2, s47)],
     }
-    for th in (0.1, 0.2, 0.4):
+    for th in (0.1, 0.15, 0.2, 0.3):
         out[f"adaptive first_block th={th}"] = [AdaptiveCacheConfig(th, calibration=calib)]
-    for th in (0.05, 0.1, 0.2, 0.4):
-        out[f"adaptive magnitude th={th}"] = [AdaptiveCacheConfig(th, "magnitude", calibration=calib)]
-        out[f"adaptive magnitude+taylor th={th}"] = [
-            AdaptiveCacheConfig(th, "magnitude", taylor=True, calibration=calib)
-        ]
-    out["adaptive magnitude th=0.1 + cfg"] = [
-        AdaptiveCacheConfig(0.1, "magnitude", calibration=calib),
+    out["adaptive first_block+taylor th=0.15"] = [AdaptiveCacheConfig(0.15, taylor=True, calibration=calib)]
+    out["adaptive magnitude th=0.02"] = [AdaptiveCacheConfig(0.02, "magnitude", calibration=calib)]
+    out["adaptive magnitude th=0.03 (max 4)"] = [
+        AdaptiveCacheConfig(0.03, "magnitude", max_skips=4, calibration=calib)
+    ]
+    out["adaptive magnitude th=0.1 (warmup 10, max 3)"] = [
+        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, calibration=calib)
+    ]
+    out["adaptive magnitude+taylor th=0.1 (warmup 10, max 3)"] = [
+        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, taylor=True, calibration=calib)
+    ]
+    out["adaptive first_block th=0.15 + cfg"] = [
+        AdaptiveCacheConfig(0.15, calibration=calib),
         CFGCacheConfig(scaled(10, steps), 2, steps - 1),
     ]
     return out
@@ -277,7 +283,7 @@ def main() -> None:
     for steps in [int(s) for s in a.transfer_steps.split(",") if s]:
         own = calibrate_adaptive(pipe, CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
         refs = [run_mmkit(prompt, i, [], steps)[0] for i, prompt in enumerate(prompts)]
-        for th in (0.1,):
+        for th in (0.02,):
             for label, c in ((f"calibrated at {a.steps}", calib), (f"calibrated at {steps}", own)):
                 ps, fr = [], []
                 for i, prompt in enumerate(prompts):

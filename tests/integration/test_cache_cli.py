@@ -30,7 +30,7 @@ def test_candidates_reach_the_target_least_aggressive_first():
 
 def test_search_writes_best_resumes_and_generate_reuses_it(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\n")
+    prompts.write_text("a red circle\n")
     out = tmp_path / "search"
     args = ["accel", "search", "--model", str(model), "--prompts", str(prompts), "--steps", "6"]
     args += ["--target-speedup", "1.2", "--max-candidates", "3", "--out", str(out), "--no-progress", *SIZE]
