@@ -95,6 +95,22 @@ def diffusers_settings(steps: int, mag_ratios: list[float]) -> dict:
     return out
 
 
+class BlockCounter:
+    """Counts real evaluations of diffusers' blocks (a skipped block never calls its `attn1`)."""
+
+    def __init__(self, blocks):
+        self.calls = 0
+        for b in blocks:
+            b.attn1.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def take(self) -> int:
+        n, self.calls = self.calls, 0
+        return n
+
+
 class DenoiseTimer:
     """Wall time from the first transformer call of a generation to the end of the last one."""
 
@@ -142,7 +158,7 @@ def summarize(name, side, rows, base) -> dict:
         "side": side,
         "denoise_speedup": sum(b["denoise"] for b in base) / sum(r["denoise"] for r in rows),
         "total_speedup": sum(b["total"] for b in base) / sum(r["total"] for r in rows),
-        "skipped": float(np.mean([r["skipped"] for r in rows])) if rows[0]["skipped"] is not None else None,
+        "skipped": float(np.mean([r["skipped"] for r in rows])),
         "psnr_mean": float(np.mean(finite)) if len(finite) == len(p) else float("inf"),
         "psnr_worst": float(min(p)),
         "ssim_mean": float(np.mean([r["ssim"] for r in rows])),
@@ -152,10 +168,11 @@ def summarize(name, side, rows, base) -> dict:
 
 
 def fmt(s: dict) -> str:
-    skipped = f"{s['skipped']:.0%}" if s["skipped"] is not None else "n/a"
+    skipped = f"{s['skipped']:.0%}"
+    ideal = 1 / (1 - s["skipped"])  # if blocks were all of a step's time
     acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "n/a"
     return (
-        f"{s['method']:<42} {s['denoise_speedup']:>6.2f}x {s['total_speedup']:>6.2f}x {skipped:>6} "
+        f"{s['method']:<46} {s['denoise_speedup']:>6.2f}x {s['total_speedup']:>6.2f}x {skipped:>5} {ideal:>5.2f}x "
         f"{s['psnr_mean']:>6.2f} {s['psnr_worst']:>6.2f} {s['ssim_mean']:>6.3f} {s['ssim_worst']:>6.3f} {acc:>5}"
     )
 
@@ -169,7 +186,7 @@ def plot(summaries: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     groups: dict[str, list[dict]] = {}
     for s in summaries:
-        groups.setdefault(re.sub(r" (th|interval)=.*| \(.*\)", "", s["method"]), []).append(s)
+        groups.setdefault(re.sub(r" (th|interval)=[\d.]+| \(.*?\)", "", s["method"]), []).append(s)
     for name, ss in groups.items():
         ss = sorted(ss, key=lambda s: s["denoise_speedup"])
         ys = [min(s["psnr_mean"], 60) for s in ss]
@@ -309,10 +326,14 @@ def main() -> None:
         pipe_d = WanPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
         pipe_d.set_progress_bar_config(disable=True)
         timer = DenoiseTimer(pipe_d.transformer)
+        counter = BlockCounter(pipe_d.transformer.blocks)
+        full = 2 * a.steps * len(pipe_d.transformer.blocks)  # block evaluations of an uncached run
         dkw = dict(kw, output_type="np")
         pipe_d(prompts[0], generator=torch.Generator("cpu").manual_seed(0), **dkw)  # warm-up
         timer.take()
+        counter.take()
         ratios = diffusers_mag_ratios(pipe_d, {**dkw, "generator": torch.Generator("cpu").manual_seed(0)})
+        counter.take()
         dsettings = diffusers_settings(a.steps, ratios)
         drows = {name: [] for name in dsettings}
         dbase = []
@@ -329,7 +350,7 @@ def main() -> None:
                 total = time.perf_counter() - t0
                 if cfg is not None:
                     pipe_d.transformer.disable_cache()
-                return frames, {"denoise": timer.take(), "total": total, "skipped": None}
+                return frames, {"denoise": timer.take(), "total": total, "skipped": 1 - counter.take() / full}
 
             ref, b = run_d(None)
             dbase.append(b)
@@ -349,7 +370,7 @@ def main() -> None:
             f"uncached mmkit vs uncached diffusers, same weights and seed: PSNR {min(agree):.1f} dB (worst prompt)"
         )
 
-    head = f"{'method':<42} {'denoise':>7} {'total':>7} {'skip':>6} {'PSNR':>6} {'worst':>6} {'SSIM':>6} {'worst':>6} {'acc':>5}"
+    head = f"{'method':<46} {'denoise':>7} {'total':>7} {'skip':>5} {'ideal':>6} {'PSNR':>6} {'worst':>6} {'SSIM':>6} {'worst':>6} {'acc':>5}"
     print(head)
     for s in summaries:
         print(fmt(s))
