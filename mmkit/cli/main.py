@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("mmkit.cli.train", "train or fine-tune from a recipe (TOML) with dotted overrides"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
     "plot": ("mmkit.cli.plot", "plot a training metric (loss, ...) from a metrics JSONL file to PNG"),
+    "accel": ("mmkit.cli.accel", "sampling acceleration: cache search, adaptive-cache calibration"),
     "convert": (
         "mmkit.cli.convert",
         "convert checkpoints: hf-to-mm, mm-to-hf, resplit (any tp/pp layout), vae-convert",

@@ -1,0 +1,396 @@
+"""Step caches: speedup against quality, mmkit's caches and diffusers' hooks on the same weights.
+
+For each method and setting, over the prompts (8 held-out prompts by default):
+- the wall-time speedup of the denoise loop and of the whole generation (text encoding + denoise +
+  VAE decode) against the same side's uncached run, timed interleaved (each prompt: uncached, then
+  every setting) so both see the same machine noise;
+- the fraction of DiT block evaluations skipped;
+- PSNR and SSIM of the decoded frames against the uncached video (mean and worst prompt);
+- prompt-following accuracy when a detector is given (`--detector module:function`, called as
+  `function(frames (T, H, W, 3) in [0, 1], prompt) -> bool`), else "n/a".
+mmkit: DiTCache and AttentionCache with MindIE's Wan2.1 settings (step fields scaled to --steps,
+blocks [N/3, N)), the adaptive cache (first-block signal; calibrated magnitude signal, with and without
+the Taylor forecast), and the CFG cache. diffusers (`WanPipeline` + `WanTransformer3DModel` loaded from
+the same folder): FirstBlockCache, MagCache (ratios calibrated on the same calibration prompt) and
+TaylorSeer. Also the adaptive cache at other step counts with the calibration made at --steps
+(`--transfer-steps`). Writes a table (stdout and JSON) and one PNG of speedup vs PSNR.
+
+Run: `.venv/bin/python benchmarks/cache.py --model DIR [--prompts FILE] [--steps 50] [--out DIR]`
+(without --model: a tiny random model, 6 steps, 2 prompts: a smoke run of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmkit.infer.accel.cache import (
+    AdaptiveCacheConfig,
+    AttentionCacheConfig,
+    CFGCacheConfig,
+    DiTCacheConfig,
+    apply_cache,
+    cache_stats,
+    remove_cache,
+)
+from mmkit.infer.accel.cache.adaptive import calibrate_adaptive
+from mmkit.infer.accel.quality import psnr, ssim
+
+CALIB_PROMPT = "a white triangle moves up on a dark blue background"
+
+
+def scaled(step: int, steps: int) -> int:
+    """A step index of MindIE's 50-step settings at `steps` steps."""
+    return max(1, round(step * steps / 50))
+
+
+def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
+    s20, s47 = scaled(20, steps), max(scaled(47, steps), scaled(20, steps) + 1)
+    out = {
+        "dit (MindIE 20/2/47, blocks N/3..N)": [DiTCacheConfig(s20, 2, s47, n_blocks // 3, n_blocks)],
+        "attention (MindIE 20/2/47)": [AttentionCacheConfig(s20, 2, s47)],
+    }
+    for th in (0.1, 0.15, 0.2, 0.3):
+        out[f"adaptive first_block th={th}"] = [AdaptiveCacheConfig(th, calibration=calib)]
+    out["adaptive first_block+taylor th=0.15"] = [AdaptiveCacheConfig(0.15, taylor=True, calibration=calib)]
+    out["adaptive magnitude th=0.02"] = [AdaptiveCacheConfig(0.02, "magnitude", calibration=calib)]
+    out["adaptive magnitude th=0.03 (max 4)"] = [
+        AdaptiveCacheConfig(0.03, "magnitude", max_skips=4, calibration=calib)
+    ]
+    out["adaptive magnitude th=0.1 (warmup 10, max 3)"] = [
+        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, calibration=calib)
+    ]
+    out["adaptive magnitude+taylor th=0.1 (warmup 10, max 3)"] = [
+        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, taylor=True, calibration=calib)
+    ]
+    out["adaptive first_block th=0.15 + cfg"] = [
+        AdaptiveCacheConfig(0.15, calibration=calib),
+        CFGCacheConfig(scaled(10, steps), 2, steps - 1),
+    ]
+    return out
+
+
+def diffusers_settings(steps: int, mag_ratios: list[float]) -> dict:
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    out = {}
+    for th in (0.05, 0.1, 0.2):
+        out[f"diffusers FirstBlockCache th={th}"] = FirstBlockCacheConfig(threshold=th)
+    for th in (0.06, 0.12, 0.24):
+        out[f"diffusers MagCache th={th}"] = MagCacheConfig(
+            threshold=th, num_inference_steps=steps, mag_ratios=mag_ratios
+        )
+    for k in (3, 5):
+        out[f"diffusers TaylorSeer interval={k}"] = TaylorSeerCacheConfig(
+            cache_interval=k, disable_cache_before_step=3, taylor_factors_dtype=torch.float32
+        )
+    return out
+
+
+class BlockCounter:
+    """Counts real evaluations of diffusers' blocks (a skipped block never calls its `attn1`)."""
+
+    def __init__(self, blocks):
+        self.calls = 0
+        for b in blocks:
+            b.attn1.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def take(self) -> int:
+        n, self.calls = self.calls, 0
+        return n
+
+
+class DenoiseTimer:
+    """Wall time from the first transformer call of a generation to the end of the last one."""
+
+    def __init__(self, module):
+        self.first = self.last = None
+        self.handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, *_):
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def _post(self, *_):
+        self.last = time.perf_counter()
+
+    def take(self) -> float:
+        dt = self.last - self.first
+        self.first = self.last = None
+        return dt
+
+
+def diffusers_mag_ratios(pipe_d, kw: dict) -> list[float]:
+    """MagCache's own calibration (it prints the ratios at the end of a run): the cond branch's list."""
+    from diffusers.hooks import MagCacheConfig
+
+    pipe_d.transformer.enable_cache(
+        MagCacheConfig(num_inference_steps=kw["num_inference_steps"], calibrate=True)
+    )
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        pipe_d(CALIB_PROMPT, **kw)
+    pipe_d.transformer.disable_cache()
+    lists = re.findall(r"\[([0-9eE.,\s+-]+)\]", buf.getvalue())
+    return [float(x) for x in lists[0].split(",")]
+
+
+def summarize(name, side, rows, base) -> dict:
+    p = [r["psnr"] for r in rows]
+    finite = [x for x in p if np.isfinite(x)]
+    acc = [r["ok"] for r in rows if r["ok"] is not None]
+    return {
+        "method": name,
+        "side": side,
+        "denoise_speedup": sum(b["denoise"] for b in base) / sum(r["denoise"] for r in rows),
+        "total_speedup": sum(b["total"] for b in base) / sum(r["total"] for r in rows),
+        "skipped": float(np.mean([r["skipped"] for r in rows])),
+        "psnr_mean": float(np.mean(finite)) if len(finite) == len(p) else float("inf"),
+        "psnr_worst": float(min(p)),
+        "ssim_mean": float(np.mean([r["ssim"] for r in rows])),
+        "ssim_worst": float(min(r["ssim"] for r in rows)),
+        "accuracy": float(np.mean(acc)) if acc else None,
+    }
+
+
+def fmt(s: dict) -> str:
+    skipped = f"{s['skipped']:.0%}"
+    ideal = 1 / (1 - s["skipped"])  # if blocks were all of a step's time
+    acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "n/a"
+    return (
+        f"{s['method']:<46} {s['denoise_speedup']:>6.2f}x {s['total_speedup']:>6.2f}x {skipped:>5} {ideal:>5.2f}x "
+        f"{s['psnr_mean']:>6.2f} {s['psnr_worst']:>6.2f} {s['ssim_mean']:>6.3f} {s['ssim_worst']:>6.3f} {acc:>5}"
+    )
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    """Mean PSNR against the measured denoise-loop speedup (left) and against the speedup the skipped
+    block evaluations allow, 1 / (1 - skipped) (right: machine-independent; the left is noisy on a
+    shared CPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(re.sub(r" (th|interval)=[\d.]+| \(.*?\)", "", s["method"]), []).append(s)
+    for ax, key, label in (
+        (axes[0], lambda s: s["denoise_speedup"], "measured denoise-loop speedup vs uncached (x)"),
+        (axes[1], lambda s: 1 / (1 - s["skipped"]), "1 / (1 - fraction of block evaluations skipped) (x)"),
+    ):
+        for name, ss in groups.items():
+            ss = sorted(ss, key=key)
+            ys = [min(s["psnr_mean"], 60) for s in ss]
+            ax.plot([key(s) for s in ss], ys, "o-" if "diffusers" not in name else "s--", label=name)
+        ax.axhline(30, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean PSNR vs uncached (dB, inf shown as 60)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("step caches: speed vs quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="diffusers-layout Wan t2v folder (default: a tiny random one)")
+    ap.add_argument("--prompts", help="one prompt per line (default: the model folder's heldout.txt)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--height", type=int, default=32)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--max-prompts", type=int, default=8)
+    ap.add_argument("--detector", help="module:function(frames, prompt) -> bool")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument(
+        "--transfer-steps", default="20,30", help="step counts for the calibration-transfer check"
+    )
+    ap.add_argument("--out", default="outputs/bench_cache")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import mmkit
+
+    if a.model is None:  # smoke run
+        from mmkit.models.wan.tiny import create_tiny_wan
+
+        a.model = str(create_tiny_wan(out / "tiny-random", task="t2v", seed=0))
+        a.steps, a.max_prompts, a.transfer_steps = a.steps or 6, 2, ""
+        prompts = ["a red circle moves left", "a blue square moves up"]
+    else:
+        a.steps = a.steps or 50
+        src = Path(a.prompts) if a.prompts else Path(a.model) / "heldout.txt"
+        if not src.is_file():
+            raise FileNotFoundError(f"--prompts: {src} not found (one prompt per line)")
+        prompts = [p.strip() for p in src.read_text().splitlines() if p.strip()][: a.max_prompts]
+    detector = None
+    if a.detector:
+        import importlib
+
+        mod, fn = a.detector.split(":")
+        detector = getattr(importlib.import_module(mod), fn)
+
+    pipe = mmkit.load_pipeline(a.model, task="t2v", device="cpu", dtype="fp32")
+    n_blocks = len(pipe.transformer.blocks)
+    kw = dict(
+        height=a.height,
+        width=a.width,
+        num_frames=a.frames,
+        guidance_scale=a.guidance,
+        num_inference_steps=a.steps,
+    )
+    print(
+        f"model {a.model}: {n_blocks} blocks; {len(prompts)} prompts; {a.steps} steps; {a.height}x{a.width}x{a.frames}"
+    )
+    print("timings on a shared CPU: noisy; speedups are interleaved per prompt")
+    calib = calibrate_adaptive(
+        pipe,
+        CALIB_PROMPT,
+        a.steps,
+        seed=0,
+        progress=False,
+        **{k: v for k, v in kw.items() if k != "num_inference_steps"},
+    )
+    (out / "calibration.json").write_text(json.dumps(calib, indent=1))
+
+    def run_mmkit(prompt, seed, configs, steps=None):
+        remove_cache(pipe.transformer)
+        if configs:
+            apply_cache(pipe.transformer, *configs)
+        t0 = time.perf_counter()
+        res = pipe(prompt, seed=seed, progress=False, **{**kw, "num_inference_steps": steps or a.steps})
+        total = time.perf_counter() - t0
+        skipped = cache_stats(pipe.transformer).skipped_fraction
+        remove_cache(pipe.transformer)
+        return res.frames[0], {"denoise": sum(res.step_times), "total": total, "skipped": skipped}
+
+    run_mmkit(prompts[0], 0, [])  # warm-up: first-call allocations and tables are not timed
+    settings = mmkit_settings(n_blocks, a.steps, calib)
+    rows = {name: [] for name in settings}
+    base = []
+    for i, prompt in enumerate(prompts):
+        ref, b = run_mmkit(prompt, i, [])
+        base.append(b)
+        for name, cfgs in settings.items():
+            frames, r = run_mmkit(prompt, i, cfgs)
+            r.update(
+                psnr=psnr(frames, ref),
+                ssim=ssim(frames, ref),
+                ok=detector(frames, prompt) if detector else None,
+            )
+            rows[name].append(r)
+        print(f"mmkit prompt {i + 1}/{len(prompts)} done", flush=True)
+    summaries = [summarize(name, "mmkit", r, base) for name, r in rows.items()]
+
+    transfer = []
+    gen_kw = {k: v for k, v in kw.items() if k != "num_inference_steps"}
+    for steps in [int(s) for s in a.transfer_steps.split(",") if s]:
+        own = calibrate_adaptive(pipe, CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
+        refs = [run_mmkit(prompt, i, [], steps)[0] for i, prompt in enumerate(prompts)]
+        for th in (0.02,):
+            for label, c in ((f"calibrated at {a.steps}", calib), (f"calibrated at {steps}", own)):
+                ps, fr = [], []
+                for i, prompt in enumerate(prompts):
+                    cfg = AdaptiveCacheConfig(th, "magnitude", calibration=c)
+                    frames, r = run_mmkit(prompt, i, [cfg], steps)
+                    ps.append(psnr(frames, refs[i]))
+                    fr.append(r["skipped"])
+                transfer.append(
+                    {
+                        "steps": steps,
+                        "threshold": th,
+                        "calibration": label,
+                        "psnr_mean": float(np.mean(ps)),
+                        "psnr_worst": float(min(ps)),
+                        "skipped": float(np.mean(fr)),
+                    }
+                )
+        print(f"transfer check at {steps} steps done", flush=True)
+
+    if not a.no_diffusers:
+        from diffusers import WanPipeline
+
+        pipe_d = WanPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
+        pipe_d.set_progress_bar_config(disable=True)
+        timer = DenoiseTimer(pipe_d.transformer)
+        counter = BlockCounter(pipe_d.transformer.blocks)
+        full = 2 * a.steps * len(pipe_d.transformer.blocks)  # block evaluations of an uncached run
+        dkw = dict(kw, output_type="np")
+        pipe_d(prompts[0], generator=torch.Generator("cpu").manual_seed(0), **dkw)  # warm-up
+        timer.take()
+        counter.take()
+        ratios = diffusers_mag_ratios(pipe_d, {**dkw, "generator": torch.Generator("cpu").manual_seed(0)})
+        counter.take()
+        dsettings = diffusers_settings(a.steps, ratios)
+        drows = {name: [] for name in dsettings}
+        dbase = []
+        agree = []
+        for i, prompt in enumerate(prompts):
+
+            def run_d(cfg, prompt=prompt, i=i):
+                if cfg is not None:
+                    pipe_d.transformer.enable_cache(cfg)
+                t0 = time.perf_counter()
+                frames = pipe_d(
+                    prompt, negative_prompt="", generator=torch.Generator("cpu").manual_seed(i), **dkw
+                ).frames[0]
+                total = time.perf_counter() - t0
+                if cfg is not None:
+                    pipe_d.transformer.disable_cache()
+                return frames, {"denoise": timer.take(), "total": total, "skipped": 1 - counter.take() / full}
+
+            ref, b = run_d(None)
+            dbase.append(b)
+            mm_ref, _ = run_mmkit(prompt, i, [])
+            agree.append(psnr(mm_ref, ref))
+            for name, cfg in dsettings.items():
+                frames, r = run_d(cfg)
+                r.update(
+                    psnr=psnr(frames, ref),
+                    ssim=ssim(frames, ref),
+                    ok=detector(frames, prompt) if detector else None,
+                )
+                drows[name].append(r)
+            print(f"diffusers prompt {i + 1}/{len(prompts)} done", flush=True)
+        summaries += [summarize(name, "diffusers", r, dbase) for name, r in drows.items()]
+        print(
+            f"uncached mmkit vs uncached diffusers, same weights and seed: PSNR {min(agree):.1f} dB (worst prompt)"
+        )
+
+    head = f"{'method':<46} {'denoise':>7} {'total':>7} {'skip':>5} {'ideal':>6} {'PSNR':>6} {'worst':>6} {'SSIM':>6} {'worst':>6} {'acc':>5}"
+    print(head)
+    for s in summaries:
+        print(fmt(s))
+    if transfer:
+        print("calibration transfer (adaptive magnitude):")
+        for t in transfer:
+            print(
+                f"  {t['steps']} steps th={t['threshold']} {t['calibration']:<18} PSNR {t['psnr_mean']:.2f} (worst {t['psnr_worst']:.2f}), skipped {t['skipped']:.0%}"
+            )
+    (out / "cache_bench.json").write_text(
+        json.dumps({"summaries": summaries, "transfer": transfer, "args": vars(a)}, indent=1)
+    )
+    plot(summaries, out / "cache_speed_psnr.png")
+    print(f"wrote {out / 'cache_bench.json'} and {out / 'cache_speed_psnr.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Step caches (mmkit/infer/accel/cache): zero skips equal uncached exactly, schedules follow the config
+(DiTCache and AttentionCache against hand-computed schedules and a hand-written cached forward), state per
+guidance branch, reset between generations, and removal that restores the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmkit.infer.accel.cache import (
+    AdaptiveCacheConfig,
+    AttentionCacheConfig,
+    CFGCacheConfig,
+    DiTCacheConfig,
+    apply_cache,
+    cache_config_from_dict,
+    cache_stats,
+    remove_cache,
+)
+from mmkit.infer.accel.cache.adaptive import apply_adaptive_cache, fit_calibration
+from mmkit.infer.accel.cache.common import step_counter
+from mmkit.infer.accel.hooks import HookRegistry, ModelHook, reset_all
+from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
+from mmkit.models.wan.config import WanConfig
+from mmkit.models.wan.model import WanTransformer
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = WanConfig(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=4, text_len=8,
+    )  # fmt: skip
+    m = WanTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def generate(model, guidance=4.0, steps=STEPS, seed=0):
+    """A whole generation as the pipelines run it: reset the hooks, then the CFG denoise loop."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=g)
+    ctx, neg = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    reset_all(model)
+    fn = cfg_velocity(model, guidance, {"text_context": ctx}, {"text_context": neg} if guidance > 1 else None)
+    with torch.no_grad():
+        return denoise(fn, noise, FlowEulerScheduler(shift=3.0), steps, progress=False)
+
+
+class Spy(ModelHook):
+    """Registered after a cache (innermost): records (branch step, tag) each time the module really runs."""
+
+    def __init__(self, counter, tag, log):
+        self.counter, self.tag, self.log = counter, tag, log
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.log.append((self.counter.state["step"], self.tag))
+        return args, kwargs
+
+
+def spy_blocks(model, log, sub=None):
+    counter = step_counter(model)
+    for i, b in enumerate(model.blocks):
+        HookRegistry.get_or_create(getattr(b, sub) if sub else b).register_hook(Spy(counter, i, log), "spy")
+
+
+def no_hooks_left(model) -> bool:
+    return all("_mmkit_hooks" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def uncached(model):
+    return generate(model)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DiTCacheConfig(step_start=0, step_interval=1, step_end=STEPS, block_start=1, block_end=3),
+        AttentionCacheConfig(step_start=0, step_interval=1, step_end=STEPS),
+        AdaptiveCacheConfig(threshold=0.0),
+        AdaptiveCacheConfig(threshold=1e9, max_skips=0, taylor=True),
+        CFGCacheConfig(step_start=0, step_interval=1, step_end=STEPS),
+    ],
+    ids=["dit", "attention", "adaptive", "adaptive_max0", "cfg"],
+)
+def test_zero_skips_equal_uncached_exactly_and_removal_restores(model, uncached, cfg):
+    apply_cache(model, cfg)
+    try:
+        out = generate(model)
+        stats = cache_stats(model)
+    finally:
+        remove_cache(model)
+    assert torch.equal(out, uncached)
+    assert stats.blocks_skipped == 0 and stats.attention_reused == 0
+    assert stats.blocks_run == 2 * STEPS * len(model.blocks)
+    assert no_hooks_left(model)
+    assert torch.equal(generate(model), uncached)
+
+
+def test_dit_cache_follows_the_hand_computed_schedule_and_adds_the_bias(model, uncached):
+    cfg = DiTCacheConfig(step_start=2, step_interval=2, step_end=8, block_start=1, block_end=3)
+    cached_steps = [3, 5, 7]  # in [2, 8), not 2 + 2k
+    log = []
+    apply_cache(model, cfg)
+    spy_blocks(model, log)
+    try:
+        out = generate(model)
+        stats = cache_stats(model)
+        counter = step_counter(model)
+        bias = {b: counter.state_for(b)["dit_bias"] for b in ("cond", "uncond")}
+    finally:
+        remove_cache(model)
+        for b in model.blocks:
+            HookRegistry.get_or_create(b).remove_hook("spy")
+    expected = [
+        (s, i) for s in range(STEPS) for i in range(4) if not (s in cached_steps and i in (1, 2))
+    ]  # per branch; cond and uncond each run this schedule
+    assert sorted(log) == sorted(expected * 2)
+    assert stats.blocks_skipped == 2 * len(cached_steps) * 2 and stats.skipped_fraction == 12 / 80
+    assert not torch.equal(bias["cond"], bias["uncond"])  # each branch keeps its own residual
+    assert not torch.equal(out, uncached)
+    assert no_hooks_left(model)
+    # the cached forward by hand: blocks 1, 2 replaced by the residual they added at the last computed step
+    torch.testing.assert_close(out, hand_dit_generation(model, cfg, cached_steps), rtol=0, atol=0)
+
+
+def hand_dit_generation(model, cfg, cached_steps):
+    biases = {}
+
+    class Hand(torch.nn.Module):
+        def forward(self, latents, timestep, text_context, branch):
+            grid = model.grid(latents)
+            x, temb, e, ctx, ctx_img = model.embed(latents, timestep, text_context)
+            rope = model.rope(grid, latents.device, x.dtype)
+            step = self.steps[branch]
+            self.steps[branch] += 1
+            for i, block in enumerate(model.blocks):
+                if i == cfg.block_start:
+                    x_in = x
+                if step in cached_steps and cfg.block_start <= i < cfg.block_end:
+                    x = x + biases[branch] if i == cfg.block_start else x
+                    continue
+                x = block(x, e, ctx, ctx_img, rope)
+                if i == cfg.block_end - 1:
+                    biases[branch] = x - x_in
+            return model.unpatchify(model.head_tokens(x, temb), grid).float()
+
+    hand = Hand()
+    hand.steps = {"cond": 0, "uncond": 0}
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=g)
+    ctx, neg = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    fn = cfg_velocity(
+        hand, 4.0, {"text_context": ctx, "branch": "cond"}, {"text_context": neg, "branch": "uncond"}
+    )
+    with torch.no_grad():
+        return denoise(fn, noise, FlowEulerScheduler(shift=3.0), STEPS, progress=False)
+
+
+def test_attention_cache_schedule_and_reset_between_generations(model, uncached):
+    log = []
+    apply_cache(model, AttentionCacheConfig(step_start=4, step_interval=3, step_end=9))
+    spy_blocks(model, log, sub="attn")
+    try:
+        first = generate(model)
+        stats = cache_stats(model)
+        n_first = len(log)
+        second = generate(model)  # reset_all at the start: the same schedule, the same video
+    finally:
+        remove_cache(model)
+        for b in model.blocks:
+            HookRegistry.get_or_create(b.attn).remove_hook("spy")
+    cached = [5, 6, 8]
+    assert sorted(log[:n_first]) == sorted(
+        [(s, i) for s in range(STEPS) for i in range(4) if s not in cached] * 2
+    )
+    assert stats.attention_reused == len(cached) * 4 * 2 and stats.blocks_skipped == 0
+    assert torch.equal(first, second) and not torch.equal(first, uncached)
+    assert no_hooks_left(model)
+
+
+def test_adaptive_cache_skips_runs_bounded_by_max_skips(model, uncached):
+    log = []
+    apply_cache(model, AdaptiveCacheConfig(threshold=1e9, max_skips=2, warmup=2))
+    spy_blocks(model, log)
+    try:
+        out = generate(model)
+        stats = cache_stats(model)
+    finally:
+        remove_cache(model)
+        for b in model.blocks:
+            HookRegistry.get_or_create(b).remove_hook("spy")
+    # steps 0, 1 run (warmup), then skip, skip, run, ...: block 0 always runs
+    skipped = [2, 3, 5, 6, 8, 9]
+    assert sorted(log) == sorted(
+        [(s, i) for s in range(STEPS) for i in range(4) if not (s in skipped and i)] * 2
+    )
+    assert stats.blocks_skipped == len(skipped) * 3 * 2
+    err = (out - uncached).abs().mean()
+    assert 0 < err < uncached.abs().mean()
+
+
+def test_adaptive_threshold_trades_skips_for_error_and_taylor_forecasts(model, uncached):
+    def run(cfg):
+        apply_cache(model, cfg)
+        try:
+            return generate(model), cache_stats(model).skipped_fraction
+        finally:
+            remove_cache(model)
+
+    low, f_low = run(AdaptiveCacheConfig(threshold=0.05))
+    high, f_high = run(AdaptiveCacheConfig(threshold=0.5))
+    assert f_low < f_high
+    assert (low - uncached).abs().mean() < (high - uncached).abs().mean()
+    taylor, f_t = run(AdaptiveCacheConfig(threshold=0.5, taylor=True))
+    assert f_t == f_high and not torch.equal(taylor, high)  # same decisions, forecast residual
+
+
+def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
+    recorder = {}
+    apply_adaptive_cache(model, AdaptiveCacheConfig(threshold=0.0), recorder=recorder)
+    try:
+        assert torch.equal(generate(model), uncached)  # recording changes nothing
+    finally:
+        remove_cache(model)
+    calib = fit_calibration(recorder, STEPS)
+    assert set(calib["magnitude"]) == {"cond", "uncond"} and calib["first_block_scale"] > 0
+    assert len(calib["magnitude"]["cond"]["t"]) == STEPS - 1
+    apply_cache(model, AdaptiveCacheConfig(threshold=0.3, signal="magnitude", calibration=calib))
+    try:
+        out = generate(model)
+        stats = cache_stats(model)
+    finally:
+        remove_cache(model)
+    assert 0 < stats.skipped_fraction < 0.8  # whole steps skipped, the rest run
+    assert (out - uncached).abs().mean() < (uncached.abs().mean())
+    with pytest.raises(ValueError, match="needs a calibration"):
+        apply_cache(model, AdaptiveCacheConfig(signal="magnitude"))
+    assert no_hooks_left(model)
+
+
+def test_cfg_cache_reuses_the_uncond_delta_on_scheduled_steps(model, uncached):
+    log = []
+    apply_cache(model, CFGCacheConfig(step_start=2, step_interval=2, step_end=8))
+    counter = step_counter(model)
+
+    class Branch(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            from mmkit.infer.guidance import current_cfg_branch
+
+            log.append((current_cfg_branch(), counter.state["step"]))
+            return args, kwargs
+
+    HookRegistry.get_or_create(model.blocks[0]).register_hook(Branch(), "spy")
+    try:
+        out = generate(model)
+        stats = cache_stats(model)
+    finally:
+        HookRegistry.get_or_create(model.blocks[0]).remove_hook("spy")
+        remove_cache(model)
+    assert [s for b, s in log if b == "uncond"] == [0, 1, 2, 4, 6, 8, 9]
+    assert [s for b, s in log if b == "cond"] == list(range(STEPS))
+    assert stats.blocks_skipped == 3 * 4
+    assert 0 < (out - uncached).abs().mean() < uncached.abs().mean()
+    assert no_hooks_left(model)
+
+
+def test_config_errors_name_the_field(model):
+    with pytest.raises(ValueError, match="block_end=9"):
+        apply_cache(model, DiTCacheConfig(0, 2, 10, 1, 9))
+    with pytest.raises(ValueError, match="step_interval=0"):
+        apply_cache(model, AttentionCacheConfig(0, 0, 10))
+    with pytest.raises(ValueError, match="unknown key"):
+        cache_config_from_dict({"method": "dit", "blocks": 3})
+    with pytest.raises(ValueError, match="method='teacache'"):
+        cache_config_from_dict({"method": "teacache"})
+    assert no_hooks_left(model)
+
+
+def test_compiled_blocks_only_on_cuda_and_removable(model, monkeypatch):
+    from mmkit.infer.accel.compiled import apply_compiled_blocks, remove_compiled_blocks
+
+    assert apply_compiled_blocks(model) is False  # CPU: the eager path is kept
+    assert all("_compiled_call_impl" not in b.__dict__ for b in model.blocks)
+    compiled = []  # what CUDA gets, without paying for inductor here: each block compiled on its own
+
+    def fake_compile(self, **kwargs):
+        compiled.append(self)
+        self.__dict__["_compiled_call_impl"] = self._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
+    assert apply_compiled_blocks(model, force=True) is True
+    assert compiled == list(model.blocks)
+    remove_compiled_blocks(model)
+    assert all("_compiled_call_impl" not in b.__dict__ for b in model.blocks)
