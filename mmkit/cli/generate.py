@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmkit.cli.generate_parallel import add_parallel_arguments, run_parallel, wants_parallel
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.media import VIDEO_SUFFIXES, frame_grid, save_video
 
@@ -16,7 +17,7 @@ from mmkit.infer.media import VIDEO_SUFFIXES, frame_grid, save_video
 def add_arguments(p) -> None:
     p.add_argument("task", choices=["t2v", "i2v"])
     p.add_argument("--model", required=True, help="diffusers-layout folder (model_index.json)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="the prompt (or --prompts FILE)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="first frame (i2v)")
     p.add_argument("--height", type=int, default=480)
@@ -34,11 +35,14 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--out", required=True, help="output .mp4 (16 fps, plus a .png grid beside it), .npy or .png"
     )
+    add_parallel_arguments(p)
 
 
 def precheck(a) -> None:
     """Every argument error, before any weights are read."""
     resolve_device(a.device), resolve_dtype(a.dtype)
+    if not a.prompt and not a.prompts:
+        raise ValueError("give --prompt TEXT (or --prompts FILE, one prompt per line)")
     if Path(a.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {a.out}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
     if (a.frames - 1) % 4 or a.frames < 1:
@@ -53,6 +57,8 @@ def precheck(a) -> None:
 
 
 def run(a) -> int:
+    if wants_parallel(a):  # torchrun, --prompts, or a memory option
+        return run_parallel(a)
     precheck(a)
     from mmkit.infer.pipelines import load_pipeline
 
@@ -70,12 +76,17 @@ def run(a) -> int:
         sampler=a.sampler,
         flow_shift=a.flow_shift,
     )
+    save_outputs(out, a.out)
+    return 0
+
+
+def save_outputs(out, dest) -> None:
+    """Write a `VideoOutput`'s first video to `dest` (+ a PNG frame grid beside an .mp4) and report."""
     frames = out.frames[0]  # (T, H, W, 3)
-    path = save_video(frames, a.out)
+    path = save_video(frames, dest)
     steps = out.step_times
     print(f"{len(steps)} steps, {sum(steps) / len(steps):.3f} s/step (total {sum(steps):.1f} s)")
     print(f"wrote {path}")
     if path.suffix == ".mp4":
         grid = save_video(frames, path.with_suffix(".png"))
         print(f"wrote {grid} (frame grid {frame_grid(frames).shape[1]}x{frame_grid(frames).shape[0]})")
-    return 0
