@@ -254,7 +254,8 @@ def main() -> None:
             launch(nproc, ["--worker", name, "--out", str(path), *common], threads)
             results.append(json.loads(path.read_text()))
             print(f"{name}: {results[-1]['step_s']:.2f} s/step", flush=True)
-        report(results)
+        if results:
+            report(results)
         if a.vae:
             one, two = Path(tmp) / "vae1.json", Path(tmp) / "vae2.json"
             launch(1, ["--worker", "vae", "--out", str(one)], 1)

@@ -80,6 +80,15 @@ class InferenceParallel:
                 raise ValueError(f"{flag} {v}: must be a positive integer (1 = off)")
         if self.cfg not in (1, 2):
             raise ValueError(f"--cfg-size {self.cfg}: must be 1 or 2 (cond and uncond on two halves)")
+        if self.cfg == 2 and guidance is not None and guidance <= 1.0:
+            raise ValueError(
+                f"--cfg-size 2 needs classifier-free guidance, but --guidance is {guidance}; use --guidance > 1 "
+                "(e.g. 5.0) or --cfg-size 1"
+            )
+        if self.t5_cpu and self.t5_fsdp:
+            raise ValueError(
+                "--t5-cpu with --t5-fsdp: the text encoder either stays whole on the CPU or is sharded"
+            )
         if world % self.model_size:
             ok = [n for n in range(1, world + 1) if world % n == 0]
             raise ValueError(
@@ -93,19 +102,10 @@ class InferenceParallel:
                 f"--ulysses-size {self.ulysses}: the model's {heads} attention heads do not divide by it; use "
                 f"a Ulysses size in {ok} and put the rest on --ring-size (no head constraint)"
             )
-        if self.cfg == 2 and guidance is not None and guidance <= 1.0:
-            raise ValueError(
-                f"--cfg-size 2 needs classifier-free guidance, but --guidance is {guidance}; use --guidance > 1 "
-                "(e.g. 5.0) or --cfg-size 1"
-            )
         if (self.dit_fsdp or self.t5_fsdp) and self.model_size == 1:
             raise ValueError(
                 "--dit-fsdp / --t5-fsdp shard the weights over the ranks that make one video "
                 "(--ulysses-size x --ring-size x --cfg-size), which is 1 here; raise one of those sizes"
-            )
-        if self.t5_cpu and self.t5_fsdp:
-            raise ValueError(
-                "--t5-cpu with --t5-fsdp: the text encoder either stays whole on the CPU or is sharded"
             )
         if self.offload and (self.dit_fsdp or self.t5_fsdp):
             raise ValueError("--offload with --dit-fsdp / --t5-fsdp: choose one way to save device memory")
