@@ -43,7 +43,8 @@ class InferenceParallel:
     - `t5_cpu`: the text encoder stays on the CPU; `offload`: each model is moved to the device only
       for its stage (text encoding, denoising, decoding).
     - `vae_tiling`: decode in overlapping spatial tiles (`vae_tile` latent pixels, overlap a quarter),
-      blended; `vae_parallel`: the same tiles decoded over the model group's ranks, summed on rank 0.
+      blended; `vae_parallel`: the latent frames split in time over the model group's ranks, each chunk
+      decoded after `vae_warmup` earlier latent frames that rebuild the causal cache, gathered on rank 0.
 
     Example:
         pipe = mmkit.load_pipeline(path, task="t2v", parallel=InferenceParallel(ulysses=2, cfg=2))
@@ -59,6 +60,7 @@ class InferenceParallel:
     vae_tiling: bool = False
     vae_parallel: bool = False
     vae_tile: int = 32  # latent pixels per tile side (256 output pixels with Wan's 8x VAE)
+    vae_warmup: int = 3  # latent frames decoded (and dropped) before each time chunk of vae_parallel
 
     @property
     def sp(self) -> int:
@@ -109,6 +111,8 @@ class InferenceParallel:
             )
         if self.offload and (self.dit_fsdp or self.t5_fsdp):
             raise ValueError("--offload with --dit-fsdp / --t5-fsdp: choose one way to save device memory")
+        if self.vae_warmup < 1:
+            raise ValueError(f"vae_warmup={self.vae_warmup}: give at least 1 latent frame")
         if self.vae_tile < 4:
             raise ValueError(f"vae_tile={self.vae_tile}: give at least 4 latent pixels per tile side")
 
@@ -306,14 +310,13 @@ def _ramp(n_px: int, lo: int, hi: int, has_lo: bool, has_hi: bool) -> torch.Tens
     return w
 
 
-def tiled_decode(decode, z: torch.Tensor, scale: int, tile: int, frames: int, group=None) -> torch.Tensor:
+def tiled_decode(decode, z: torch.Tensor, scale: int, tile: int, frames: int) -> torch.Tensor:
     """Decode latents (B, C, T, H, W) in overlapping spatial tiles of `tile` latent pixels, blended.
 
     `decode(z_tile)` -> pixels (B, 3, frames, H_tile*scale, W_tile*scale). Tiles overlap by tile // 4 latent
-    pixels and blend with linear ramps over the overlap (weights normalised per pixel). With a process
-    `group`, the tiles are dealt round-robin to its ranks and the weighted sums are added on group rank 0,
-    which returns the video; the other ranks return None. Each tile sees only its own latents, so the
-    result differs from an untiled decode near tile borders (see docs/inference.md for the measured error).
+    pixels and blend with linear ramps over the overlap (weights normalised per pixel). Each tile sees only
+    its own latents (Wan's VAE also attends over the whole frame in its middle block), so the result differs
+    from an untiled decode (see docs/inference.md for the measured error).
     Example: `video = tiled_decode(lambda z: vae.decode(z).sample, latents, 8, 32, frames=81)`.
     """
     B, _, _, H, W = z.shape
@@ -321,13 +324,11 @@ def tiled_decode(decode, z: torch.Tensor, scale: int, tile: int, frames: int, gr
     stride = tile - overlap
     hs, ws = _starts(H, tile, stride), _starts(W, tile, stride)
     tiles = [(i, j) for i in hs for j in ws]
-    n, me = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     num = torch.zeros(B, 3, frames, H * scale, W * scale, device=z.device)
     den = torch.zeros(H * scale, W * scale)
-    for k, (i, j) in enumerate(tiles):
+    for i, j in tiles:
         th, tw = min(tile, H - i), min(tile, W - j)
-        if k % n == me:
-            px = decode(z[:, :, :, i : i + th, j : j + tw]).float()  # (B, 3, frames, th*s, tw*s)
+        px = decode(z[:, :, :, i : i + th, j : j + tw]).float()  # (B, 3, frames, th*s, tw*s)
         # blend weight of this tile: ramps where a neighbouring tile overlaps it
         lo_h = hi_h = lo_w = hi_w = 0
         if i > 0:
@@ -343,12 +344,7 @@ def tiled_decode(decode, z: torch.Tensor, scale: int, tile: int, frames: int, gr
         w2 = wh[:, None] * ww[None, :]  # (th*s, tw*s)
         rows, cols = slice(i * scale, (i + th) * scale), slice(j * scale, (j + tw) * scale)
         den[rows, cols] += w2
-        if k % n == me:
-            num[..., rows, cols] += px * w2.to(px.device)
-    if group is not None:
-        dist.reduce(num, dst=dist.get_global_rank(group, 0), group=group)
-        if me != 0:
-            return None
+        num[..., rows, cols] += px * w2.to(px.device)
     return num / den.to(num.device)
 
 

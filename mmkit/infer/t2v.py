@@ -220,24 +220,22 @@ class WanT2VPipeline:
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
         """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists.
 
-        With `vae_tiling` / `vae_parallel` the decode runs in spatial tiles (`parallel.tiled_decode`; in
-        parallel only the model group's rank 0 gets the frames, the others None)."""
+        With `vae_tiling` the decode runs in spatial tiles (`parallel.tiled_decode`); with `vae_parallel` in
+        time chunks over the model group (`wan_parallel.parallel_decode`: its rank 0 gets the frames, the
+        others None)."""
         mean, std = self._latent_stats(latents.device)
         z = latents.float() * std + mean
         p, layout = self.parallel, self.layout
-        if p.vae_tiling or p.vae_parallel:
-            group = layout.model_group if p.vae_parallel and layout is not None else None
-            frames = (z.shape[2] - 1) * self.vae_scale_t + 1
-            video = tiled_decode(
-                lambda zt: self.vae.decode(zt, return_dict=False)[0],
-                z,
-                self.vae_scale_s,
-                p.vae_tile,
-                frames,
-                group,
-            )
+        if p.vae_parallel and layout is not None and layout.model_group is not None:
+            from mmkit.infer.wan_parallel import parallel_decode
+
+            video = parallel_decode(self.vae, z, layout.model_group, p.vae_warmup, self.vae_scale_t)
             if video is None:
                 return None
+        elif p.vae_tiling:
+            frames = (z.shape[2] - 1) * self.vae_scale_t + 1
+            decode = lambda zt: self.vae.decode(zt, return_dict=False)[0]  # noqa: E731
+            video = tiled_decode(decode, z, self.vae_scale_s, p.vae_tile, frames)
         else:
             video = self.vae.decode(z, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
         frames = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().float().numpy()

@@ -24,7 +24,7 @@ import mmkit
 from mmkit.infer.parallel import InferenceParallel
 
 # generation settings: name -> (height, width, frames); "odd" has 3 x 3 x 3 = 27 tokens (patch 1x2x2)
-SIZES = {"base": (32, 32, 5), "odd": (48, 48, 9), "big": (64, 64, 5)}
+SIZES = {"base": (32, 32, 5), "odd": (48, 48, 9)}
 # case -> (InferenceParallel kwargs, size, reference key suffix)
 CASES = {
     "ulysses2": (dict(ulysses=2), "base", ""),
@@ -33,7 +33,8 @@ CASES = {
     "ulysses2_27tokens": (dict(ulysses=2), "odd", ""),
     "ring2_27tokens": (dict(ring=2), "odd", ""),
     "ulysses2_dit_fsdp_t5_fsdp": (dict(ulysses=2, dit_fsdp=True, t5_fsdp=True), "base", ""),
-    "ulysses2_vae_parallel": (dict(ulysses=2, vae_parallel=True, vae_tile=4), "big", "_tiled"),
+    # 3 latent frames in chunks [0, 2) and [2, 3); the second decoded after 1 warm-up frame (approximate)
+    "ulysses2_vae_parallel": (dict(ulysses=2, vae_parallel=True, vae_warmup=1), "odd", "_split"),
     "ulysses2_ring2": (dict(ulysses=2, ring=2), "base", ""),
     "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base", ""),
 }
