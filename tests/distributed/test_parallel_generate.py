@@ -122,6 +122,37 @@ def test_cli_prompts_over_data_parallel(root, tmp_path):
     assert "rank 0: peak memory" in res.stdout and "rank 1: peak memory" in res.stdout
 
 
+def test_cli_memory_options_one_process(root, tmp_path):
+    """--t5-cpu, --offload_model True and --vae-tiling in one process (no torchrun): the same frames on the
+    CPU (one tile covers these 4 x 4 latents), and the peak memory line."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the references were made
+    try:
+        args = ["generate", "t2v", "--model", str(root / "t2v"), "--prompt", PROMPT, "--negative-prompt", NEG]
+        args += [
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--guidance",
+            "3",
+            "--seed",
+            "5",
+        ]
+        args += ["--device", "cpu", "--t5_cpu", "--offload_model", "True", "--vae-tiling", "--vae-tile", "4"]
+        assert main(args + ["--out", str(tmp_path / "v.npy")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    got = np.load(tmp_path / "v.npy")
+    assert np.abs(got - np.load(root / "refs.npz")["t2v_base"][0]).max() <= TOL
+
+
 def test_failing_rank_ends_the_job_fast(root):
     t0 = time.perf_counter()
     res = torchrun(2, 29713, [str(WORKER), "fail", str(root)], timeout=120)
