@@ -124,9 +124,12 @@ def _world() -> tuple[int, int]:
 
 
 def _group(members: list[int], mine: bool):
-    """A new process group with the project's timeout (every rank must call this for every group)."""
+    """A new process group with the project's timeout, or None for one rank. Every rank calls this for
+    every group in the same order (new_group is collective); one-rank groups are skipped on all ranks."""
+    if len(members) == 1:
+        return None
     g = dist.new_group(members, timeout=process_group_timeout())
-    return g if mine and len(members) > 1 else None
+    return g if mine else None
 
 
 class InferenceLayout:
