@@ -101,10 +101,12 @@ def add_parallel_arguments(p) -> None:
         "--vae_parallel",
         dest="vae_parallel",
         action="store_true",
-        help="decode the tiles over the ranks making one video, gathered on its first rank",
+        help="decode split in time over the ranks making one video, gathered on its first rank",
     )
     g.add_argument("--vae-tile", dest="vae_tile", type=int, default=32,
-                   help="tile side in latent pixels for --vae-tiling / --vae-parallel (32 = 256 pixels)")  # fmt: skip
+                   help="tile side in latent pixels for --vae-tiling (32 = 256 pixels)")  # fmt: skip
+    g.add_argument("--vae-warmup", dest="vae_warmup", type=int, default=3,
+                   help="--vae-parallel: latent frames decoded before each time chunk to rebuild the causal cache")  # fmt: skip
 
 
 def options(a) -> InferenceParallel:
@@ -112,7 +114,7 @@ def options(a) -> InferenceParallel:
     return InferenceParallel(
         ulysses=a.ulysses_size, ring=a.ring_size, cfg=a.cfg_size, dit_fsdp=a.dit_fsdp, t5_fsdp=a.t5_fsdp,
         t5_cpu=a.t5_cpu, offload=a.offload, vae_tiling=a.vae_tiling, vae_parallel=a.vae_parallel,
-        vae_tile=a.vae_tile,
+        vae_tile=a.vae_tile, vae_warmup=a.vae_warmup,
     )  # fmt: skip
 
 
