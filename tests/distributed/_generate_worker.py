@@ -1,12 +1,13 @@
 """torchrun worker for test_parallel_generate.py: multi-process generation == one process.
 
-Usage: `torchrun --nproc_per_node 4 _generate_worker.py layouts ROOT` or `... fail ROOT`.
+Usage: `torchrun --nproc_per_node 4 _generate_worker.py ROOT`.
 
 `layouts`: every layout in `CASES` on 4 processes. A layout of 2 ranks leaves data parallelism 2: data
 group 0 generates the t2v clip and data group 1 the i2v clip of that case, each compared with the
 single-process frames the test wrote to ROOT/refs.npz (same seed). 4-rank layouts run both tasks. The
 first rank of each model group prints `MAXERR <case> <task> <latents err> <frames err>` (max abs, fp32).
-`fail`: the CLI under torchrun (in this process group) where rank 1 raises in its second DiT call.
+Then (one launch less) the CLI under torchrun in this process group, where rank 1 raises in its second DiT
+call: rank 0 prints `FAIL-START <unix time>` first; the launch must end soon after with rank 1's error.
 """
 
 from __future__ import annotations
@@ -88,14 +89,18 @@ def run_fail(root: Path) -> None:
         WanSequenceParallel.forward = failing
     args = ["generate", "t2v", "--model", str(root / "t2v"), "--prompt", PROMPT, "--height", "32"]
     args += ["--width", "32", "--frames", "5", "--steps", "20", "--device", "cpu", "--ulysses-size", "2"]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print(f"FAIL-START {time.time()}", flush=True)
     main(args + ["--out", str(root / "fail.npy")])
 
 
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
-    mode, root = sys.argv[1], Path(sys.argv[2])
-    {"layouts": run_layouts, "fail": run_fail}[mode](root)
+    root = Path(sys.argv[1])
+    run_layouts(root)
+    run_fail(root)  # ends the launch: rank 1 exits with its error, torchrun stops the others
     dist.barrier()
     dist.destroy_process_group()
 
