@@ -93,8 +93,9 @@ class WanT2VPipeline:
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
         self.device, self.dtype = device, dtype
-        # multi-process / memory options (`parallelize`); `dit` is what the sampler calls
-        self.parallel, self.layout, self.dit = InferenceParallel(), None, transformer
+        # multi-process / memory options (`parallelize`); with a layout the sampler calls `dit`, the
+        # sequence-parallel (and / or sharded) wrapper of `transformer`
+        self.parallel, self.layout, self.dit = InferenceParallel(), None, None
         self.vae_scale_t = vae.config.scale_factor_temporal
         self.vae_scale_s = vae.config.scale_factor_spatial
         self.max_sequence_length = 512
@@ -323,7 +324,7 @@ class WanT2VPipeline:
         stats = DenoiseStats()
         reset_all(self.transformer)  # a new generation: hooks (caches) drop what the last one left
         if layout is None:
-            velocity = cfg_velocity(self.dit, guidance_scale, cond, uncond)
+            velocity = cfg_velocity(self.transformer, guidance_scale, cond, uncond)
         else:
             velocity = layout.velocity(self.dit, guidance_scale, cond, uncond)
             progress = progress and layout.shows_progress
