@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mmkit.cli.generate_parallel import add_parallel_arguments, run_parallel, wants_parallel
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.media import VIDEO_SUFFIXES, frame_grid, load_image, save_video
 from mmkit.outputs import check_output_file
@@ -21,7 +22,7 @@ from mmkit.outputs import check_output_file
 def add_arguments(p) -> None:
     p.add_argument("task", choices=["t2v", "i2v"])
     p.add_argument("--model", required=True, help="diffusers-layout folder (model_index.json)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="the prompt (or --prompts FILE)")
     p.add_argument("--negative-prompt", default=None, help="default: the family's (Wan: empty)")
     p.add_argument(
         "--image",
@@ -64,6 +65,7 @@ def add_arguments(p) -> None:
     c.add_argument("--start_step", type=int, help="cache step_start")
     c.add_argument("--attentioncache_interval", type=int, help="cache step_interval")
     c.add_argument("--end_step", type=int, help="cache step_end")
+    add_parallel_arguments(p)
 
 
 def precheck(a) -> None:
@@ -71,7 +73,9 @@ def precheck(a) -> None:
     folder's files, and the memory the generation needs (refused beyond the device's, warned near it)."""
     device = resolve_device(a.device)
     resolve_dtype(a.dtype)
-    if not a.prompt.strip():
+    if a.prompt is None and not getattr(a, "prompts", None):
+        raise ValueError("give --prompt TEXT (or --prompts FILE, one prompt per line)")
+    if a.prompt is not None and not a.prompt.strip():
         raise ValueError("--prompt: is empty; describe the video to generate")
     if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps {a.steps}: must be >= 1")
@@ -176,6 +180,8 @@ def cache_configs(a) -> list:
 
 
 def run(a) -> int:
+    if wants_parallel(a):  # torchrun, --prompts, or a memory option
+        return run_parallel(a)
     precheck(a)
     from mmkit.infer.accel.cache import apply_cache, cache_stats
     from mmkit.infer.pipelines import load_pipeline
@@ -198,14 +204,19 @@ def run(a) -> int:
         flow_shift=a.flow_shift,
     )
     out = pipe(a.prompt, seed=a.seed, **{k: v for k, v in given.items() if v is not None})
-    frames = out.frames[0]  # (T, H, W, 3)
-    path = save_video(frames, a.out)
-    steps = out.step_times
-    print(f"{len(steps)} steps, {sum(steps) / len(steps):.3f} s/step (total {sum(steps):.1f} s)")
+    save_outputs(out, a.out)
     if a.cache_configs:
         print(f"cache {a.cache_configs[0].method}: {cache_stats(pipe.transformer).summary()}")
+    return 0
+
+
+def save_outputs(out, dest) -> None:
+    """Write a `VideoOutput`'s first video to `dest` (+ a PNG frame grid beside an .mp4) and report."""
+    frames = out.frames[0]  # (T, H, W, 3)
+    path = save_video(frames, dest)
+    steps = out.step_times
+    print(f"{len(steps)} steps, {sum(steps) / len(steps):.3f} s/step (total {sum(steps):.1f} s)")
     print(f"wrote {path}")
     if path.suffix == ".mp4":
         grid = save_video(frames, path.with_suffix(".png"))
         print(f"wrote {grid} (frame grid {frame_grid(frames).shape[1]}x{frame_grid(frames).shape[0]})")
-    return 0

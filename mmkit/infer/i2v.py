@@ -75,9 +75,12 @@ class WanI2VPipeline(WanT2VPipeline):
     @torch.no_grad()
     def encode_image(self, image: Image.Image | list[Image.Image]) -> torch.Tensor:
         """CLIP ViT penultimate hidden states (B, N_tokens, image_dim)."""
+        from mmkit.infer.parallel import on_device
+
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
-        pixels = pixels.to(self.device, next(self.image_encoder.parameters()).dtype)
-        return self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        with on_device(self.image_encoder, self.device, self.parallel.offload):
+            pixels = pixels.to(self.device, next(self.image_encoder.parameters()).dtype)
+            return self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
     @torch.no_grad()
     def condition_latents(self, image: Image.Image | torch.Tensor, height: int, width: int, num_frames: int):

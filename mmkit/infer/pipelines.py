@@ -7,6 +7,8 @@ loader (`FamilySpec.pipeline`): a generation pipeline for video DiTs (`WanT2VPip
 
 from __future__ import annotations
 
+import inspect
+
 
 def estimate_memory(path, task: str | None = None, **shape) -> dict[str, int] | None:
     """Peak bytes of one call of the folder's pipeline, by part, from its configs and weight headers
@@ -22,9 +24,11 @@ def estimate_memory(path, task: str | None = None, **shape) -> dict[str, int] | 
     return None if estimate is None else estimate(path, task=task, **shape)
 
 
-def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
+def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32", parallel=None):
     """Load a Hugging Face folder as the mmkit pipeline of its family; `task` defaults to the family's first.
 
+    `parallel` (`infer.parallel.InferenceParallel`, video families): sequence / CFG parallelism and memory
+    options; call inside an initialised process group when it spans several processes.
     Example: `pipe = load_pipeline("Wan2.1-T2V-1.3B-Diffusers", task="t2v", device="cuda", dtype="bf16")`.
     """
     from mmkit import registry
@@ -33,4 +37,16 @@ def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32"):
     task = spec.tasks[0] if task is None else task
     if task not in spec.tasks:
         raise ValueError(f"task={task!r}: choose one of {', '.join(spec.tasks)} ({spec.title})")
-    return spec.resolve("pipeline")(path, task=task, device=device, dtype=dtype)
+    if parallel is None:
+        return spec.resolve("pipeline")(path, task=task, device=device, dtype=dtype)
+    if task not in ("t2v", "i2v"):
+        raise ValueError(
+            f"parallel=...: multi-process generation is for video tasks (t2v, i2v), not task={task!r}"
+        )
+    loader = spec.resolve("pipeline")
+    if "parallel" not in inspect.signature(loader).parameters:
+        raise ValueError(
+            f"parallel=...: multi-process and memory options are not available for {spec.title} yet; "
+            "run it in one process without --ulysses-size/--ring-size/--cfg-size/--prompts/--dit-fsdp/..."
+        )
+    return loader(path, task=task, device=device, dtype=dtype, parallel=parallel)

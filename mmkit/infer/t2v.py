@@ -24,6 +24,7 @@ import torch
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.accel.hooks import reset_all
 from mmkit.infer.budget import tensor_bytes
+from mmkit.infer.parallel import InferenceLayout, InferenceParallel, on_device, tiled_decode
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise, make_scheduler
 from mmkit.models.common.hf_io import check_safetensors, find_weight_files, read_json
 from mmkit.models.wan.load import load_transformer
@@ -148,14 +149,22 @@ class WanT2VPipeline:
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
         self.device, self.dtype = device, dtype
+        # multi-process / memory options (`parallelize`); with a layout the sampler calls `dit`, the
+        # sequence-parallel (and / or sharded) wrapper of `transformer`
+        self.parallel, self.layout, self.dit = InferenceParallel(), None, None
         self.vae_scale_t = vae.config.scale_factor_temporal
         self.vae_scale_s = vae.config.scale_factor_spatial
         self.max_sequence_length = 512
 
     # ---- loading -----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, device="auto", dtype="fp32"):
-        """Load every component of a diffusers-layout Wan folder. Example: `WanT2VPipeline.from_pretrained(p)`."""
+    def from_pretrained(cls, path, device="auto", dtype="fp32", parallel: InferenceParallel | None = None):
+        """Load every component of a diffusers-layout Wan folder. Example: `WanT2VPipeline.from_pretrained(p)`.
+
+        With `parallel` (inside an initialised process group for more than one process), the process groups
+        are built and the layout checked against the model's heads before any weights are read; models to be
+        sharded or offloaded are read to the CPU first.
+        """
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -163,19 +172,27 @@ class WanT2VPipeline:
         device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
         check_components(folder, cls.components, cls.task)
         check_weights(folder, cls.components)  # pickled-only or damaged files: named, before any load
-        kw = cls._extra_components(folder, device, dtype)
-        return cls(
-            transformer=load_transformer(folder / "transformer", device, dtype),
+        p = parallel or InferenceParallel()
+        layout = None
+        if parallel is not None:
+            heads = read_json(folder / "transformer" / "config.json").get("num_attention_heads")
+            p.check(InferenceLayout.world_size(), heads=heads)
+            layout = InferenceLayout(p)
+        cpu = torch.device("cpu")
+        stage = cpu if p.offload else device  # offload: every model waits on the CPU for its stage
+        kw = cls._extra_components(folder, stage, dtype)
+        pipe = cls(
+            transformer=load_transformer(folder / "transformer", cpu if p.dit_fsdp else stage, dtype),
             # the VAE stays in float32: its decode is a small share of the time and bf16 costs quality
             vae=AutoencoderKLWan.from_pretrained(
                 folder / "vae", torch_dtype=torch.float32, use_safetensors=True
             )
-            .to(device)
+            .to(stage)
             .eval(),
             text_encoder=UMT5EncoderModel.from_pretrained(
                 folder / "text_encoder", dtype=dtype, use_safetensors=True
             )
-            .to(device)
+            .to(cpu if p.t5_cpu or p.t5_fsdp else stage)
             .eval(),
             tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
             scheduler=UniPCMultistepScheduler.from_pretrained(folder / "scheduler"),
@@ -183,6 +200,30 @@ class WanT2VPipeline:
             dtype=dtype,
             **kw,
         )
+        if parallel is not None:
+            pipe.parallelize(p, layout)
+        return pipe
+
+    def parallelize(self, parallel: InferenceParallel, layout: InferenceLayout | None = None):
+        """Apply a multi-process / memory layout to the loaded pipeline (in place; returns self).
+
+        Sequence parallelism wraps the DiT (`wan_parallel.WanSequenceParallel`), FSDP2 shards it and / or
+        the text encoder over the model group (moving the shards to the device).
+        Example: `pipe.parallelize(InferenceParallel(ulysses=2))` under torchrun with 2 processes.
+        """
+        from mmkit.infer.wan_parallel import parallelize_wan_dit
+
+        layout = layout or InferenceLayout(parallel)
+        self.parallel, self.layout = parallel, layout
+        self.dit = parallelize_wan_dit(self.transformer, layout, self.device)
+        if parallel.t5_fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = layout.fsdp_mesh(self.device)
+            for block in self.text_encoder.encoder.block:
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+            fully_shard(self.text_encoder, mesh=mesh, reshard_after_forward=True)
+        return self
 
     @classmethod
     def _extra_components(cls, folder: Path, device, dtype) -> dict:
@@ -209,9 +250,11 @@ class WanT2VPipeline:
             add_special_tokens=True,
             return_tensors="pt",
         )
-        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        dev = next(self.text_encoder.parameters()).device  # the CPU with t5_cpu
+        ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
         feats = self.text_encoder(ids, mask).last_hidden_state  # (B, n, text_dim)
-        return feats * mask.gt(0).unsqueeze(-1).to(feats.dtype)  # zero the padding, as diffusers does
+        feats = feats * mask.gt(0).unsqueeze(-1).to(feats.dtype)  # zero the padding, as diffusers does
+        return feats.to(self.device)
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         c = self.vae.config.z_dim
@@ -239,11 +282,26 @@ class WanT2VPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
-        """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists."""
+        """Normalized latents (B, C, T, H, W) -> frames in [0, 1] as np (B, T, H, W, 3) or PIL lists.
+
+        With `vae_tiling` the decode runs in spatial tiles (`parallel.tiled_decode`); with `vae_parallel` in
+        time chunks over the model group (`wan_parallel.parallel_decode`: its rank 0 gets the frames, the
+        others None)."""
         mean, std = self._latent_stats(latents.device)
-        video = self.vae.decode(latents.float() * std + mean, return_dict=False)[
-            0
-        ]  # (B, 3, T, H, W) in [-1, 1]
+        z = latents.float() * std + mean
+        p, layout = self.parallel, self.layout
+        if p.vae_parallel and layout is not None and layout.model_group is not None:
+            from mmkit.infer.wan_parallel import parallel_decode
+
+            video = parallel_decode(self.vae, z, layout.model_group, p.vae_warmup, self.vae_scale_t)
+            if video is None:
+                return None
+        elif p.vae_tiling:
+            frames = (z.shape[2] - 1) * self.vae_scale_t + 1
+            decode = lambda zt: self.vae.decode(zt, return_dict=False)[0]  # noqa: E731
+            video = tiled_decode(decode, z, self.vae_scale_s, p.vae_tile, frames)
+        else:
+            video = self.vae.decode(z, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
         frames = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().float().numpy()
         if output_type == "pil":
             from PIL import Image
@@ -313,8 +371,16 @@ class WanT2VPipeline:
         extra, prepare = self._conditioning(image, height, width, len(prompts))  # before noise: may raise
 
         do_cfg = guidance_scale > 1.0
-        ctx = self.encode_prompt(prompts).to(self.dtype)
-        ctx_neg = self.encode_prompt(negs).to(self.dtype) if do_cfg else None
+        layout, p = self.layout, self.parallel
+        # CFG parallelism: a rank encodes (and denoises) only its own branch's text
+        split = layout is not None and p.cfg == 2 and do_cfg
+        with on_device(self.text_encoder, self.device, p.offload):
+            ctx = self.encode_prompt(prompts).to(self.dtype) if not split or layout.branch == "cond" else None
+            ctx_neg = (
+                self.encode_prompt(negs).to(self.dtype)
+                if do_cfg and (not split or layout.branch == "uncond")
+                else None
+            )
 
         if latents is None:
             generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**32)
@@ -324,25 +390,36 @@ class WanT2VPipeline:
         uncond = {"text_context": ctx_neg, **extra} if do_cfg else None
         stats = DenoiseStats()
         reset_all(self.transformer)  # a new generation: hooks (caches) drop what the last one left
-        velocity = cfg_velocity(self.transformer, guidance_scale, cond, uncond)
-        latents = denoise(velocity, latents, scheduler, num_inference_steps, prepare, progress, stats)
+        if layout is None:
+            velocity = cfg_velocity(self.transformer, guidance_scale, cond, uncond)
+        else:
+            velocity = layout.velocity(self.dit, guidance_scale, cond, uncond)
+            progress = progress and layout.shows_progress
+        with on_device(self.transformer, self.device, p.offload), on_device(self.vae, self.device, p.offload):
+            latents = denoise(velocity, latents, scheduler, num_inference_steps, prepare, progress, stats)
         if output_type == "latent":
             return VideoOutput(latents, stats.step_times)
-        return VideoOutput(self.decode(latents, output_type), stats.step_times)
+        if layout is not None and not p.vae_parallel and not layout.writes:
+            return VideoOutput(None, stats.step_times)  # the model group's rank 0 decodes
+        with on_device(self.vae, self.device, p.offload):
+            return VideoOutput(self.decode(latents, output_type), stats.step_times)
 
 
-def load_wan_pipeline(path, task: str = "t2v", device="auto", dtype="fp32") -> WanT2VPipeline:
+def load_wan_pipeline(
+    path, task: str = "t2v", device="auto", dtype="fp32", parallel: InferenceParallel | None = None
+) -> WanT2VPipeline:
     """A diffusers-layout Wan2.1 folder as the pipeline of `task` ("t2v" or "i2v"); the loader the
-    Wan family spec names. Example: `pipe = load_wan_pipeline("Wan2.1-T2V-1.3B-Diffusers", "t2v")`."""
+    Wan family spec names. `parallel`: a multi-process / memory layout (`infer.parallel.InferenceParallel`).
+    Example: `pipe = load_wan_pipeline("Wan2.1-T2V-1.3B-Diffusers", "t2v")`."""
     if task not in ("t2v", "i2v"):
         raise ValueError(f"task={task!r}: choose one of t2v, i2v")
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
     if task == "t2v":
-        return WanT2VPipeline.from_pretrained(path, device=device, dtype=dtype)
+        return WanT2VPipeline.from_pretrained(path, device=device, dtype=dtype, parallel=parallel)
     from mmkit.infer.i2v import WanI2VPipeline
 
-    return WanI2VPipeline.from_pretrained(path, device=device, dtype=dtype)
+    return WanI2VPipeline.from_pretrained(path, device=device, dtype=dtype, parallel=parallel)
 
 
 load_wan_pipeline.estimate_memory = estimate_memory  # what `pipelines.estimate_memory` asks the loader
