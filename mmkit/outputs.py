@@ -1,6 +1,6 @@
 """Output folders and files a command writes: mmkit never deletes or overwrites what it did not create.
 
-Every folder a command builds (`create-tiny`, `data synth`, `data features`, `demo`) carries a marker
+Every folder a command builds (`create-tiny`, `data synth`, `data features`, `demo`, `convert`) carries a marker
 file, `.mmkit-output.json`, naming the command. A later run may replace such a folder only when asked
 (`--overwrite`); a non-empty folder without the marker (the user's own files, a checkpoint folder) is
 never touched. Output files (`generate --out`) are replaced only with `--overwrite`.
@@ -72,9 +72,17 @@ def claim_output_dir(path: str | os.PathLike, command: str, overwrite: bool = Fa
     if check_output_dir(out, command, overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return mark_output_dir(out, command)
+
+
+def mark_output_dir(folder: str | os.PathLike, command: str) -> Path:
+    """Write the marker naming `command` into `folder` (which exists); returns it.
+    Example: `mark_output_dir(tmp, "convert hf-to-mm")` on a folder built under a temporary name.
+    """
+    folder = Path(folder)
     # no timestamp: the same command writes byte-identical folders
-    (out / MARKER).write_text(json.dumps({"command": command}) + "\n")
-    return out
+    (folder / MARKER).write_text(json.dumps({"command": command}) + "\n")
+    return folder
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:

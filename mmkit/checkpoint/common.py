@@ -3,7 +3,7 @@ and casts applied to it, and the atomic output folder every writer builds in.
 
 Example:
     >>> check_state("wan", cfg, state, "ckpt/wan")          # names and shapes of the model, or one error
-    >>> with new_dir(Path("out")) as tmp:                     # `out` appears only when complete
+    >>> with new_dir(Path("out"), "convert resplit") as tmp:  # `out` appears only when complete
     ...     (tmp / "a.json").write_text("{}")
 """
 
@@ -22,6 +22,7 @@ import torch
 from mmkit import registry
 from mmkit.device import DTYPES
 from mmkit.models.common.hf_io import check_keys
+from mmkit.outputs import check_output_dir, mark_output_dir
 
 
 @dataclass
@@ -112,26 +113,52 @@ def cast(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.T
     return {k: v.to(to) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def check_out(out: str | os.PathLike) -> None:
-    """An output folder must be new or empty."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output folder {out} exists and is not empty; pass a new folder or remove it")
+def check_out(out: str | os.PathLike, command: str, overwrite: bool = False) -> None:
+    """Refuse `out` before any weights are read unless it is new, empty, or (with `overwrite`) the marked
+    output of an earlier mmkit command; a user's non-empty folder is always refused (`outputs.check_output_dir`).
+
+    Example: `check_out("ckpt/q", "convert hf-to-mm", overwrite=args.overwrite)`.
+    """
+    check_output_dir(out, command, overwrite)
 
 
 @contextlib.contextmanager
-def new_dir(out: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name beside `out`, renamed into place only when complete."""
-    check_out(out)
+def new_dir(out: str | os.PathLike, command: str, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name beside `out`, marked as `command`'s output, and swap it into
+    place only when complete.
+
+    `out` is checked first (`check_out`). An earlier marked output is replaced only with `overwrite`, and
+    so that a crash at any point keeps it: it is renamed aside, the new folder renamed in, and only then
+    is the old one deleted.
+    Example:
+        >>> with new_dir(Path("ckpt/q"), "convert hf-to-mm", overwrite=True) as tmp:
+        ...     (tmp / "layout.json").write_text("{}")
+    """
+    out = Path(out)
+    check_out(out, command, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
+        mark_output_dir(tmp, command)
+        # checked again: the writing took a while, and `out` may have changed meanwhile
+        replace = check_output_dir(out, command, overwrite)
+        if replace:
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+        elif out.exists():
             out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if replace:
+                os.rename(old, out)  # the earlier output goes back where it was
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replace:
+        shutil.rmtree(old, ignore_errors=True)

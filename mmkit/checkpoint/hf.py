@@ -115,12 +115,15 @@ def write_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
     config_file: Path | None = None,
+    command: str = "convert",
+    overwrite: bool = False,
 ) -> Path:
     """Write `ck` as a Hugging Face folder, with the writer `export_to_hf` uses for training checkpoints.
 
     Wan: `layout` "diffusers" (default; a full pipeline, frozen parts copied from `ck.source`) or "original".
     Qwen2.5-VL: a transformers folder with the side files of `ck.hf_files` (or `tokenizer_from`).
-    `config_file` names the checkpoint's layout file in messages. `outdir` appears only when complete.
+    `config_file` names the checkpoint's layout file in messages. `outdir` appears only when complete, marked as `command`'s output; an earlier
+    mmkit output there is replaced only with `overwrite` (`new_dir`).
     Example: `write_hf(read_mm("ckpt/q_tp2"), "Qwen-out")`.
     """
     layout = hf_layout(ck.family, layout)
@@ -135,6 +138,6 @@ def write_hf(
         config_file=config_file or Path(outdir) / LAYOUT_FILE,
     )
     check_state(ck.family, writer.cfg, ck.state, writer.checked_against, CONFIG_SOURCE_FIX)
-    with new_dir(Path(outdir)) as tmp:
+    with new_dir(Path(outdir), command, overwrite) as tmp:
         writer.write(ck.state, tmp, to, max_shard_bytes, progress)
     return Path(outdir)

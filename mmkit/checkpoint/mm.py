@@ -201,17 +201,20 @@ def write_mm(
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
+    command: str = "convert",
+    overwrite: bool = False,
 ) -> Path:
     """Write `ck` as an mmkit checkpoint in `layout`: DCP when tp = pp = 1, else per-rank pre-split folders.
 
-    `out` must be new or empty; it appears only when complete. Returns `out`.
+    `out` must be new or empty, or with `overwrite` an earlier mmkit output; it appears only when complete,
+    marked as `command`'s output (`new_dir`). Returns `out`.
     Example: `write_mm(read_hf("Qwen2.5-VL-3B"), "ckpt/q", plan_layout("qwen2_5_vl", cfg, tp=2))`.
     """
     out = Path(out)
     split = layout.tp > 1 or layout.pp > 1
     meta = {"format": FORMAT_SPLIT if split else FORMAT_DCP, "version": LAYOUT_VERSION, **layout.to_dict()}
     meta.update(names="global", model_config=ck.hf_config, source=str(ck.source) if ck.source else None)
-    with new_dir(out) as tmp:
+    with new_dir(out, command, overwrite) as tmp:
         if ck.hf_files is not None:
             copy_side_files(ck.hf_files, tmp / HF_FILES)
             meta["hf_files"] = HF_FILES

@@ -42,6 +42,15 @@ def parse_layers(text: str | None, flag: str) -> list | None:
     return value
 
 
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier mmkit output at the target (only once the new one is complete); "
+        "a folder mmkit did not write is never touched",
+    )
+
+
 def _layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the target layout (default 1)")
     p.add_argument(
@@ -64,6 +73,7 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
         "--max-shard-size", metavar="SIZE", default="5GB", help="largest safetensors file (default 5GB)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _overwrite_flag(p)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mm_to_hf.add_argument(
         "ckpt", help="checkpoint.dir of a run (its latest step), a step_N folder, or a converted checkpoint"
     )
-    mm_to_hf.add_argument("outdir", help="output folder (new or empty)")
+    mm_to_hf.add_argument(
+        "outdir", help="output folder (new or empty; an earlier mmkit output with --overwrite)"
+    )
     mm_to_hf.add_argument("--ema", action="store_true", help="export the EMA weights (the run had train.ema)")
     mm_to_hf.add_argument(
         "--layout",
@@ -115,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export weights even if they hold NaN/inf (refused by default)",
     )
     mm_to_hf.add_argument("--quiet", action="store_true", help="no progress bars")
+    _overwrite_flag(mm_to_hf)
     mm_to_hf.set_defaults(_convert_run=_mm_to_hf)
 
     hf_to_mm = actions.add_parser(
@@ -126,7 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config first (as training does).",
     )
     hf_to_mm.add_argument("hf_dir", help="Hugging Face model folder")
-    hf_to_mm.add_argument("out", help="output folder (new or empty)")
+    hf_to_mm.add_argument(
+        "out", help="output folder (new or empty; an earlier mmkit output with --overwrite)"
+    )
     _layout_flags(hf_to_mm)
     hf_to_mm.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast weights (default: as stored)"
@@ -140,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "target layout; tp=pp=1 writes the unsplit DCP format.",
     )
     resplit.add_argument("src", help="mmkit checkpoint folder (or an HF folder)")
-    resplit.add_argument("out", help="output folder (new or empty)")
+    resplit.add_argument("out", help="output folder (new or empty; an earlier mmkit output with --overwrite)")
     _layout_flags(resplit)
     resplit.add_argument(
         "--init-from", metavar="DIR", default=None, help="HF folder to use instead of the recorded source"
@@ -165,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model family whose VAE it is (default: the first with a VAE converter, wan)",
     )
     vae.add_argument("--quiet", action="store_true", help="no progress bars")
+    _overwrite_flag(vae)
     vae.set_defaults(_convert_run=_vae_convert)
 
 
@@ -188,6 +204,7 @@ def _mm_to_hf(args: argparse.Namespace) -> int:
         max_shard_bytes=parse_size(args.max_shard_size),
         progress=not args.quiet,
         allow_nonfinite=args.allow_nonfinite,
+        overwrite=args.overwrite,
     )
     print(f"exported {'EMA' if args.ema else 'model'} weights -> {out}")
     return 0
@@ -204,6 +221,7 @@ def _layout_kwargs(args: argparse.Namespace) -> dict:
         max_shard_bytes=parse_size(args.max_shard_size),
         names=FLAG_NAMES,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
 
 
@@ -230,6 +248,7 @@ def _vae_convert(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--family {spec.name}: {spec.title} has no VAE converter; choose one of {', '.join(s.name for s in have)}"
         )
-    out = spec.resolve("vae_convert")(args.src, args.out, to=args.to, progress=not args.quiet)
+    convert = spec.resolve("vae_convert")
+    out = convert(args.src, args.out, to=args.to, progress=not args.quiet, overwrite=args.overwrite)
     print(f"converted VAE ({args.to} layout) -> {out}")
     return 0

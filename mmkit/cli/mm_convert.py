@@ -13,7 +13,8 @@
 Converters: each model family's (`Qwen2_5_VLConverter`, `WanConverter`, `OpenSoraPlanConverter`; a
 `--version` before the action names the flavor generation, e.g. v1.3); actions `hf_to_mm`, `mm_to_hf`,
 `resplit`, and `vae_convert` (the family's VAE between its release file and the diffusers layout;
-`--cfg.to diffusers|original`, default: the other layout than the source's). Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
+`--cfg.to diffusers|original`, default: the other layout than the source's). `--overwrite` replaces an earlier
+mmkit output at the target (a folder mmkit did not write is never touched). Field names are MindSpeed's; values are JSON where they parse (`[[12,16]]`, `1`, `true`), text
 otherwise. The fields' meaning and the work are `mmkit.convert.mm_convert`'s.
 """
 
@@ -42,6 +43,7 @@ def _value(text: str):
 def parse_args(argv: list[str]) -> tuple[str, str, dict[str, object]]:
     """(family, action, {field: value}) of an mm-convert command line; UsageError naming what is wrong.
 
+    `--overwrite` (anywhere after the action) sets the field "overwrite" to True.
     Example: `parse_args(["WanConverter", "resplit", "--cfg.source_path", "a", "--cfg.target_path", "b"])`
     -> `("wan", "resplit", {"source_path": "a", "target_path": "b"})`.
     """
@@ -77,6 +79,9 @@ def parse_args(argv: list[str]) -> tuple[str, str, dict[str, object]]:
     rest = list(argv[2:])
     while rest:
         flag = rest.pop(0)
+        if flag == "--overwrite":  # mmkit's flag, as in `mmkit convert`: replace an earlier mmkit output
+            fields["overwrite"] = True
+            continue
         if not flag.startswith("--cfg."):
             raise UsageError(f"{flag!r}: every setting is --cfg.<field> VALUE (e.g. --cfg.mm_dir OUT)")
         name, eq, text = flag[len("--cfg.") :].partition("=")

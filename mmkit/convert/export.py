@@ -38,6 +38,8 @@ from mmkit.checkpoint.dcp import export_model_state, read_checkpoint_info
 from mmkit.checkpoint.hf import CONFIG_SOURCE_FIX, hf_layout
 from mmkit.models.common.hf_io import DEFAULT_SHARD_BYTES
 
+COMMAND = "convert mm-to-hf"  # the marker of the folders it writes
+
 
 def export_to_hf(
     ckpt: str | os.PathLike,
@@ -52,8 +54,10 @@ def export_to_hf(
     progress: bool = True,
     family: str | None = None,
     allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the weights of checkpoint `ckpt` as a Hugging Face folder `outdir` (must be new or empty).
+    """Write the weights of checkpoint `ckpt` as a Hugging Face folder `outdir` (must be new or empty,
+    or with `overwrite` an earlier mmkit output, replaced only once the new folder is complete).
 
     `which`: "model" (the trained weights) or "ema" (the run's EMA weights). `layout`: wan "diffusers"
     (default, a full pipeline folder) or "original" (the DiT alone, original Wan2.1 names);
@@ -65,6 +69,8 @@ def export_to_hf(
     Example: `export_to_hf("outputs/ckpt/wan_t2v_tiny", "outputs/wan-trained")` then
     `diffusers.WanPipeline.from_pretrained("outputs/wan-trained")`.
     """
+    out = Path(outdir)
+    check_out(out, COMMAND, overwrite)  # first: nothing is read for a target that is refused
     if which not in ("model", "ema"):
         raise ValueError(f"which={which!r}: use 'model' (trained weights) or 'ema' (the EMA weights)")
     to = check_dtype(dtype)
@@ -78,8 +84,6 @@ def export_to_hf(
             f"checkpoint {info.step_dir} has no EMA weights (the run had train.ema=false); "
             "export the trained weights instead (drop --ema / which='ema')"
         )
-    out = Path(outdir)
-    check_out(out)
     writer = adapter(info.family).writer(
         Path(init_from) if init_from is not None else info.init_from,
         layout=layout,
@@ -93,6 +97,6 @@ def export_to_hf(
     sd = export_model_state(info.step_dir, which)
     check_finite(sd, str(info.step_dir), allow_nonfinite)
     check_state(info.family, writer.cfg, sd, writer.checked_against, CONFIG_SOURCE_FIX)
-    with new_dir(out) as tmp:
+    with new_dir(out, COMMAND, overwrite) as tmp:
         writer.write(sd, tmp, to, max_shard_bytes, progress)
     return out

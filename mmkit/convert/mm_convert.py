@@ -135,12 +135,17 @@ def _one(fields: dict, action: str, role: str) -> str | None:
 def run(family: str, action: str, fields: dict, progress: bool = True):
     """Run one parsed mm-convert command with `mmkit.convert.ops`; returns the output path.
 
+    `fields["overwrite"]` (the `--overwrite` flag) lets an earlier mmkit output at the target be replaced.
+
     Example: `run("wan", "resplit", {"source_path": "a", "target_path": "b"})`.
     """
+    fields = dict(fields)
+    overwrite = bool(fields.pop("overwrite", False))
     src, out = _one(fields, action, "src"), _one(fields, action, "out")
     if action == "vae_convert":
         to = str(fields.get("to", "auto"))
-        return registry.get(family).resolve("vae_convert")(src, out, to=to, progress=progress)
+        convert = registry.get(family).resolve("vae_convert")
+        return convert(src, out, to=to, progress=progress, overwrite=overwrite)
     init_from = _one(fields, action, "init_from")
     if action != "hf_to_mm":  # a stated source layout must be the one on disk; checked before reading
         stated, names = _layout(family, action, fields, "source")
@@ -150,8 +155,11 @@ def run(family: str, action: str, fields: dict, progress: bool = True):
                 src, tp=stated.get("tp"), pp_layers=stated.get("pp_layers"), labels=labels
             )
     if action == "mm_to_hf":
-        return ops.mm_to_hf(src, out, family=family, init_from=init_from, progress=progress)
+        return ops.mm_to_hf(
+            src, out, family=family, init_from=init_from, progress=progress, overwrite=overwrite
+        )
     layout, names = _layout(family, action, fields, "target")
+    common = dict(family=family, names=names, progress=progress, overwrite=overwrite, **layout)
     if action == "hf_to_mm":
-        return ops.hf_to_mm(src, out, family=family, names=names, progress=progress, **layout)
-    return ops.resplit(src, out, family=family, init_from=init_from, names=names, progress=progress, **layout)
+        return ops.hf_to_mm(src, out, **common)
+    return ops.resplit(src, out, init_from=init_from, **common)

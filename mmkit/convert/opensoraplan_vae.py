@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mmkit.checkpoint.common import check_out, new_dir
 from mmkit.models.opensoraplan import vae_io
+
+COMMAND = "convert vae-convert"  # the marker of the folders it writes
 
 
 def _source(src: Path) -> Path:
@@ -25,11 +28,14 @@ def _source(src: Path) -> Path:
     return src
 
 
-def convert_vae(src: str | os.PathLike, out: str | os.PathLike, to: str, progress: bool = True) -> Path:
+def convert_vae(
+    src: str | os.PathLike, out: str | os.PathLike, to: str, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a WF-VAE folder between the release `.ckpt` layout ("original") and "diffusers".
 
     `to="auto"` picks the other layout than the source's. `src` is a VAE folder in either layout (or a pipeline folder with `vae/`, or the `.ckpt` itself, whose
-    folder must hold `config.json`); `out` is a new or empty folder. Returns what was written.
+    folder must hold `config.json`); `out` is a new or empty folder, or with `overwrite` an earlier mmkit output
+    (swapped only once the new one is complete). Returns what was written.
     Example: `convert_vae("osp/vae", "vae_diffusers", to="diffusers")`.
     """
     src, out = Path(src), Path(out)
@@ -37,8 +43,7 @@ def convert_vae(src: str | os.PathLike, out: str | os.PathLike, to: str, progres
         to = "diffusers" if src.suffix == ".ckpt" or vae_io.find_ckpt(_source(src)) else "original"
     if to not in ("diffusers", "original"):
         raise ValueError(f"--to {to!r}: choose 'diffusers' or 'original'")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output folder {out} exists and is not empty; pass a new folder")
+    check_out(out, COMMAND, overwrite)  # before any weights are read
     folder = _source(src)
     if src.is_file():
         sd = vae_io.read_ckpt(src)
@@ -47,6 +52,8 @@ def convert_vae(src: str | os.PathLike, out: str | os.PathLike, to: str, progres
     else:
         sd, cfg = vae_io.read_vae(folder)
     cfg = {k: v for k, v in cfg.items() if k != "_class_name"}
-    if to == "diffusers":
-        return vae_io.write_diffusers(sd, cfg, out, progress)
-    return vae_io.write_ckpt(sd, cfg, out)
+    with new_dir(out, COMMAND, overwrite) as tmp:
+        if to == "diffusers":
+            vae_io.write_diffusers(sd, cfg, tmp, progress)
+            return out
+        return out / vae_io.write_ckpt(sd, cfg, tmp).name

@@ -36,14 +36,17 @@ def hf_to_mm(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     names: dict[str, str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Hugging Face folder -> mmkit checkpoint, unsplit (DCP) or pre-split for a tp/pp layout.
 
     The layout is validated against the model config before any tensor is read (an original-release Wan
     folder, whose config needs its weights, is read first). `dtype` casts floating tensors (fp32 / bf16 /
-    fp16; default: as stored). `family` refuses another family. Returns `out`.
+    fp16; default: as stored). `family` refuses another family. `overwrite` replaces an earlier mmkit output
+    at `out` (never a user's folder). Returns `out`.
     Example: `hf_to_mm("Qwen2.5-VL-7B-Instruct", "ckpt/q", tp=2, pp_layers=[[12, 16]], vit_pp_layers=[[32, 0]])`.
     """
+    check_out(out, "convert hf-to-mm", overwrite)  # first: nothing is read for a target that is refused
     hf_dir = Path(hf_dir)
     found, config = read_hf_config(hf_dir, family)
     ck = None if config is not None else read_hf(hf_dir, found, progress)
@@ -51,10 +54,17 @@ def hf_to_mm(
     layout = plan_layout(
         found, cfg, tp=tp, pp=pp, pp_layers=pp_layers, vit_pp_layers=vit_pp_layers, names=names
     )
-    check_out(out)
     ck = ck or read_hf(hf_dir, progress=progress, config=(found, config))
     ck.state = cast(ck.state, dtype)
-    return write_mm(ck, out, layout, max_shard_bytes=max_shard_bytes, progress=progress)
+    return write_mm(
+        ck,
+        out,
+        layout,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        command="convert hf-to-mm",
+        overwrite=overwrite,
+    )
 
 
 def read_any(
@@ -88,18 +98,28 @@ def resplit(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     names: dict[str, str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Any mmkit checkpoint (pre-split, DCP, training) -> the same weights in another tp/pp layout.
 
-    tp = pp = 1 writes the unsplit DCP format. Returns `out`.
+    tp = pp = 1 writes the unsplit DCP format. `overwrite` replaces an earlier mmkit output at `out`.
+    Returns `out`.
     Example: `resplit("ckpt/q_tp2pp2", "ckpt/q_tp1pp1")`.
     """
-    check_out(out)
+    check_out(out, "convert resplit", overwrite)
     ck = read_any(src, family, init_from, progress)
     layout = plan_layout(
         ck.family, ck.model_cfg, tp=tp, pp=pp, pp_layers=pp_layers, vit_pp_layers=vit_pp_layers, names=names
     )
-    return write_mm(ck, out, layout, max_shard_bytes=max_shard_bytes, progress=progress)
+    return write_mm(
+        ck,
+        out,
+        layout,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        command="convert resplit",
+        overwrite=overwrite,
+    )
 
 
 def check_source_layout(
@@ -138,14 +158,16 @@ def mm_to_hf(
     family: str | None = None,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Any mmkit checkpoint -> a Hugging Face folder. A training checkpoint goes through `export_to_hf`
     (EMA, original layout, ...); a converted one (layout.json) is merged first, then written the same way.
 
     `init_from` replaces the recorded HF source (Wan: the pipeline with the frozen parts; Qwen: the folder
-    with config/tokenizer files). Returns `outdir`.
+    with config/tokenizer files). `overwrite` replaces an earlier mmkit output at `outdir`. Returns `outdir`.
     Example: `mm_to_hf("ckpt/q_tp2pp2", "Qwen-out")` then `Qwen2_5_VLForConditionalGeneration.from_pretrained("Qwen-out")`.
     """
+    check_out(outdir, "convert mm-to-hf", overwrite)  # first: nothing is read for a target that is refused
     p = Path(src)
     if layout_file(p) is None:
         from mmkit.convert.export import export_to_hf
@@ -162,10 +184,10 @@ def mm_to_hf(
             progress=progress,
             family=family,
             allow_nonfinite=allow_nonfinite,
+            overwrite=overwrite,
         )
     if which != "model":
         raise ValueError(f"{p} is a converted checkpoint: it holds no EMA weights; drop --ema")
-    check_out(outdir)
     ck = read_mm(p, family=family, init_from=init_from, progress=progress)
     check_finite(ck.state, str(p), allow_nonfinite)
     return write_hf(
@@ -177,4 +199,6 @@ def mm_to_hf(
         max_shard_bytes=max_shard_bytes,
         progress=progress,
         config_file=p / LAYOUT_FILE,
+        command="convert mm-to-hf",
+        overwrite=overwrite,
     )

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mmkit.checkpoint.common import check_out, new_dir
 from mmkit.models.common.hf_io import (
     check_keys,
     load_safetensors,
@@ -37,7 +38,9 @@ from mmkit.models.common.hf_io import (
     read_json,
     save_state_dict,
 )
+from mmkit.outputs import check_output_file
 
+COMMAND = "convert vae-convert"  # the marker of the folders it writes
 ORIGINAL_NAME = "Wan2.1_VAE"  # the release file stem (Wan-AI/Wan2.1-*/Wan2.1_VAE.pth)
 CONFIG_META_KEY = "mmkit_diffusers_config"  # safetensors metadata entry of files written here
 DIFFUSERS_STEM = "diffusion_pytorch_model"
@@ -270,39 +273,54 @@ def _diffusers_folder(path: Path) -> Path:
     return folder
 
 
-def convert_vae(src: str | os.PathLike, out: str | os.PathLike, to: str, progress: bool = True) -> Path:
+def convert_vae(
+    src: str | os.PathLike, out: str | os.PathLike, to: str, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a Wan2.1 VAE between the original release layout and diffusers; returns what was written.
 
     `to="diffusers"`: `src` is `Wan2.1_VAE.pth` / `.safetensors` (or a folder with it); `out` becomes a
     folder with `config.json` + `diffusion_pytorch_model.safetensors` that `AutoencoderKLWan.from_pretrained`
     loads. `to="original"`: `src` is a diffusers VAE folder (or a pipeline folder with `vae/`); `out` is a
-    `.safetensors` file, or a folder that receives `Wan2.1_VAE.safetensors`. Existing outputs are refused.
+    `.safetensors` file, or a folder that receives `Wan2.1_VAE.safetensors`. Output folders are marked as
+    mmkit's; an existing output is refused before any weights are read, unless it is an earlier mmkit output
+    and `overwrite` is given (replaced only once the new one is complete). A user's folder is never touched.
     Example: `convert_vae("Wan2.1_VAE.pth", "vae_diffusers", to="diffusers")`.
     """
     if to not in ("diffusers", "original"):
         raise ValueError(f"--to {to!r}: choose 'diffusers' or 'original'")
     src, out = Path(src), Path(out)
     if to == "diffusers":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"output folder {out} exists and is not empty; pass a new folder")
+        check_out(out, COMMAND, overwrite)
         sd, cfg = load_original(src)
         cfg = cfg or config_from_original(sd)
         new = to_diffusers(sd, cfg, progress)
-        save_state_dict(new, out, DIFFUSERS_STEM, progress=progress, desc="write VAE")
-        (out / "config.json").write_text(json.dumps(_full_config(cfg), indent=2) + "\n")
+        with new_dir(out, COMMAND, overwrite) as tmp:
+            save_state_dict(new, tmp, DIFFUSERS_STEM, progress=progress, desc="write VAE")
+            (tmp / "config.json").write_text(json.dumps(_full_config(cfg), indent=2) + "\n")
         return out
     if out.suffix == ".pth":
         raise ValueError(
             f"{out}: mmkit writes safetensors only; name the output {out.with_suffix('.safetensors')}"
         )
-    target = out if out.suffix == ".safetensors" else out / f"{ORIGINAL_NAME}.safetensors"
-    if target.exists():
-        raise ValueError(f"{target} exists; pass a new output path")
+    single = out.suffix == ".safetensors"  # one file; else a folder that receives it
+    if single:
+        check_output_file(out, overwrite, flag="OUT")
+    else:
+        check_out(out, COMMAND, overwrite)
     folder = _diffusers_folder(src)
     cfg = read_json(folder / "config.json", "diffusers VAE config")
     _check_supported(cfg)
     new = to_original(load_state_dict(folder), cfg, progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", CONFIG_META_KEY: json.dumps(cfg)}
-    save_file({k: v.contiguous() for k, v in new.items()}, str(target), metadata=meta)
-    return target
+    tensors = {k: v.contiguous() for k, v in new.items()}
+    if not single:
+        with new_dir(out, COMMAND, overwrite) as tmp:
+            save_file(tensors, str(tmp / f"{ORIGINAL_NAME}.safetensors"), metadata=meta)
+        return out / f"{ORIGINAL_NAME}.safetensors"
+    part = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:  # written beside, then renamed over: an earlier file survives any crash
+        save_file(tensors, str(part), metadata=meta)
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    return out

@@ -13,6 +13,21 @@ from mmkit.cli.main import main
 from mmkit.cli.mm_convert import main as mm_convert
 from mmkit.outputs import MARKER, written_by
 
+# (converter, action, fields(src, out)) of every mm-convert action
+MM_CONVERT = [
+    (
+        "Qwen2_5_VLConverter",
+        "hf_to_mm",
+        lambda s, o: ["--cfg.mm_dir", str(o), "--cfg.hf_config.hf_dir", str(s)],
+    ),
+    ("Qwen2_5_VLConverter", "mm_to_hf", lambda s, o: ["--cfg.mm_dir", str(s), "--cfg.save_hf_dir", str(o)]),
+    ("WanConverter", "resplit", lambda s, o: ["--cfg.source_path", str(s), "--cfg.target_path", str(o)]),
+    (
+        "WanConverter",
+        "vae_convert",
+        lambda s, o: ["--cfg.source_path", str(s), "--cfg.target_path", str(o), "--cfg.to", "diffusers"],
+    ),
+]
 RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "wan_t2v.toml")
 
 
@@ -54,9 +69,23 @@ def test_every_command_refuses_the_users_folders(tmp_path, capsys):
     _refused(["data", "features", str(user), "--config", RECIPE, "--overwrite"], capsys, never)
     src = tmp_path / "src"
     src.mkdir()
+    # every converter refuses first, before reading the (empty) source, even with --overwrite
     for action in (["hf-to-mm", str(src)], ["resplit", str(src)], ["mm-to-hf", str(src)]):
-        _refused(["convert", *action, str(user)], capsys)
-    _refused(["convert", "vae-convert", str(src), str(user), "--to", "diffusers"], capsys)
+        _refused(["convert", *action, str(user)], capsys, never)
+        _refused(["convert", *action, str(user), "--overwrite"], capsys, never)
+    for to in ("diffusers", "original"):
+        _refused(["convert", "vae-convert", str(src), str(user), "--to", to, "--overwrite"], capsys, never)
+    _refused(
+        ["convert", "vae-convert", str(src), str(user), "--to", "diffusers", "--family", "opensoraplan"],
+        capsys,
+        never,
+    )
+    for conv, action, fields in MM_CONVERT:
+        argv = [conv, action, *fields(src, user)]
+        for extra in ([], ["--overwrite"]):
+            assert mm_convert([*argv, *extra]) == 2, argv
+            err = capsys.readouterr().err
+            assert never in err and "Traceback" not in err, err
     _refused(
         ["generate", "t2v", "--model", str(src), "--prompt", "a", "--out", str(user / "clip.mp4")], capsys
     )
@@ -99,10 +128,61 @@ def test_earlier_outputs_need_overwrite_and_are_replaced_whole(tmp_path, capsys)
     (demo / MARKER).write_text(json.dumps({"command": "demo"}))
     (demo / "loss.png").write_text("old")
     _refused(["demo", "--out", str(demo)], capsys, "earlier `mmkit demo` run", "--overwrite")
-    # convert never replaces: its outputs are new folders only
-    (tmp_path / "conv").mkdir()
-    (tmp_path / "conv" / MARKER).write_text("{}")
-    _refused(["convert", "hf-to-mm", str(qwen), str(tmp_path / "conv")], capsys, "not empty")
+    # convert and mm-convert: an earlier output is refused without --overwrite, replaced whole with it
+    conv = tmp_path / "conv"
+    assert main(["convert", "hf-to-mm", str(qwen), str(conv), "--quiet"]) == 0
+    assert written_by(conv) == "convert hf-to-mm" and (conv / "layout.json").is_file()
+    (conv / "stale.txt").write_text("from an older conversion")
+    _refused(["convert", "hf-to-mm", str(qwen), str(conv)], capsys, "earlier `mmkit convert hf-to-mm` run")
+    mm = ["Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", str(conv), "--cfg.hf_config.hf_dir", str(qwen)]
+    assert mm_convert(mm) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (conv / "stale.txt").is_file()
+    assert main(["convert", "hf-to-mm", str(qwen), str(conv), "--quiet", "--overwrite"]) == 0
+    assert not (conv / "stale.txt").exists() and (conv / "layout.json").is_file()
+    (conv / "stale.txt").write_text("again")
+    assert mm_convert([*mm, "--cfg.parallel_config.tp_size", "2", "--overwrite"]) == 0
+    assert not (conv / "stale.txt").exists() and json.loads((conv / "layout.json").read_text())["tp"] == 2
+    assert written_by(conv) == "convert hf-to-mm"
+    # the converted checkpoint converts back over its own earlier export only with --overwrite
+    back = tmp_path / "back"
+    assert main(["convert", "mm-to-hf", str(conv), str(back), "--quiet"]) == 0
+    assert written_by(back) == "convert mm-to-hf" and (back / "config.json").is_file()
+    _refused(["convert", "mm-to-hf", str(conv), str(back)], capsys, "earlier `mmkit convert mm-to-hf` run")
+    assert main(["convert", "mm-to-hf", str(conv), str(back), "--quiet", "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders
+
+
+def test_a_failed_conversion_keeps_the_earlier_output(tmp_path, monkeypatch):
+    """`new_dir` swaps a replaced output in only when complete: a crash while writing, or in the final
+    rename, leaves the earlier output where it was, and no temporary folder behind."""
+    import os
+
+    from mmkit.checkpoint.common import new_dir
+
+    out = tmp_path / "conv"
+    with new_dir(out, "convert resplit") as tmp:
+        (tmp / "w").write_text("old")
+    with pytest.raises(RuntimeError), new_dir(out, "convert resplit", overwrite=True) as tmp:
+        (tmp / "w").write_text("new")
+        raise RuntimeError("killed while writing")
+    assert (out / "w").read_text() == "old"
+
+    real = os.rename
+
+    def rename(a, b):
+        if ".tmp-" in str(a):
+            raise OSError("disk gone during the swap")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError), new_dir(out, "convert resplit", overwrite=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert (out / "w").read_text() == "old" and written_by(out) == "convert resplit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+    monkeypatch.setattr(os, "rename", real)
+    with new_dir(out, "convert resplit", overwrite=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert (out / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
 
 
 def test_features_overrides_after_config(tmp_path, monkeypatch):
