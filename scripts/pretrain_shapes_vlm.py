@@ -57,7 +57,14 @@ def main(argv=None) -> int:
         from mmkit.train.trainer import Trainer
 
         recipe = ROOT / "recipes" / "tiny" / "qwen2_5_vl_sft.toml"
-        args = ["--config", str(recipe), "--model.init_from", str(init), "--data.paths", f"[{data / 'qa.json'}]"]
+        args = [
+            "--config",
+            str(recipe),
+            "--model.init_from",
+            str(init),
+            "--data.paths",
+            f"[{data / 'qa.json'}]",
+        ]
         args += ["--train.steps", str(a.steps), "--train.global_batch", "16", "--train.micro_batch", "16"]
         args += ["--optim.schedule", "constant", "--optim.lr", "2e-3", "--checkpoint.dir", str(ckpt)]
         args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]

@@ -102,8 +102,9 @@ def detect(frames: np.ndarray) -> dict[str, str]:
         c = np.array(centroids, np.float64)
         t = c[:, 0] - c[:, 0].mean()
         denom = float((t * t).sum()) or 1.0
-        vx, vy = float((t * (c[:, 1] - c[:, 1].mean())).sum() / denom), float(
-            (t * (c[:, 2] - c[:, 2].mean())).sum() / denom
+        vx, vy = (
+            float((t * (c[:, 1] - c[:, 1].mean())).sum() / denom),
+            float((t * (c[:, 2] - c[:, 2].mean())).sum() / denom),
         )
         if abs(vx) >= abs(vy):
             direction = "right" if vx >= 0 else "left"

@@ -48,7 +48,9 @@ def save_qwen_shapes_asset(ckpt: str | os.PathLike, out: str | os.PathLike) -> t
     return out, info.step
 
 
-def create_qwen_shapes(outdir: str | os.PathLike, seed: int = 0, asset: str | os.PathLike | None = None) -> Path:
+def create_qwen_shapes(
+    outdir: str | os.PathLike, seed: int = 0, asset: str | os.PathLike | None = None
+) -> Path:
     """Unpack the shipped shapes VLM into a transformers-layout Qwen2.5-VL folder; returns `outdir`.
 
     Weights are written in float32 (config.json says so). `seed` is accepted for the create-tiny

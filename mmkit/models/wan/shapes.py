@@ -26,34 +26,43 @@ SHAPES_DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512
 SHAPES_VIDEO = {"height": 64, "width": 64, "num_frames": 17}  # what the model was trained on
 
 
-def save_shapes_asset(ckpt: str | os.PathLike, out: str | os.PathLike, heldout: list[str]) -> tuple[Path, int]:
+def save_shapes_asset(
+    ckpt: str | os.PathLike, out: str | os.PathLike, heldout: list[str]
+) -> tuple[Path, int]:
     """Write the EMA weights of the latest checkpoint in `ckpt` as the bf16 shapes asset `out`.
 
     Returns (path, training step). Example:
     `save_shapes_asset("outputs/pretrain_shapes/ckpt", "mmkit/assets/shapes_wan_dit.safetensors", prompts)`.
     """
-    from safetensors.torch import save_file
-
     from mmkit.checkpoint.dcp import export_model_state, read_checkpoint_info
     from mmkit.models.common.hf_io import read_json
 
     info = read_checkpoint_info(ckpt)
     init = Path(info.init_from)
     cfg = WanConfig.from_dict(read_json(init / "transformer" / "config.json", "start folder DiT config"))
-    sd = export_model_state(info.step_dir, "ema" if info.has_ema else "model")
-    with torch.device("meta"):
-        expected = WanTransformer(cfg).state_dict()
-    assert set(sd) == set(expected), f"checkpoint tensors differ from the config: {set(sd) ^ set(expected)}"
+    model = WanTransformer(cfg)
+    model.load_state_dict(export_model_state(info.step_dir, "ema" if info.has_ema else "model"), strict=True)
+    return write_shapes_asset(model, out, heldout, info.step), info.step
+
+
+def write_shapes_asset(model: WanTransformer, out: str | os.PathLike, heldout: list[str], step: int) -> Path:
+    """`model`'s weights in bf16 plus config, held-out prompts and step in the metadata -> `out`.
+
+    Example: `write_shapes_asset(dit, "/tmp/shapes.safetensors", ["a red circle moves left on a black background"], 0)`.
+    """
+    from safetensors.torch import save_file
+
     meta = {
-        "config": json.dumps(cfg.to_dict()),
+        "config": json.dumps(model.cfg.to_dict()),
         "heldout_prompts": json.dumps(list(heldout)),
-        "step": str(info.step),
+        "step": str(step),
         "video": json.dumps(SHAPES_VIDEO),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(out), metadata=meta)
-    return out, info.step
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out), metadata=meta)
+    return out
 
 
 def load_shapes_asset(path: str | os.PathLike | None = None) -> tuple[WanTransformer, dict]:
@@ -74,7 +83,9 @@ def load_shapes_asset(path: str | os.PathLike | None = None) -> tuple[WanTransfo
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if "config" not in raw:
-        raise ValueError(f"{path}: no 'config' in the safetensors metadata; rewrite it with pretrain_shapes.py")
+        raise ValueError(
+            f"{path}: no 'config' in the safetensors metadata; rewrite it with pretrain_shapes.py"
+        )
     cfg = WanConfig.from_dict(json.loads(raw["config"]))
     model = WanTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
@@ -86,7 +97,9 @@ def load_shapes_asset(path: str | os.PathLike | None = None) -> tuple[WanTransfo
     return model.eval(), meta
 
 
-def create_shapes_wan(outdir: str | os.PathLike, seed: int = 0, asset: str | os.PathLike | None = None) -> Path:
+def create_shapes_wan(
+    outdir: str | os.PathLike, seed: int = 0, asset: str | os.PathLike | None = None
+) -> Path:
     """Write the shipped shapes model as a complete diffusers-layout Wan2.1 t2v folder; returns `outdir`.
 
     `seed` must stay 0: the DiT was trained on the features of the seed-0 tiny text encoder.
@@ -98,7 +111,9 @@ def create_shapes_wan(outdir: str | os.PathLike, seed: int = 0, asset: str | os.
     from mmkit.models.wan.tiny import create_tiny_wan
 
     if seed != 0:
-        raise ValueError(f"wan-shapes: seed={seed}; the shapes model was trained with the seed-0 text encoder")
+        raise ValueError(
+            f"wan-shapes: seed={seed}; the shapes model was trained with the seed-0 text encoder"
+        )
     dit, meta = load_shapes_asset(asset)
     c = dit.cfg
     size = {
