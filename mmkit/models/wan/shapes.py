@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,11 +43,32 @@ def save_shapes_asset(
     cfg = WanConfig.from_dict(read_json(init / "transformer" / "config.json", "start folder DiT config"))
     model = WanTransformer(cfg)
     model.load_state_dict(export_model_state(info.step_dir, "ema" if info.has_ema else "model"), strict=True)
-    return write_shapes_asset(model, out, heldout, info.step), info.step
+    return write_shapes_asset(model, out, heldout, info.step, _text_encoder_sha(init)), info.step
 
 
-def write_shapes_asset(model: WanTransformer, out: str | os.PathLike, heldout: list[str], step: int) -> Path:
-    """`model`'s weights in bf16 plus config, held-out prompts and step in the metadata -> `out`.
+def state_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's names, dtypes, shapes and values (independent of the file format)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _text_encoder_sha(folder: Path) -> str:
+    from mmkit.models.common.hf_io import load_state_dict
+
+    return state_sha256(load_state_dict(folder / "text_encoder"))
+
+
+def write_shapes_asset(
+    model: WanTransformer, out: str | os.PathLike, heldout: list[str], step: int, text_encoder_sha: str = ""
+) -> Path:
+    """`model`'s weights in bf16 plus config, held-out prompts, step and the hash of the text encoder it
+    was trained with (`create_shapes_wan` checks it) in the metadata -> `out`.
 
     Example: `write_shapes_asset(dit, "/tmp/shapes.safetensors", ["a red circle moves left on a black background"], 0)`.
     """
@@ -57,6 +79,7 @@ def write_shapes_asset(model: WanTransformer, out: str | os.PathLike, heldout: l
         "heldout_prompts": json.dumps(list(heldout)),
         "step": str(step),
         "video": json.dumps(SHAPES_VIDEO),
+        "text_encoder_sha256": text_encoder_sha,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +116,7 @@ def load_shapes_asset(path: str | os.PathLike | None = None) -> tuple[WanTransfo
         "heldout_prompts": json.loads(raw.get("heldout_prompts", "[]")),
         "step": int(raw.get("step", 0)),
         "video": json.loads(raw.get("video", json.dumps(SHAPES_VIDEO))),
+        "text_encoder_sha256": raw.get("text_encoder_sha256", ""),
     }
     return model.eval(), meta
 
@@ -123,7 +147,14 @@ def create_shapes_wan(
         "num_layers": c.num_layers,
     }
     out = create_tiny_wan(outdir, task="t2v", seed=0, dit=size)
-    import shutil
+    sha = _text_encoder_sha(out)
+    if meta["text_encoder_sha256"] and sha != meta["text_encoder_sha256"]:
+        # the DiT only understands the features of the exact encoder it was trained with
+        raise ValueError(
+            f"wan-shapes: the tiny umT5 that create_tiny_wan(seed=0) builds here differs from the one the "
+            f"shapes model was trained with (sha256 {sha[:12]} vs {meta['text_encoder_sha256'][:12]}); "
+            "retrain with scripts/pretrain_shapes.py on this install"
+        )
 
     shutil.rmtree(out / "transformer")  # the random DiT of the same size -> the trained one
     save_transformer(dit, out / "transformer")
