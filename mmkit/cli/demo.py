@@ -116,7 +116,7 @@ def step_chat(a, out: Path, ctx: dict) -> None:
 
     folder = create_qwen_shapes(out / "qwen-shapes")
     model, processor = load_vlm(folder, device="auto", dtype="fp32")
-    chat = ChatSession(model, processor, SamplingParams(max_new_tokens=8))
+    chat = ChatSession(model, processor, SamplingParams(max_new_tokens=16))
     with tempfile.TemporaryDirectory() as tmp:
         items = shapes_qa_items(1, SHAPES_QA_SIZE, SHAPES_QA_EVAL_SEED, tmp)
     items[0].image.save(out / "vlm_image.png")

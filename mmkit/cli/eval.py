@@ -68,7 +68,7 @@ def _shapes_qa(a) -> dict:
     from mmkit.models.qwen2_5_vl.shapes import SHAPES_QA_EVAL_SEED, SHAPES_QA_SIZE
 
     model, processor = load_vlm(a.model, device=a.device, dtype="fp32")
-    chat = ChatSession(model, processor, SamplingParams(max_new_tokens=8))
+    chat = ChatSession(model, processor, SamplingParams(max_new_tokens=16))
     with tempfile.TemporaryDirectory() as tmp:
         items = shapes_qa_items(a.images, SHAPES_QA_SIZE, SHAPES_QA_EVAL_SEED + a.seed, tmp)
         acc, _ = eval_shapes_qa(chat, items)

@@ -23,7 +23,7 @@ from mmkit.models.wan.model import WanTransformer
 SHAPES_ASSET = "shapes_wan_dit.safetensors"  # in mmkit/assets, written by scripts/pretrain_shapes.py
 # The DiT size, chosen by measurement (README "The shapes model"): at 64x64 px x 17 frames (80 tokens)
 # its forward is >= 80% of `mmkit generate` time at 50 steps on a 2-core CPU.
-SHAPES_DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 4}
+SHAPES_DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
 SHAPES_VIDEO = {"height": 64, "width": 64, "num_frames": 17}  # what the model was trained on
 
 
