@@ -2,7 +2,7 @@
 
 Stages, each skipped when its output exists, so rerunning the same command resumes:
 1. data: PNG images of 1-3 shapes with one question each (colour, shape, position, count, rotating);
-2. init: a tiny random Qwen2.5-VL folder (`create_tiny_qwen2_5_vl`, seed 0) with its tokenizer;
+2. init: a small random Qwen2.5-VL folder (`shapes_vlm_config`, seed 0) with the tiny tokenizer;
 3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer (constant LR after warmup,
    DCP checkpoints every 100 steps, resumed automatically);
 4. export: the latest checkpoint as `mmkit/assets/shapes_qwen.safetensors` (bf16 weights; config,
@@ -10,7 +10,7 @@ Stages, each skipped when its output exists, so rerunning the same command resum
 Held-out images for `mmkit eval shapes-qa` come from another seed (`SHAPES_QA_EVAL_SEED`).
 
 Run (niced, in the background on a shared machine):
-    nohup nice -n 10 python scripts/pretrain_shapes_vlm.py --steps 1500 > outputs/pretrain_vlm.log 2>&1 &
+    nohup nice -n 10 python scripts/pretrain_shapes_vlm.py --steps 3700 > outputs/pretrain_vlm.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="outputs/pretrain_shapes_vlm", help="data and checkpoints")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3700)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from mmkit.config import parse_cli
     from mmkit.data.synth import synth_shapes_qa
-    from mmkit.models.qwen2_5_vl.shapes import SHAPES_QA_SIZE, save_qwen_shapes_asset
+    from mmkit.models.qwen2_5_vl.shapes import SHAPES_QA_SIZE, save_qwen_shapes_asset, shapes_vlm_config
     from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
 
     work = Path(a.work).resolve()
@@ -52,7 +53,10 @@ def main(argv=None) -> int:
             synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=1, seed=0)
         if not (init / "config.json").is_file():
             print(f"[2/4] start folder -> {init}", flush=True)
-            create_tiny_qwen2_5_vl(init, seed=0)
+            from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+            ids = build_tiny_tokenizer(Path(tempfile.mkdtemp()))  # only its ids: the folder writes its own
+            create_tiny_qwen2_5_vl(init, seed=0, cfg=shapes_vlm_config(ids))
         print(f"[3/4] training to step {a.steps} -> {ckpt}", flush=True)
         from mmkit.train.trainer import Trainer
 

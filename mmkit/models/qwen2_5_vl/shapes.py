@@ -21,6 +21,24 @@ SHAPES_QWEN_ASSET = "shapes_qwen.safetensors"  # in mmkit/assets, written by scr
 SHAPES_QA_SIZE = 112  # training image side in pixels (8 x 8 patches of 14 -> 16 merged image tokens)
 SHAPES_QA_EVAL_SEED = 1000  # held-out images: another seed than the training set's 0
 _FILE_KEY = "file:"  # metadata key prefix of a packed side file
+# Wider than the test-sized `tiny_config` (vision 32, LLM 64): at that width the model learned colours
+# and positions but not shape classes (chance on shape questions after 2700 steps).
+SHAPES_QWEN_TEXT = {"hidden_size": 128, "intermediate_size": 256, "mrope_section": (4, 6, 6)}  # head_dim 32
+SHAPES_QWEN_VISION = {"hidden_size": 96, "intermediate_size": 192, "num_heads": 3}
+
+
+def shapes_vlm_config(token_ids: dict[str, int]):
+    """The shapes VLM's architecture: `tiny_config` widened by SHAPES_QWEN_TEXT / SHAPES_QWEN_VISION.
+
+    Example: `create_tiny_qwen2_5_vl(d, cfg=shapes_vlm_config(build_tiny_tokenizer(d)))`.
+    """
+    import dataclasses
+
+    from mmkit.models.qwen2_5_vl.tiny import tiny_config
+
+    cfg = tiny_config(dict(token_ids), **SHAPES_QWEN_TEXT)
+    vision = {**SHAPES_QWEN_VISION, "out_hidden_size": SHAPES_QWEN_TEXT["hidden_size"]}
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision))
 
 
 def save_qwen_shapes_asset(ckpt: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, int]:
