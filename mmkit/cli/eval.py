@@ -41,11 +41,11 @@ def run(a) -> int:
 
 
 def _shapes(a) -> dict:
-    from mmkit.infer.evaluate import _take, contact_sheet, eval_shapes, heldout_prompts
+    from mmkit.infer.evaluate import contact_sheet, eval_shapes, heldout_prompts, take_prompts
     from mmkit.infer.pipelines import load_pipeline
 
     if a.prompts_file:
-        prompts = _take(json.loads(Path(a.prompts_file).read_text()), a.prompts, a.prompts_file)
+        prompts = take_prompts(json.loads(Path(a.prompts_file).read_text()), a.prompts, a.prompts_file)
     else:
         prompts = heldout_prompts(a.model, a.prompts)
     pipe = load_pipeline(a.model, task="t2v", device=a.device, dtype="fp32")

@@ -33,10 +33,14 @@ def heldout_prompts(model_dir: str | os.PathLike, n: int) -> list[str]:
             f"{path} not found: --model must be a shapes model folder (`mmkit create-tiny wan-shapes DIR`), "
             "or pass --prompts-file with a JSON list of captions never seen in training"
         )
-    return _take(json.loads(path.read_text()), n, str(path))
+    return take_prompts(json.loads(path.read_text()), n, str(path))
 
 
-def _take(prompts: list[str], n: int, where: str) -> list[str]:
+def take_prompts(prompts: list[str], n: int, where: str) -> list[str]:
+    """The first `n` of `prompts`, each checked to be a caption the detector can judge.
+
+    Example: `take_prompts(json.load(open("prompts.json")), 8, "prompts.json")`.
+    """
     if not 1 <= n <= len(prompts):
         raise ValueError(
             f"--prompts {n}: {where} holds {len(prompts)} held-out prompts; use 1..{len(prompts)}"
