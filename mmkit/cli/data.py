@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--width", type=int, default=64, help="pixels (default 64)")
     shapes.add_argument("--fps", type=float, default=16, help="frames per second (default 16)")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--heldout", type=int, default=4, help="caption combinations kept out of training (default 4)"
+    )
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.add_argument("--overwrite", action="store_true", help="replace a set an earlier synth wrote")
     shapes.set_defaults(_data_run=_synth_shapes)
@@ -101,16 +104,9 @@ def _synth_shapes(args: argparse.Namespace) -> int:
     from mmkit.data.synth import synth_shapes
 
     out = synth_shapes(
-        args.outdir,
-        args.videos,
-        args.frames,
-        args.height,
-        args.width,
-        args.fps,
-        args.seed,
-        not args.quiet,
-        overwrite=args.overwrite,
-    )
+        args.outdir, args.videos, args.frames, args.height, args.width, args.fps, args.seed, not args.quiet,
+        heldout=args.heldout, overwrite=args.overwrite,
+    )  # fmt: skip
     print(
         f"wrote {out.videos} clips -> {out.data_txt} (held-out prompts: {out.root / 'heldout_prompts.json'})"
     )

@@ -14,6 +14,7 @@ COMMANDS = {
     "data": ("mmkit.cli.data", "dataset tools: convert LLaVA/ShareGPT data to the messages format"),
     "train": ("mmkit.cli.train", "train or fine-tune from a recipe (TOML) with dotted overrides"),
     "demo": ("mmkit.cli.demo", "the end-to-end demo behind `make demo`"),
+    "eval": ("mmkit.cli.eval", "measure the shapes models' prompt fidelity: eval shapes | shapes-qa"),
     "plot": ("mmkit.cli.plot", "plot a training metric (loss, ...) from a metrics JSONL file to PNG"),
     "accel": ("mmkit.cli.accel", "sampling acceleration: cache search, adaptive-cache calibration"),
     "convert": (

@@ -84,21 +84,21 @@ def _combos() -> list[tuple[str, str, str, str]]:
     ]
 
 
-def _split(videos: int, rng: np.random.Generator) -> tuple[list, list]:
+def _split(videos: int, rng: np.random.Generator, heldout: int = NUM_HELDOUT) -> tuple[list, list]:
     """(training combination per clip, held-out combinations); held-out ones never appear in training.
 
     Held-out combinations are preferably ones whose colour, shape, direction and background each occur
     in training, so the demo tests composing seen parts, not unseen words.
     """
     combos = [_combos()[i] for i in rng.permutation(len(_combos()))]
-    pool = len(combos) - NUM_HELDOUT
+    pool = len(combos) - heldout
     if videos >= pool:  # every combination but the held-out ones, cycled
         return [combos[i % pool] for i in range(videos)], combos[pool:]
     train = combos[:videos]
     seen = [set(parts) for parts in zip(*train)]
     rest = combos[videos:]
     covered = [c for c in rest if all(p in s for p, s in zip(c, seen))]
-    held = (covered + [c for c in rest if c not in covered])[:NUM_HELDOUT]
+    held = (covered + [c for c in rest if c not in covered])[:heldout]
     return train, held
 
 
@@ -140,6 +140,7 @@ def synth_shapes(
     fps: float = 16,
     seed: int = 0,
     progress: bool = True,
+    heldout: int = NUM_HELDOUT,
     overwrite: bool = False,
 ) -> SynthSet:
     """Write a synthetic text-to-video set of moving shapes in the MindSpeed layout.
@@ -147,8 +148,10 @@ def synth_shapes(
     Files: `videos/000000.mp4 ...` (H.264), `annotation.json` (a list of {"path", "cap", "num_frames",
     "fps", "resolution": {"height", "width"}}, paths relative to OUTDIR), `data.txt` (one line
     `<OUTDIR>,<OUTDIR>/annotation.json`, absolute paths) and `heldout_prompts.json` (captions of
-    combinations kept out of training, for generation demos). A set an earlier run wrote is replaced whole
-    (no orphan clips) only with `overwrite=True`; any other non-empty folder is refused.
+    `heldout` combinations kept out of training, for generation demos and `mmkit eval shapes`; the
+    same seed and `heldout` give the same held-out set whatever the video count). A set an earlier run
+    wrote is replaced whole (no orphan clips) only with `overwrite=True`; any other non-empty folder is
+    refused.
 
     Example: `synth_shapes("data/shapes", videos=64, num_frames=17, height=64, width=64, fps=16)`.
     """
@@ -160,10 +163,12 @@ def synth_shapes(
         raise ValueError(f"height={height}, width={width}: use at least 16 x 16 pixels.")
     if not fps > 0:
         raise ValueError(f"fps={fps} must be > 0.")
+    if not 1 <= heldout <= len(_combos()) - 1:
+        raise ValueError(f"heldout={heldout}: keep between 1 and {len(_combos()) - 1} combinations out.")
     root = claim_output_dir(Path(outdir).resolve(), "data synth shapes", overwrite)
     (root / "videos").mkdir()
     rng = np.random.default_rng(seed)
-    train, held = _split(videos, rng)
+    train, held = _split(videos, rng, heldout)
 
     items = []
     for i, combo in enumerate(tqdm(train, desc="synth shapes", unit="video", disable=not progress)):

@@ -1,15 +1,33 @@
 """`mmkit demo` end to end at a few steps (what `make demo` runs at full length)."""
 
 import json
+from pathlib import Path
 
 from mmkit.cli.main import main
 
 
 def test_demo_small(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "6", "--videos", "8", "--gen-steps", "2"]) == 0
-    for name in ("heldout_0.mp4", "heldout_0.png", "heldout_1.mp4", "heldout_1.png", "loss.png"):
+    args = [
+        "--steps",
+        "6",
+        "--videos",
+        "8",
+        "--gen-steps",
+        "2",
+        "--shapes-prompts",
+        "1",
+        "--shapes-steps",
+        "2",
+    ]
+    assert main(["demo", "--out", str(tmp_path), *args]) == 0
+    names = ["scratch_heldout.mp4", "scratch_heldout.png", "loss.png", "contact_sheet.png", "vlm_image.png"]
+    for name in [*names, "shapes_heldout/00.mp4", "shapes_heldout/00.png"]:
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 6 and len(summary["prompts"]) == 2
+    assert summary["train"]["steps"] == 6 and len(summary["shapes"]["prompts"]) == 1
+    assert set(summary["shapes"]["accuracy"]) == {"background", "color", "shape", "direction"}
+    assert [r["truth"] for r in summary["chat"]] and all("answer" in r for r in summary["chat"])
+    assert all(Path(p).exists() for p in summary["pictures"].values())
     assert (tmp_path / "wan-trained" / "model_index.json").is_file()
-    assert "demo outputs:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "demo outputs:" in out and "(truth: " in out

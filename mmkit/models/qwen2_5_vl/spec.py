@@ -56,6 +56,12 @@ def _validate(cfg, world: int) -> list[str]:
     return []
 
 
+def _tiny_shapes(outdir, seed: int = 0, overwrite: bool = False, **_):
+    from mmkit.models.qwen2_5_vl.shapes import create_qwen_shapes
+
+    return create_qwen_shapes(outdir, seed=seed, overwrite=overwrite)
+
+
 def _tiny(outdir, seed: int = 0, overwrite: bool = False, **_):
     from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
 
@@ -101,7 +107,7 @@ SPEC = FamilySpec(
     hf_layouts=("transformers",),
     converter="Qwen2_5_VLConverter",
     packed=True,
-    tiny={"qwen2_5_vl": _tiny},
+    tiny={"qwen2_5_vl": _tiny, "qwen-shapes": _tiny_shapes},
     estimator=EstimatorInfo(
         kind="vlm",
         names={f"qwen2.5-vl-{n.lower()}": n for n in ("3B", "7B", "32B", "72B")},

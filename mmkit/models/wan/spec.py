@@ -86,6 +86,12 @@ def _tiny(task: str):
     return write
 
 
+def _tiny_shapes(outdir, seed: int = 0, overwrite: bool = False, **_):
+    from mmkit.models.wan.shapes import create_shapes_wan
+
+    return create_shapes_wan(outdir, seed=seed, overwrite=overwrite)
+
+
 def _estimator_stats(cfg, net) -> dict:
     """Sizes the memory estimator needs (`mmkit/tools/memory.py:ModelStats`)."""
     d = dict(hidden=cfg.dim, ffn=cfg.ffn_dim, heads=cfg.num_attention_heads)
@@ -120,7 +126,7 @@ SPEC = FamilySpec(
     ),
     hf_layouts=("diffusers", "original"),
     converter="WanConverter",
-    tiny={"wan-t2v": _tiny("t2v"), "wan-i2v": _tiny("i2v")},
+    tiny={"wan-t2v": _tiny("t2v"), "wan-i2v": _tiny("i2v"), "wan-shapes": _tiny_shapes},
     estimator=EstimatorInfo(
         kind="dit",
         names={"wan2.1-1.3b": "1.3B", "wan2.1-14b": "14B", "wan2.1-i2v-14b": "i2v-14B-720P"},

@@ -188,6 +188,7 @@ def create_tiny_wan(
     original_layout: bool = False,
     vae: str = "fitted",
     overwrite: bool = False,
+    dit: dict | None = None,
 ) -> Path:
     """Write a tiny random Wan2.1 t2v or i2v pipeline in the diffusers layout; returns `outdir`.
 
@@ -197,8 +198,10 @@ def create_tiny_wan(
     videos, whatever the seed); `vae="random"` writes perturbed random VAE weights drawn from `seed`
     (`random_tiny_vae`), which decode noise. `original_layout=True` also writes the same DiT
     weights in the original Wan2.1 release layout (original key names, `config.json` with `dim`, `in_dim`,
-    ..., sharded safetensors) under `outdir/original/`. A folder an earlier `create-tiny` wrote is replaced
-    only with `overwrite=True`; any other non-empty folder is refused (`mmkit.outputs.claim_output_dir`).
+    ..., sharded safetensors) under `outdir/original/`. `dit` overrides entries of `TINY_DIT` (a wider or
+    deeper DiT, e.g. the shapes model's `{"num_layers": 4, ...}`). A folder an earlier `create-tiny` wrote
+    is replaced only with `overwrite=True`; any other non-empty folder is refused
+    (`mmkit.outputs.claim_output_dir`).
     Example: `create_tiny_wan("/tmp/wan-tiny", task="i2v", seed=0)` then
     `diffusers.WanImageToVideoPipeline.from_pretrained("/tmp/wan-tiny")`.
     """
@@ -221,7 +224,10 @@ def create_tiny_wan(
         _perturb(text_encoder, seed * 101 + 2)
         text_encoder.save_pretrained(out / "text_encoder", max_shard_size=_shard_bytes(text_encoder, 2))
 
-        dit_cfg = dict(TINY_DIT)
+        unknown = set(dit or {}) - set(TINY_DIT)
+        if unknown:
+            raise ValueError(f"create_tiny_wan: dit has unknown keys {sorted(unknown)}; use keys of TINY_DIT")
+        dit_cfg = {**TINY_DIT, **(dit or {})}
         if task == "i2v":
             inner = dit_cfg["num_attention_heads"] * dit_cfg["attention_head_dim"]
             dit_cfg.update(in_channels=36, image_dim=TINY_CLIP["hidden_size"], added_kv_proj_dim=inner)

@@ -1,0 +1,87 @@
+"""Fine-tune the shipped shapes VLM: a tiny Qwen2.5-VL on `mmkit data synth shapes-qa` images.
+
+Stages, each skipped when its output exists, so rerunning the same command resumes:
+1. data: PNG images of 1-3 shapes with one question each (colour, shape, position, count, rotating);
+2. init: a small random Qwen2.5-VL folder (`shapes_vlm_config`, seed 0) with the tiny tokenizer;
+3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer (constant LR after warmup,
+   DCP checkpoints every 100 steps, resumed automatically);
+4. export: the latest checkpoint as `mmkit/assets/shapes_qwen.safetensors` (bf16 weights; config,
+   tokenizer and processor files in the metadata), which `mmkit create-tiny qwen-shapes DIR` unpacks.
+Held-out images for `mmkit eval shapes-qa` come from another seed (`SHAPES_QA_EVAL_SEED`).
+
+Run (niced, in the background on a shared machine):
+    nohup nice -n 10 python scripts/pretrain_shapes_vlm.py --steps 3700 > outputs/pretrain_vlm.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="outputs/pretrain_shapes_vlm", help="data and checkpoints")
+    p.add_argument("--steps", type=int, default=3700)
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
+    p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
+    a = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from mmkit.config import parse_cli
+    from mmkit.data.synth import synth_shapes_qa
+    from mmkit.models.qwen2_5_vl.shapes import SHAPES_QA_SIZE, save_qwen_shapes_asset, shapes_vlm_config
+    from mmkit.models.qwen2_5_vl.tiny import create_tiny_qwen2_5_vl
+
+    work = Path(a.work).resolve()
+    data, init, ckpt = work / "qa", work / "init", work / "ckpt"
+    t0 = time.time()
+    if not a.export_only:
+        if not (data / "qa.json").is_file():
+            print(f"[1/4] data -> {data}", flush=True)
+            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=1, seed=0)
+        if not (init / "config.json").is_file():
+            print(f"[2/4] start folder -> {init}", flush=True)
+            from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+
+            ids = build_tiny_tokenizer(Path(tempfile.mkdtemp()))  # only its ids: the folder writes its own
+            create_tiny_qwen2_5_vl(init, seed=0, cfg=shapes_vlm_config(ids))
+        print(f"[3/4] training to step {a.steps} -> {ckpt}", flush=True)
+        from mmkit.train.trainer import Trainer
+
+        recipe = ROOT / "recipes" / "tiny" / "qwen2_5_vl_sft.toml"
+        args = [
+            "--config",
+            str(recipe),
+            "--model.init_from",
+            str(init),
+            "--data.paths",
+            f"[{data / 'qa.json'}]",
+        ]
+        args += ["--train.steps", str(a.steps), "--train.global_batch", "16", "--train.micro_batch", "16"]
+        args += ["--optim.schedule", "constant", "--optim.lr", "2e-3", "--checkpoint.dir", str(ckpt)]
+        args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]
+        trainer = Trainer(parse_cli(args))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    print(f"[4/4] export -> {a.out}", flush=True)
+    path, step = save_qwen_shapes_asset(ckpt, a.out)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, step {step}) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The shipped shapes models load through the real loaders, hold what they claim, and stay small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mmkit import registry
+from mmkit.assets import asset_path
+from mmkit.data.synth import _split, caption
+from mmkit.models.qwen2_5_vl.shapes import SHAPES_QWEN_ASSET
+from mmkit.models.wan.shapes import SHAPES_ASSET, load_shapes_asset
+
+MAX_BYTES = 20 * 2**20
+
+
+@pytest.mark.parametrize("name", [SHAPES_ASSET, SHAPES_QWEN_ASSET])
+def test_assets_are_small_and_half_precision(name):
+    path = asset_path(name)
+    assert path.stat().st_size < MAX_BYTES
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}, dtypes
+
+
+def test_wan_shapes_folder_loads_the_shipped_dit(tmp_path):
+    from mmkit.infer.pipelines import load_pipeline
+
+    folder = registry.tiny_kinds()["wan-shapes"](tmp_path / "wan", seed=0)  # `mmkit create-tiny wan-shapes`
+    pipe = load_pipeline(folder, task="t2v", device="cpu", dtype="fp32")
+    raw = load_file(str(asset_path(SHAPES_ASSET)))
+    got = pipe.transformer.state_dict()
+    assert set(got) == set(raw)
+    for k, v in raw.items():
+        assert torch.equal(got[k], v.float()), k
+    assert pipe.latent_shape(64, 64, 17) == (1, 16, 5, 8, 8)
+    _, meta = load_shapes_asset()
+    assert meta["step"] > 0
+
+
+def test_wan_shapes_heldout_prompts_were_never_trained_on():
+    _, meta = load_shapes_asset()
+    prompts = meta["heldout_prompts"]
+    # scripts/pretrain_shapes.py: synth_shapes(videos=816, seed=0, heldout=32)
+    train, held = _split(816, np.random.default_rng(0), 32)
+    assert prompts == [caption(*c) for c in held] and len(prompts) == 32
+    assert not {caption(*c) for c in train} & set(prompts)
+
+
+def test_qwen_shapes_folder_loads_through_load_vlm(tmp_path):
+    from mmkit.models.common.hf_io import load_state_dict
+    from mmkit.models.qwen2_5_vl.hf import to_hf
+    from mmkit.models.qwen2_5_vl.load import load_vlm
+
+    folder = registry.tiny_kinds()["qwen-shapes"](tmp_path / "qwen", seed=0)
+    model, processor = load_vlm(folder, device="cpu", dtype="fp32")
+    raw = load_file(str(asset_path(SHAPES_QWEN_ASSET)))
+    assert set(load_state_dict(folder)) == set(raw)
+    got = to_hf(model.state_dict(), model.cfg)
+    for k, v in raw.items():
+        assert torch.equal(got[k], v.float()), k
+    assert processor.tokenizer("red").input_ids  # the packed tokenizer files work
