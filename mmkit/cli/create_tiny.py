@@ -1,7 +1,8 @@
 """`mmkit create-tiny KIND OUTDIR`: a small random model in the real Hugging Face layout.
 
-Kinds come from the model families' registry entries (`FamilySpec.tiny`): wan-t2v, wan-i2v (diffusers
-pipeline folders), qwen2_5_vl (a transformers folder).
+Kinds come from the model families' registry entries (`FamilySpec.tiny`): wan-t2v, wan-i2v, wan-shapes
+(diffusers pipeline folders), qwen2_5_vl, qwen-shapes (transformers folders), osp-t2v, osp-i2v
+(OpenSoraPlan 1.3 release layout).
 Example: `mmkit create-tiny wan-t2v /tmp/wan-tiny && mmkit generate t2v --model /tmp/wan-tiny ...`
 """
 
@@ -25,6 +26,10 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> int:
+    from mmkit.outputs import check_output_dir
+
+    # every family's writer claims its folder too; checked here first, so no writer can skip it
+    check_output_dir(a.outdir, f"create-tiny {a.kind}", a.overwrite)
     out = registry.tiny_kinds()[a.kind](
         a.outdir, seed=a.seed, original_layout=a.original_layout, overwrite=a.overwrite
     )

@@ -62,7 +62,11 @@ def test_every_command_refuses_the_users_folders(tmp_path, capsys):
     _refused(["demo", "--out", str(user)], capsys, never)
     _refused(["demo", "--out", str(user), "--overwrite"], capsys, never)
     # finding 3: create-tiny never rmtrees a folder with a model_index.json, nor writes into a Qwen folder
-    for kind in ("wan-t2v", "wan-i2v", "qwen2_5_vl"):
+    from mmkit import registry
+
+    kinds = registry.tiny_kinds()  # every family's writers: wan-*, qwen*, osp-*, the shapes models
+    assert {"wan-t2v", "wan-i2v", "qwen2_5_vl", "osp-t2v", "wan-shapes", "qwen-shapes"} <= set(kinds)
+    for kind in kinds:
         _refused(["create-tiny", kind, str(user), "--overwrite"], capsys, never)
     for kind in ("shapes", "shapes-qa"):
         _refused(["data", "synth", kind, str(user), "--overwrite", "--quiet"], capsys, never)

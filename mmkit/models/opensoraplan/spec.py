@@ -87,10 +87,10 @@ def _estimator_stats(cfg, net) -> dict:
 
 
 def _tiny(task: str):
-    def write(outdir, seed: int = 0, **options):
+    def write(outdir, seed: int = 0, overwrite: bool = False, **options):
         from mmkit.models.opensoraplan.tiny import create_tiny_osp
 
-        return create_tiny_osp(outdir, task=task, seed=seed)
+        return create_tiny_osp(outdir, task=task, seed=seed, overwrite=overwrite)
 
     return write
 

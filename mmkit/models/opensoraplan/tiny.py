@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from mmkit.models.opensoraplan.config import OSPConfig
 from mmkit.models.opensoraplan.hf import DIT_STEM, to_hf
 from mmkit.models.opensoraplan.wfvae import WFVAE, WFVAEConfig
 from mmkit.models.wan.tiny import _perturb, _write_tokenizer, build_tokenizer
+from mmkit.outputs import claim_output_dir
 
 TINY_MT5 = {
     "d_model": 32,
@@ -62,25 +62,20 @@ def _json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def create_tiny_osp(outdir: str | os.PathLike, task: str = "t2v", seed: int = 0) -> Path:
+def create_tiny_osp(
+    outdir: str | os.PathLike, task: str = "t2v", seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write a tiny random OpenSoraPlan 1.3 t2v or i2v pipeline folder; returns `outdir`.
 
-    An existing pipeline folder at `outdir` is replaced; any other non-empty folder is refused.
+    A folder an earlier `create-tiny` wrote is replaced only with `overwrite=True`; any other non-empty
+    folder is refused (`mmkit.outputs.claim_output_dir`).
     Example: `create_tiny_osp("/tmp/osp-tiny", task="t2v", seed=0)`.
     """
     from transformers import MT5Config, MT5EncoderModel
 
     if task not in PIPELINE_CLASS:
         raise ValueError(f"create_tiny_osp: task={task!r} is not supported; use 't2v' or 'i2v'")
-    out = Path(outdir)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "model_index.json").is_file():
-            raise FileExistsError(
-                f"create_tiny_osp: {out} exists, is not empty and holds no model_index.json; pass a new or "
-                "empty folder (an existing pipeline folder is replaced)"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(outdir, f"create-tiny osp-{task}", overwrite)
     tok = build_tokenizer()
     _write_tokenizer(tok, out / "tokenizer")
     with torch.random.fork_rng(devices=[]):
