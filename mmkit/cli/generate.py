@@ -191,10 +191,18 @@ def run(a) -> int:
     attention_backends.configure(backend=a.attention_backend)
     if a.cache_configs:
         apply_cache(pipe.transformer, *a.cache_configs)
-    image = a.image[0] if a.image and len(a.image) == 1 else a.image
+    out = pipe(a.prompt, seed=a.seed, **pipe_kwargs(a))
+    save_outputs(out, a.out)
+    if a.cache_configs:
+        print(f"cache {a.cache_configs[0].method}: {cache_stats(pipe.transformer).summary()}")
+    return 0
+
+
+def pipe_kwargs(a) -> dict:
+    """The pipeline call's keyword arguments from the flags; flags left out take the family's defaults."""
     given = dict(
         negative_prompt=a.negative_prompt,
-        image=image,
+        image=a.image[0] if a.image and len(a.image) == 1 else a.image,  # several: OpenSoraPlan i2v
         height=a.height,
         width=a.width,
         num_frames=a.frames,
@@ -203,11 +211,7 @@ def run(a) -> int:
         sampler=a.sampler,
         flow_shift=a.flow_shift,
     )
-    out = pipe(a.prompt, seed=a.seed, **{k: v for k, v in given.items() if v is not None})
-    save_outputs(out, a.out)
-    if a.cache_configs:
-        print(f"cache {a.cache_configs[0].method}: {cache_stats(pipe.transformer).summary()}")
-    return 0
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def save_outputs(out, dest) -> None:

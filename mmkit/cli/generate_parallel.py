@@ -226,7 +226,7 @@ def _leave(world: int, code: int) -> int:
 
 
 def _generate(a, prompts: list[tuple[int, str]], device) -> None:
-    from mmkit.cli.generate import save_outputs
+    from mmkit.cli.generate import pipe_kwargs, save_outputs
     from mmkit.infer.pipelines import load_pipeline
 
     pipe = load_pipeline(a.model, task=a.task, device=device, dtype=a.dtype, parallel=options(a))
@@ -234,18 +234,7 @@ def _generate(a, prompts: list[tuple[int, str]], device) -> None:
     last = prompts[-1][0]
     for k in layout.my_prompts(len(prompts)):
         line, text = prompts[k]
-        given = dict(
-            negative_prompt=a.negative_prompt,
-            image=a.image[0] if a.image and len(a.image) == 1 else a.image,
-            height=a.height,
-            width=a.width,
-            num_frames=a.frames,
-            num_inference_steps=a.steps,
-            guidance_scale=a.guidance,
-            sampler=a.sampler,
-            flow_shift=a.flow_shift,
-        )
-        out = pipe(text, seed=a.seed + k, **{n: v for n, v in given.items() if v is not None})
+        out = pipe(text, seed=a.seed + k, **pipe_kwargs(a))
         if out.frames is not None:
             save_outputs(out, output_path(a.out, line, last, a.prompts is not None))
     print(f"rank {layout.rank}: peak memory {peak_memory(device)}", flush=True)
