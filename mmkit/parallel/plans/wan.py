@@ -7,7 +7,10 @@ of the model's own stages (`embed`, `blocks`, `head_tokens`):
   -> blocks: self-attention all-gathers the tp pieces (heads split over tp), runs context-parallel
      attention over cp (padding masked), reduce-scatters back; cross-attention and the MLP likewise
   -> head on this rank's tokens -> the task's squared error against this rank's piece of the target,
-     padding dropped.
+     padding dropped (`head_loss`); or, for inference, the predicted tokens all-gathered over the sequence
+     pieces, padding dropped, unpatchified (`head_predict`).
+The steps up to the head (`WanShardedForward.trunk`) are the only sharded Wan forward: inference
+(`infer/wan_parallel.py`) runs them with its sequence group as the cp group and no tp.
 TP shards (DTensor): q/k/v/out of both attentions, the image K/V, the MLP (column-wise in, row-wise out),
 and Wan's q/k RMSNorm over all heads (`HeadShardedRMSNorm`). Replicated: embeddings, modulation,
 cross-attention LayerNorm, head. Selective AC's lean block path runs on the local shards through the
@@ -24,7 +27,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from mmkit.common import LossOut
 from mmkit.models.common.attention import attention
-from mmkit.parallel.comm import copy_to_group, local_tensor, split_seq
+from mmkit.parallel.comm import copy_to_group, gather_seq, local_tensor, split_seq
 from mmkit.parallel.dims import padded_len
 from mmkit.parallel.plans import ParallelPlan
 from mmkit.parallel.tp import apply_tp_rules, gather_inputs
@@ -80,8 +83,98 @@ class WanLeanTP:
         return [tuple(copy_to_group(t, self.group) for t in a) for a in args]
 
 
-class WanPlan(ParallelPlan):
+class WanShardedForward:
+    """The one sequence-sharded Wan forward, shared by training (`WanPlan`) and inference
+    (`infer.wan_parallel.WanSequenceParallel`): `trunk` (embed -> local rope -> enter -> blocks), then
+    `WanPlan.head_loss` (training) or `head_predict` (inference).
+
+    A class using it sets `inner` (the `WanTransformer`), `seq_shards` (pieces the sequence is cut into),
+    `cp_group` / `cp_attn` (the context-parallel group and its `ContextParallel`, or None), `tp_group` and
+    `sp` (tensor parallel with sequence parallelism; None / False for inference).
+    Example: `x, _, temb, grid = self.trunk(lat, t, ctx); v = self.head_predict(x, temb, grid)`.
+    """
+
+    _valid = 0  # the true token count S of the current forward (keys past it are padding)
+
+    def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention over this rank's piece of the sequence; padded keys never attended."""
+        if self.cp_attn is not None:
+            return self.cp_attn.attention(q, k, v, valid_len=self._valid)
+        n = self._valid
+        return attention(q, k[:, :, :n], v[:, :, :n])
+
+    # ---- the pieces of a sharded forward (also what pipeline stages call, `wan_stages.WanStage`) -----
+    def local_rope(self, grid: tuple[int, int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches, and the state the
+        attention kernel needs (the true token count S; keys past it are padding)."""
+        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
+        S = cos.shape[0]
+        pad = padded_len(S, self.seq_shards) - S
+        if pad:  # padded rows: the identity rotation (their keys are masked, their outputs dropped)
+            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
+        self._valid = S
+        for block in self.inner.blocks:
+            getattr(block, "_checkpoint_wrapped_module", block).attn.attn_fn = self._self_attention
+        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
+
+    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
+        dim = 1 if t.ndim > 1 else 0
+        pad = padded_len(t.shape[dim], self.seq_shards) - t.shape[dim]
+        if pad:
+            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
+        t = split_seq(t, dim, self.cp_group)
+        return split_seq(t, dim, self.tp_group) if self.sp else t
+
+    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
+        """Patch tokens (B, S, D), replicated, -> this rank's piece (padded tokens are zeros); the time
+        embeddings e (B, 6, D) / temb (B, D) made ready for rank-local tokens."""
+        pad = padded_len(x.shape[1], self.seq_shards) - x.shape[1]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = split_seq(x, 1, self.cp_group, backward="local")
+        if self.sp:
+            x = split_seq(x, 1, self.tp_group, backward="gather")
+            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
+            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
+        return x, e, temb
+
+    def trunk(self, latents, timestep, text_context, image_context=None):
+        """Embeddings (replicated) -> this rank's tokens through all blocks.
+
+        Returns (x (B, S_pad / seq_shards, D), e, temb, grid in patches).
+        Example: `x, e, temb, grid = plan.trunk(lat, t, text_context)`.
+        """
+        m = self.inner
+        m.check_input(latents, image_context)
+        grid = m.grid(latents)
+        x, temb, e, ctx, ctx_img = m.embed(latents, timestep, text_context, image_context)
+        rope = self.local_rope(grid, latents.device, x.dtype)
+        x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
+        for block in m.blocks:
+            x = block(x, e, ctx, ctx_img, rope)
+        return x, e, temb, grid
+
+    def head_predict(self, x: torch.Tensor, temb: torch.Tensor, grid) -> torch.Tensor:
+        """Head on this rank's tokens, all-gathered over the sequence pieces (tp with SP, then cp: the
+        order `enter` cut them in), padding dropped, unpatchified: the whole prediction
+        (B, C_out, T, H, W) in fp32 on every rank of the sequence group.
+        Example: `x, _, temb, grid = plan.trunk(lat, t, ctx); v = plan.head_predict(x, temb, grid)`.
+        """
+        m = self.inner
+        y = m.head_tokens(x, temb)  # (B, S_pad / seq_shards, C_out * patch)
+        if self.sp:
+            y = gather_seq(y, 1, self.tp_group)
+        y = gather_seq(y, 1, self.cp_group)[:, : self._valid]  # rank j of the group holds piece j
+        return m.unpatchify(y, grid).float()
+
+
+class WanPlan(WanShardedForward, ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+
+    @property
+    def seq_shards(self) -> int:
+        return self.dims.seq_shards
 
     def sp_partial_names(self) -> list[str]:
         return ["blocks.", "head."]
@@ -101,49 +194,6 @@ class WanPlan(ParallelPlan):
             for mod in (block.attn, block.cross, block.mlp):  # selective AC's lean path on local shards
                 mod.lean_tp = hooks
 
-    def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention over this rank's piece of the sequence; padded keys never attended."""
-        if self.cp_attn is not None:
-            return self.cp_attn.attention(q, k, v, valid_len=self._valid)
-        n = self._valid
-        return attention(q, k[:, :, :n], v[:, :, :n])
-
-    # ---- the pieces of a sharded forward (also what pipeline stages call, `wan_stages.WanStage`) -----
-    def local_rope(self, grid: tuple[int, int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches, and the state the
-        attention kernel needs (the true token count S; keys past it are padding)."""
-        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
-        S = cos.shape[0]
-        pad = padded_len(S, self.dims.seq_shards) - S
-        if pad:
-            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
-        self._valid = S
-        for block in self.inner.blocks:
-            getattr(block, "_checkpoint_wrapped_module", block).attn.attn_fn = self._self_attention
-        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
-
-    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
-        dim = 1 if t.ndim > 1 else 0
-        pad = padded_len(t.shape[dim], self.dims.seq_shards) - t.shape[dim]
-        if pad:
-            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
-        t = split_seq(t, dim, self.cp_group)
-        return split_seq(t, dim, self.tp_group) if self.sp else t
-
-    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
-        """Patch tokens (B, S, D), replicated, -> this rank's piece (padded tokens are zeros); the time
-        embeddings e (B, 6, D) / temb (B, D) made ready for rank-local tokens."""
-        pad = padded_len(x.shape[1], self.dims.seq_shards) - x.shape[1]
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        x = split_seq(x, 1, self.cp_group, backward="local")
-        if self.sp:
-            x = split_seq(x, 1, self.tp_group, backward="gather")
-            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
-            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
-        return x, e, temb
-
     def head_loss(
         self, x, temb, target: torch.Tensor, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, int]:
@@ -158,16 +208,9 @@ class WanPlan(ParallelPlan):
 
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
-        lat, target = prep["latents"], prep["target"]
-        m.check_input(lat, prep.get("image_context"))
+        lat = prep["latents"]
+        x, _, temb, _ = self.trunk(lat, prep["timestep"], prep["text_context"], prep.get("image_context"))
+        loss, n_valid = self.head_loss(x, temb, prep["target"], prep.get("weight"))
         B = lat.shape[0]
-        x, temb, e, ctx, ctx_img = m.embed(
-            lat, prep["timestep"], prep["text_context"], prep.get("image_context")
-        )
-        rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
-        x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
-        for block in m.blocks:
-            x = block(x, e, ctx, ctx_img, rope)
-        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
         per_token = m.cfg.out_channels * math.prod(m.cfg.patch_size)
         return LossOut(loss, n_valid * B * per_token, B, n_valid * B)
