@@ -20,11 +20,60 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mmkit import registry
 from mmkit.common import clean_name
-from mmkit.parallel.comm import local_tensor
-from mmkit.parallel.dims import ParallelDims
+from mmkit.parallel.comm import copy_to_group, local_tensor, split_seq
+from mmkit.parallel.dims import ParallelDims, padded_len
+
+
+class SequenceShards:
+    """How a video DiT's token sequence is padded and cut into this rank's piece, shared by the families'
+    sharded forwards (training plans and the inference wrapper).
+
+    A class using it sets `seq_shards` (pieces the sequence is cut into), `cp_group`, `tp_group` and `sp`
+    (tensor parallel with sequence parallelism; None / False where absent); a family whose attention
+    needs a coarser padding (Skiparse groups) overrides `padded`.
+    Example: `cos, sin = self.rope_rows(cos, sin); x, e, temb = self.enter(x, e, temb)`.
+    """
+
+    _valid = 0  # the true token count S of the current forward (keys past it are padding)
+
+    def padded(self, S: int) -> int:
+        """S_pad: the token count after padding, a multiple of the sequence shards."""
+        return padded_len(S, self.seq_shards)
+
+    def rope_rows(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) of the full (S, Dh) tables; remembers S."""
+        S = cos.shape[0]
+        pad = self.padded(S) - S
+        if pad:  # padded rows: the identity rotation (their keys are masked, their outputs dropped)
+            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
+        self._valid = S
+        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
+
+    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
+        dim = 1 if t.ndim > 1 else 0
+        pad = self.padded(t.shape[dim]) - t.shape[dim]
+        if pad:
+            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
+        t = split_seq(t, dim, self.cp_group)
+        return split_seq(t, dim, self.tp_group) if self.sp else t
+
+    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
+        """Patch tokens (B, S, D), replicated, -> this rank's piece (padded tokens are zeros); the time
+        embeddings e / temb made ready for rank-local tokens."""
+        pad = self.padded(x.shape[1]) - x.shape[1]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = split_seq(x, 1, self.cp_group, backward="local")
+        if self.sp:
+            x = split_seq(x, 1, self.tp_group, backward="gather")
+            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
+            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
+        return x, e, temb
 
 
 class ParallelPlan(nn.Module):

@@ -36,9 +36,8 @@ from mmkit.models.opensoraplan.model import (
     skiparse_regroup,
     skiparse_restore,
 )
-from mmkit.parallel.comm import copy_to_group, split_seq
 from mmkit.parallel.dims import padded_len
-from mmkit.parallel.plans import ParallelPlan
+from mmkit.parallel.plans import ParallelPlan, SequenceShards
 from mmkit.parallel.plans.wan import to_tokens
 from mmkit.parallel.tp import apply_tp_rules, gather_inputs
 
@@ -104,7 +103,7 @@ def skiparse_context_parallel(
     return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
 
 
-class OpenSoraPlanPlan(ParallelPlan):
+class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
 
     def apply(self, fsdp: bool = True):
@@ -152,40 +151,11 @@ class OpenSoraPlanPlan(ParallelPlan):
 
     def local_rope(self, grid: tuple[int, int, int], device, dtype):
         """This cp rank's (cos, sin) rows (S_pad / cp, Dh), and every block's attention routed to `_core`."""
-        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
-        S = cos.shape[0]
-        pad = self.padded(S) - S
-        if pad:
-            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
-        self._valid = S
+        rows = self.rope_rows(*self.inner.rope(grid, device, dtype))  # (S, Dh) -> (S_pad / cp, Dh)
         for block in self.inner.blocks:
             attn = getattr(block, "_checkpoint_wrapped_module", block).attn
             attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
-        if self.cp_group is None:
-            return cos, sin
-        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
-
-    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
-        dim = 1 if t.ndim > 1 else 0
-        pad = self.padded(t.shape[dim]) - t.shape[dim]
-        if pad:
-            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
-        if self.cp_group is not None:
-            t = split_seq(t, dim, self.cp_group)
-        return split_seq(t, dim, self.tp_group) if self.sp else t
-
-    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
-        """Patch tokens (B, S, D), replicated -> this rank's piece; e / temb made ready for local tokens."""
-        pad = self.padded(x.shape[1]) - x.shape[1]
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        if self.cp_group is not None:
-            x = split_seq(x, 1, self.cp_group, backward="local")
-        if self.sp:
-            x = split_seq(x, 1, self.tp_group, backward="gather")
-            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
-        return x, e, temb
+        return rows
 
     def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None):
         """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""

@@ -22,14 +22,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from mmkit.common import LossOut
 from mmkit.models.common.attention import attention
-from mmkit.parallel.comm import copy_to_group, gather_seq, local_tensor, split_seq
-from mmkit.parallel.dims import padded_len
-from mmkit.parallel.plans import ParallelPlan
+from mmkit.parallel.comm import copy_to_group, gather_seq, local_tensor
+from mmkit.parallel.plans import ParallelPlan, SequenceShards
 from mmkit.parallel.tp import apply_tp_rules, gather_inputs
 
 
@@ -83,7 +81,7 @@ class WanLeanTP:
         return [tuple(copy_to_group(t, self.group) for t in a) for a in args]
 
 
-class WanShardedForward:
+class WanShardedForward(SequenceShards):
     """The one sequence-sharded Wan forward, shared by training (`WanPlan`) and inference
     (`infer.wan_parallel.WanSequenceParallel`): `trunk` (embed -> local rope -> enter -> blocks), then
     `WanPlan.head_loss` (training) or `head_predict` (inference).
@@ -94,8 +92,6 @@ class WanShardedForward:
     Example: `x, _, temb, grid = self.trunk(lat, t, ctx); v = self.head_predict(x, temb, grid)`.
     """
 
-    _valid = 0  # the true token count S of the current forward (keys past it are padding)
-
     def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Self-attention over this rank's piece of the sequence; padded keys never attended."""
         if self.cp_attn is not None:
@@ -105,39 +101,12 @@ class WanShardedForward:
 
     # ---- the pieces of a sharded forward (also what pipeline stages call, `wan_stages.WanStage`) -----
     def local_rope(self, grid: tuple[int, int, int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches, and the state the
-        attention kernel needs (the true token count S; keys past it are padding)."""
-        cos, sin = self.inner.rope(grid, device, dtype)  # (S, Dh)
-        S = cos.shape[0]
-        pad = padded_len(S, self.seq_shards) - S
-        if pad:  # padded rows: the identity rotation (their keys are masked, their outputs dropped)
-            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0), F.pad(sin, (0, 0, 0, pad))
-        self._valid = S
+        """This cp rank's (cos, sin) rows (S_pad / cp, Dh) for a latent grid in patches; every block's
+        self-attention routed to `_self_attention` (keys past the true token count are padding)."""
+        rows = self.rope_rows(*self.inner.rope(grid, device, dtype))  # (S, Dh) -> (S_pad / cp, Dh)
         for block in self.inner.blocks:
             getattr(block, "_checkpoint_wrapped_module", block).attn.attn_fn = self._self_attention
-        return split_seq(cos, 0, self.cp_group), split_seq(sin, 0, self.cp_group)
-
-    def _local_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """A (B, S, ...) tensor (or (S,)) padded to S_pad and cut to this rank's tokens (cp, then tp with SP)."""
-        dim = 1 if t.ndim > 1 else 0
-        pad = padded_len(t.shape[dim], self.seq_shards) - t.shape[dim]
-        if pad:
-            t = F.pad(t, (0, 0, 0, pad)) if dim == 1 else F.pad(t, (0, pad))
-        t = split_seq(t, dim, self.cp_group)
-        return split_seq(t, dim, self.tp_group) if self.sp else t
-
-    def enter(self, x: torch.Tensor, e: torch.Tensor, temb: torch.Tensor):
-        """Patch tokens (B, S, D), replicated, -> this rank's piece (padded tokens are zeros); the time
-        embeddings e (B, 6, D) / temb (B, D) made ready for rank-local tokens."""
-        pad = padded_len(x.shape[1], self.seq_shards) - x.shape[1]
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        x = split_seq(x, 1, self.cp_group, backward="local")
-        if self.sp:
-            x = split_seq(x, 1, self.tp_group, backward="gather")
-            # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
-            e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
-        return x, e, temb
+        return rows
 
     def trunk(self, latents, timestep, text_context, image_context=None):
         """Embeddings (replicated) -> this rank's tokens through all blocks.
