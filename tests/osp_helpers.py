@@ -40,15 +40,18 @@ def write_features(
     text_len: int = 8,
     dim: int = 32,
     seed: int = 0,
+    sizes: list[tuple[int, int, int]] | None = None,
 ) -> Path:
-    """`n` samples of random features: latents (C, T, H, W), caption features of 2..text_len tokens."""
+    """`n` samples of random features: latents (C, T, H, W), caption features of 2..text_len tokens.
+    `sizes` (T, H, W) per sample, cycled: clips of different sizes (batches of them are padded)."""
     g = torch.Generator().manual_seed(seed)
     (out / "features").mkdir(parents=True, exist_ok=True)
     save_file({"text_context": torch.randn(1, dim, generator=g)}, str(out / "null_text.safetensors"))
     samples = []
     for i in range(n):
         L = int(torch.randint(2, text_len + 1, (1,), generator=g))
-        t = {"latents": torch.randn(*latent, generator=g), "text_context": torch.randn(L, dim, generator=g)}
+        shape = latent if sizes is None else (latent[0], *sizes[i % len(sizes)])
+        t = {"latents": torch.randn(*shape, generator=g), "text_context": torch.randn(L, dim, generator=g)}
         save_file(t, str(out / f"features/{i:06d}.safetensors"))
         samples.append(
             {"file": f"features/{i:06d}.safetensors", "caption": f"clip {i}", "source": f"clip{i}.mp4"}

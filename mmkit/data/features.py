@@ -180,11 +180,35 @@ class FeatureDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_features(items: list[dict]) -> dict:
-    """Stack FeatureDataset items; `data_state` is the last item's position."""
-    batch = {
-        k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)
-    }
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the trailing dims of `t` up to `shape` (same rank)."""
+    pad = []
+    for n, want in zip(reversed(t.shape), reversed(shape)):
+        pad += [0, want - n]
+    return torch.nn.functional.pad(t, pad)
+
+
+def collate_features(items: list[dict], pad: bool = False) -> dict:
+    """Stack FeatureDataset items; `data_state` is the last item's position.
+
+    With `pad`, clips of different latent sizes are zero-padded to the batch's largest (T, H, W) and the
+    batch gains `video_mask` (B, T, H, W), 1 over each clip's real latents (as the original OpenSoraPlan
+    collate pads variable-size videos); without it, sizes must agree.
+    Example: `batch = collate_features([ds[0], ds[1]], pad=True)`.
+    """
+    keys = [k for k in items[0] if isinstance(items[0][k], torch.Tensor)]
+    sizes = [tuple(it["latents"].shape[1:]) for it in items] if "latents" in items[0] else []
+    if pad and len(set(sizes)) > 1:
+        batch = {}
+        for k in keys:
+            shape = tuple(max(n) for n in zip(*(it[k].shape for it in items)))
+            batch[k] = torch.stack([_pad_to(it[k], shape) for it in items])
+        mask = torch.zeros(len(items), *batch["latents"].shape[2:])
+        for i, (t, h, w) in enumerate(sizes):
+            mask[i, :t, :h, :w] = 1
+        batch["video_mask"] = mask
+    else:
+        batch = {k: torch.stack([it[k] for it in items]) for k in keys}
     batch["caption"] = [it["caption"] for it in items]
     batch["data_state"] = items[-1]["data_state"]
     return batch

@@ -424,6 +424,11 @@ def osp_root(tmp_path_factory):
     write_tiny_dit(root / "i2v", "tiny-i2v", seed=2)
     write_features(root / "feat_t2v", "t2v", seed=3)
     write_features(root / "feat_i2v", "i2v", seed=4)
+    # clips of different sizes: every batch of two pads to (3, 6, 10) (pipeline stages need one shape per
+    # step) with zeros along T, H or W in one of its clips
+    full = (3, 6, 10)
+    sizes = [full, (2, 6, 10), full, (3, 4, 10), full, (3, 6, 8), full, full]
+    write_features(root / "feat_padded", "t2v", seed=5, sizes=sizes)
     return root
 
 
@@ -441,6 +446,8 @@ def test_opensoraplan_layouts_two_processes(osp_root, tmp_path):
     ref = _single(base, tmp_path / "ref")
     ref_mb1 = _single([*base, "--train.micro_batch", "1"], tmp_path / "ref_mb1")
     ref_i2v = _single([*base, *i2v], tmp_path / "ref_i2v")
+    padded = ["--data.precomputed_dir", str(osp_root / "feat_padded")]
+    ref_padded = _single([*base, *padded], tmp_path / "ref_padded")
     layouts = [
         {"name": "fsdp2", "args": []},
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
@@ -454,9 +461,15 @@ def test_opensoraplan_layouts_two_processes(osp_root, tmp_path):
             "--parallel.pp_layers", "[[1,1],[1,1]]"]},
         {"name": "i2v_fsdp2", "args": i2v},
         {"name": "i2v_cp2_ulysses", "args": [*i2v, "--parallel.cp", "2"]},
+        # batches of clips of different sizes: the video mask as a key bias / key mask, the loss masked
+        {"name": "padded_tp2", "args": [*padded, "--parallel.tp", "2"]},
+        {"name": "padded_cp2_ulysses", "args": [*padded, "--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
+        {"name": "padded_cp2_ring", "args": [*padded, "--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
+        {"name": "padded_pp2_1f1b", "args": [*padded, "--parallel.pp", "2", "--parallel.pp_layers", "[1,3]"]},
     ]  # fmt: skip
     _launch(2, base, layouts, tmp_path / "out")
     refs = {"pp2_v2_interleaved": ref_mb1, "i2v_fsdp2": ref_i2v, "i2v_cp2_ulysses": ref_i2v}
+    refs.update({lay["name"]: ref_padded for lay in layouts if lay["name"].startswith("padded")})
     for lay in layouts:
         check_layout(refs.get(lay["name"], ref), tmp_path / "out", lay, 2, "opensoraplan")
     losses = [r["loss"] for r in ref["metrics"]]

@@ -5,11 +5,13 @@ Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's
   patch / time / caption embeddings (replicated)
   -> pad the S video tokens to S_pad and cut over cp ("local" backward), then over tp (SP)
   -> blocks: every self-attention runs this plan's `core` (installed on each block):
-     dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked);
+     dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked, and the
+     padded latents of a batch of variable-size clips as a per-sample key mask);
      Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/cp of
      them), attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
      no cp: the padding is cut off and the single-device attention runs as is.
-  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target.
+  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target,
+     masked over real latents (`video_mask`, element by element as on one device).
 TP shards q/k/v/out of both attentions and the MLP (the spec's tp_rules); embeddings, modulation and
 the head stay replicated.
 
@@ -18,6 +20,11 @@ on a k^2 boundary and regrouping the shard gives exactly its part of every globa
 membership, i mod k or (i // k) mod k, does not change by multiples of k^2), in global order. Tokens
 past S take q = k = v = 0 and the key bias -9980, as the single-device Skiparse padding does; extra
 padded k^2 blocks add keys of weight exp(-9980) = 0.
+
+Padded latents (`video_mask` zeros: clips of different sizes in one batch) keep the single-device
+additive key bias (-10000) in Skiparse layers; dense layers under cp mask the same keys out (-inf), which
+gives the same real rows: exp(-10000 + O(10)) is exactly 0 in float32. Rows of padded queries differ
+(they attend to nothing), but nothing real reads them: their keys weigh 0 and the loss masks them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 
 from mmkit.common import LossOut
 from mmkit.models.opensoraplan.model import (
+    MASK_BIAS,
     SKIPARSE_PAD_BIAS,
     skiparse_attention,
     skiparse_regroup,
@@ -146,7 +154,8 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             o = skiparse_attention(q[:, :, :S], k[:, :, :S], v[:, :, :S], bias, mode, n)
             return F.pad(o, (0, 0, 0, q.shape[2] - S))
         if mode is None:
-            return self.cp_attn.attention(q, k, v, valid_len=S)
+            key_mask = None if bias is None else bias > MASK_BIAS / 2  # (B, S), True = real latent
+            return self.cp_attn.attention(q, k, v, valid_len=S, key_mask=key_mask)
         return skiparse_context_parallel(q, k, v, bias, S, mode, n, self.cp_group)
 
     def local_rope(self, grid: tuple[int, int, int], device, dtype):
@@ -157,38 +166,41 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
         return rows
 
-    def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None):
-        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
+    def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None, video_mask=None):
+        """Head on this rank's tokens -> (summed squared error against its piece of `target` over real
+        latents, the element count it covers). `video_mask` (B, T, H, W) 0/1 or None (all real)."""
         m = self.inner
         p = m.cfg.patch_size
         pred = m.head_tokens(x, temb)  # (B, S_local, p * p * C_out)
         tgt = self._local_tokens(to_tokens(target.float(), (1, p, p)))
-        valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))
-        loss, _ = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
-        return loss, int(valid.sum())
+        if video_mask is None:
+            valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))
+            loss, _ = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
+            return loss, int(valid.sum()) * pred.shape[0] * pred.shape[2]
+        # the single-device criterion's mask, element by element in the token layout (B, S_local, P)
+        full = video_mask.to(tgt.device, torch.float32)[:, None].expand(target.shape)
+        valid = self._local_tokens(to_tokens(full, (1, p, p)))  # Skiparse/cp padding: zeros
+        loss, count = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
+        return loss, int(count)
 
     @staticmethod
-    def check_masks(prep: dict) -> None:
-        """Under a plan every latent is real: a padded batch (video_mask with zeros) is a clear error."""
+    def real_mask(prep: dict) -> torch.Tensor | None:
+        """The batch's `video_mask` (B, T, H, W), or None when it has no padded latent (the fast path)."""
         vm = prep.get("video_mask")
-        if vm is not None and not bool(vm.bool().all()):
-            raise ValueError(
-                "video_mask: padded latents are not supported under tensor/context/pipeline parallelism; "
-                "train on fixed-size clips (data.height/width/num_frames) or with one process"
-            )
+        return None if vm is None or bool(vm.bool().all()) else vm
 
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
         lat, target = prep["latents"], prep["target"]
         m.check_input(lat, prep["text_context"])
-        self.check_masks(prep)
+        vm = self.real_mask(prep)
         B = lat.shape[0]
         x, temb, e, ctx = m.embed(lat, prep["timestep"], prep["text_context"])
-        _, tbias = m.biases(None, prep.get("text_mask"))
+        vbias, tbias = m.biases(vm, prep.get("text_mask"))  # (B, S) replicated, (B, L)
         rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
         x, e, temb = self.enter(x, e, temb)
         for block in m.blocks:
-            x = block(x, e, ctx, rope, None, tbias)
-        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
-        per_token = m.cfg.out_channels * m.cfg.patch_size**2
-        return LossOut(loss, n_valid * B * per_token, B, n_valid * B)
+            x = block(x, e, ctx, rope, vbias, tbias)
+        loss, count = self.head_loss(x, temb, target, prep.get("weight"), vm)
+        tokens = int(self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device)).sum())
+        return LossOut(loss, count, B, tokens * B)

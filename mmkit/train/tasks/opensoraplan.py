@@ -218,7 +218,7 @@ class OpenSoraPlanTask:
             "timestep": t.to(dev),
             "text_context": ctx,
             "text_mask": tmask,
-            "video_mask": batch.get("video_mask"),
+            "video_mask": None if batch.get("video_mask") is None else batch["video_mask"].to(dev),
             "target": target,
             "weight": weight,
         }
@@ -306,8 +306,18 @@ def build_task(cfg, device: torch.device) -> OpenSoraPlanTask:
 def build_data(cfg, task, rank: int = 0, world_size: int = 1):
     """(dataset, resumable sampler, DataLoader) of precomputed features (`data.precomputed_dir`) or video
     clips. Example: `ds, sampler, loader = build_data(cfg, task)`."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from mmkit.data.features import collate_features
     from mmkit.train.tasks.wan import build_data as wan_build_data
 
     ds, sampler, loader = wan_build_data(cfg, task, rank, world_size)
+    if cfg.data.precomputed_dir:  # clips of different sizes batch together, padded and masked
+        loader = DataLoader(
+            ds, batch_size=cfg.train.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
+            collate_fn=functools.partial(collate_features, pad=True),
+        )  # fmt: skip
     task.sample_order = sampler.order  # the epoch order: timestep strata follow sample positions
     return ds, sampler, loader

@@ -153,3 +153,21 @@ def test_features_written_and_read_back(tmp_path):
     pre = task.prepare(b, torch.Generator().manual_seed(5))  # the same draws on features as on raw videos
     for k in ("latents", "timestep", "text_context", "text_mask", "target"):
         torch.testing.assert_close(pre[k].float(), raw[k].float(), msg=k)
+
+
+def test_clips_of_different_sizes_pad_and_mask():
+    from mmkit.data.features import collate_features
+
+    items = [
+        {"latents": torch.randn(8, 3, 6, 10), "caption": "a", "data_state": None},
+        {"latents": torch.randn(8, 2, 4, 10), "caption": "b", "data_state": None},
+    ]
+    b = collate_features(items, pad=True)
+    assert b["latents"].shape == (2, 8, 3, 6, 10)
+    vm = b["video_mask"]
+    assert vm.shape == (2, 3, 6, 10) and vm[0].all() and int(vm[1].sum()) == 2 * 4 * 10
+    assert vm[1, :2, :4].all() and torch.equal(b["latents"][1, :, :2, :4], items[1]["latents"])
+    assert not b["latents"][1, :, 2:].any() and not b["latents"][1, :, :, 4:].any()
+    assert "video_mask" not in collate_features([items[0], items[0]], pad=True)  # one size: no mask
+    with pytest.raises(RuntimeError):
+        collate_features(items)  # without padding, sizes must agree
