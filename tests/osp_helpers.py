@@ -14,14 +14,18 @@ from mmkit.models.common.hf_io import save_state_dict
 from mmkit.models.opensoraplan.hf import DIT_STEM, to_hf
 
 
-def write_tiny_dit(out: Path, flavor: str = "tiny", seed: int = 0, num_layers: int | None = None) -> Path:
-    """A random tiny DiT (weights off their init so parity can fail) as a release folder."""
+def write_tiny_dit(
+    out: Path, flavor: str = "tiny", seed: int = 0, num_layers: int | None = None, **overrides
+) -> Path:
+    """A random tiny DiT (weights off their init so parity can fail) as a release folder; `overrides`
+    replace config fields (e.g. num_attention_heads=3, attention_head_dim=12, cross_attention_dim=36)."""
     import dataclasses
 
     spec = registry.get("opensoraplan")
     cfg = spec.flavor(flavor)
     if num_layers is not None:
-        cfg = dataclasses.replace(cfg, num_layers=num_layers)
+        overrides["num_layers"] = num_layers
+    cfg = dataclasses.replace(cfg, **overrides).validate()
     torch.manual_seed(seed)
     model = spec.build_model(cfg)
     with torch.no_grad():

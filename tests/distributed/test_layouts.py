@@ -490,3 +490,22 @@ def test_opensoraplan_layouts_four_processes(osp_root, tmp_path):
     _launch(4, base, layouts, tmp_path / "out")
     for lay in layouts:
         check_layout(ref, tmp_path / "out", lay, 4, "opensoraplan")
+
+
+def test_opensoraplan_cp3_three_processes(osp_root, tmp_path):
+    """cp = 3 does not divide Skiparse's k = 4: the groups stay whole on every rank and the heads split
+    3 ways (a 3-head DiT), on batches with padded clips (the dense layers' key mask under the ring)."""
+    from osp_helpers import write_tiny_dit
+
+    write_tiny_dit(tmp_path / "dit3", "tiny", seed=6, num_attention_heads=3, attention_head_dim=12,
+                   cross_attention_dim=36)  # fmt: skip
+    base = [*_osp_base(osp_root), "--model.init_from", str(tmp_path / "dit3"),
+            "--data.precomputed_dir", str(osp_root / "feat_padded")]  # fmt: skip
+    ref = _single(base, tmp_path / "ref")
+    layouts = [
+        {"name": "padded_cp3_ulysses", "args": ["--parallel.cp", "3", "--parallel.cp_algo", "ulysses"]},
+        {"name": "padded_cp3_ring", "args": ["--parallel.cp", "3", "--parallel.cp_algo", "ring"]},
+    ]  # fmt: skip
+    _launch(3, base, layouts, tmp_path / "out")
+    for lay in layouts:
+        check_layout(ref, tmp_path / "out", lay, 3, "opensoraplan")
