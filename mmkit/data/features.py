@@ -5,7 +5,8 @@ file per clip under `OUTDIR/features/`:
 - `latents` (C, T_lat, H_lat, W_lat) float32, normalized as the DiT sees them;
 - `text_context` (L_i, text_dim): the umT5 features of the prompt's real tokens only (the
   zero padding to 512 is restored at load time, exactly as the pipeline pads);
-- i2v: `cond` (4 + C, T_lat, H_lat, W_lat) and `image_context` (N, image_dim).
+- i2v: `cond` (4 + C, T_lat, H_lat, W_lat) and `image_context` (N, image_dim) (Wan); whatever else the
+  task's `feature_extras(video, index)` returns (OpenSoraPlan: the masked videos' latents per mask type).
 plus `null_text.safetensors` (the empty prompt, used for caption dropout) and `index.json`.
 
 `FeatureDataset` reads them back with the same item keys the task's precomputed path takes, and
@@ -73,6 +74,8 @@ def extract_features(
         if task.cfg.task == "i2v" and hasattr(task, "image_condition"):  # (OpenSoraPlan: from the latents)
             cond, clip = task.image_condition(video, video.shape[2])
             tensors["cond"], tensors["image_context"] = cond[0].contiguous(), clip[0].contiguous()
+        if hasattr(task, "feature_extras"):  # keyed on the index the sample gets in the features
+            tensors.update({k: v.contiguous() for k, v in task.feature_extras(video, len(records)).items()})
         name = f"features/{i:06d}.safetensors"
         save_file(tensors, str(out / name))
         records.append({"file": name, "caption": item["caption"], "source": item["path"]})
