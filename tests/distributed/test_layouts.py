@@ -13,8 +13,9 @@ path in every block).
 Each torchrun launch (gloo, 2 or 4 processes, a subprocess timeout so a hang fails fast) trains several
 layouts one after another (`_layout_worker.py`); the single-process references run in this process.
 Also covered: save under fsdp2 then resume under tp2, save under pp2 then resume under fsdp2 (the curve
-continues), a sequence that does not divide by the context-parallel degree, and a VLM step where only
-one data-parallel rank has an image (every rank must issue the same collectives, or the step hangs).
+continues), a sequence that does not divide by the context-parallel degree, OpenSoraPlan batches of clips
+of different sizes (padded latents masked) and Skiparse under cp 3 (not a divisor of k = 4), and a VLM
+step where only one data-parallel rank has an image (every rank must issue the same collectives, or the step hangs).
 """
 
 import json
