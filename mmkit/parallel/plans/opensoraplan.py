@@ -24,8 +24,9 @@ padded k^2 blocks add keys of weight exp(-9980) = 0.
 
 Padded latents (`video_mask` zeros: clips of different sizes in one batch) keep the single-device
 additive key bias (-10000) in Skiparse layers; dense layers under cp mask the same keys out (-inf), which
-gives the same real rows: exp(-10000 + O(10)) is exactly 0 in float32. Rows of padded queries differ
-(they attend to nothing), but nothing real reads them: their keys weigh 0 and the loss masks them.
+gives the same rows: exp(-10000 + O(10)) is exactly 0 in float32 (only keys are masked, so padded
+queries see the real keys either way). Nothing real reads a padded token: its keys weigh 0 and the loss
+masks it.
 """
 
 from __future__ import annotations
