@@ -114,6 +114,13 @@ class DataConfig:
         "opensoraplan i2v: relative weights of the mask types [t2iv, i2v, transition, continuation, clear, "
         "random_temporal]; unset = the release's [1, 8, 8, 2, 0, 1] (mask_config.yaml)",
     )
+    mask_draws: int = _f(
+        0,
+        "opensoraplan i2v: fixed mask draws per sample for the random mask types (continuation, "
+        "random_temporal); 0 = a fresh draw at every visit. `mmkit data features` encodes max(1, this) masked "
+        "videos per sample and type, training on them picks one per visit; raw videos with the same value "
+        "draw the same masks",
+    )
     precomputed_dir: str | None = _f(
         None, "video: folder of precomputed VAE latents + text embeddings; unset = encode on the fly"
     )

@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
         action="append",
         help="i2v conditioning image; repeat it for OpenSoraPlan (2 = first and last frame: transition)",
     )
+    p.add_argument(
+        "--mask-type",
+        choices=["t2iv", "i2v", "transition", "continuation", "clear", "random_temporal"],
+        help="OpenSoraPlan i2v: which frames the --image inputs give (default: from their count)",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the family's (Wan 480)")
     p.add_argument("--width", type=int, default=None, help="default: the family's (Wan 832)")
     p.add_argument("--frames", type=int, default=None, help="4k+1 frames (default: the family's, Wan 81)")
@@ -92,8 +97,14 @@ def precheck(a) -> None:
     for name in ("height", "width"):
         if getattr(a, name) is not None and (getattr(a, name) % 16 or getattr(a, name) <= 0):
             raise ValueError(f"--{name} {getattr(a, name)}: must be a positive multiple of 16")
-    if a.task == "i2v" and not a.image:
+    if a.task == "t2v" and a.mask_type:
+        raise ValueError(f"--mask-type {a.mask_type}: is for i2v; use `mmkit generate i2v` or drop it")
+    if a.task == "i2v" and not a.image and a.mask_type != "t2iv":
         raise ValueError("i2v needs --image PATH (the first frame)")
+    if a.task == "i2v":
+        from mmkit.infer.pipelines import check_conditioning
+
+        check_conditioning(a.model, a.image, a.frames, a.mask_type)  # the image count against the mask type
     if a.task == "t2v" and a.image:
         raise ValueError(f"--image {a.image}: t2v takes no image; use `mmkit generate i2v` or drop --image")
     for image in a.image or []:
@@ -210,6 +221,7 @@ def pipe_kwargs(a) -> dict:
         guidance_scale=a.guidance,
         sampler=a.sampler,
         flow_shift=a.flow_shift,
+        mask_type=getattr(a, "mask_type", None),
     )
     return {k: v for k, v in given.items() if v is not None}
 

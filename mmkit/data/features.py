@@ -5,7 +5,8 @@ file per clip under `OUTDIR/features/`:
 - `latents` (C, T_lat, H_lat, W_lat) float32, normalized as the DiT sees them;
 - `text_context` (L_i, text_dim): the umT5 features of the prompt's real tokens only (the
   zero padding to 512 is restored at load time, exactly as the pipeline pads);
-- i2v: `cond` (4 + C, T_lat, H_lat, W_lat) and `image_context` (N, image_dim).
+- i2v: `cond` (4 + C, T_lat, H_lat, W_lat) and `image_context` (N, image_dim) (Wan); whatever else the
+  task's `feature_extras(video, index)` returns (OpenSoraPlan: the masked videos' latents per mask type).
 plus `null_text.safetensors` (the empty prompt, used for caption dropout) and `index.json`.
 
 `FeatureDataset` reads them back with the same item keys the task's precomputed path takes, and
@@ -73,6 +74,8 @@ def extract_features(
         if task.cfg.task == "i2v" and hasattr(task, "image_condition"):  # (OpenSoraPlan: from the latents)
             cond, clip = task.image_condition(video, video.shape[2])
             tensors["cond"], tensors["image_context"] = cond[0].contiguous(), clip[0].contiguous()
+        if hasattr(task, "feature_extras"):  # keyed on the index the sample gets in the features
+            tensors.update({k: v.contiguous() for k, v in task.feature_extras(video, len(records)).items()})
         name = f"features/{i:06d}.safetensors"
         save_file(tensors, str(out / name))
         records.append({"file": name, "caption": item["caption"], "source": item["path"]})
@@ -180,11 +183,35 @@ class FeatureDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate_features(items: list[dict]) -> dict:
-    """Stack FeatureDataset items; `data_state` is the last item's position."""
-    batch = {
-        k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)
-    }
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the trailing dims of `t` up to `shape` (same rank)."""
+    pad = []
+    for n, want in zip(reversed(t.shape), reversed(shape)):
+        pad += [0, want - n]
+    return torch.nn.functional.pad(t, pad)
+
+
+def collate_features(items: list[dict], pad: bool = False) -> dict:
+    """Stack FeatureDataset items; `data_state` is the last item's position.
+
+    With `pad`, clips of different latent sizes are zero-padded to the batch's largest (T, H, W) and the
+    batch gains `video_mask` (B, T, H, W), 1 over each clip's real latents (as the original OpenSoraPlan
+    collate pads variable-size videos); without it, sizes must agree.
+    Example: `batch = collate_features([ds[0], ds[1]], pad=True)`.
+    """
+    keys = [k for k in items[0] if isinstance(items[0][k], torch.Tensor)]
+    sizes = [tuple(it["latents"].shape[1:]) for it in items] if "latents" in items[0] else []
+    if pad and len(set(sizes)) > 1:
+        batch = {}
+        for k in keys:
+            shape = tuple(max(n) for n in zip(*(it[k].shape for it in items)))
+            batch[k] = torch.stack([_pad_to(it[k], shape) for it in items])
+        mask = torch.zeros(len(items), *batch["latents"].shape[2:])
+        for i, (t, h, w) in enumerate(sizes):
+            mask[i, :t, :h, :w] = 1
+        batch["video_mask"] = mask
+    else:
+        batch = {k: torch.stack([it[k] for it in items]) for k in keys}
     batch["caption"] = [it["caption"] for it in items]
     batch["data_state"] = items[-1]["data_state"]
     return batch

@@ -11,10 +11,16 @@ initial noise is drawn on a CPU generator seeded with `seed` and multiplied by t
 `init_noise_sigma`; each step scales the model input with `scheduler.scale_model_input`.
 
 i2v conditions on one image (mask type "i2v": frame 0 given), two ("transition": first and last), more
-(frames spread evenly, "random_temporal") or a video file (its frames start the clip: "continuation");
-`mask_type` overrides the choice ("continuation" puts images on the first frames). The conditioning frames go
-through the VAE as a masked video and the pixel mask is compressed to 4 channels (`masks.compress_mask`);
-the DiT input is [noisy latents 8 | masked-video latents 8 | mask 4].
+(frames spread evenly, "random_temporal") or a video file ("continuation"), as the release picks the type
+from its inputs. `mask_type` (`--mask-type`) names it instead; the images must fit it (`check_conditioning`):
+t2iv none (every frame generated), i2v 1, transition 2, continuation 1 or more (they start the clip),
+random_temporal 2 or more (spread evenly), clear one per frame. A video at least `num_frames` long gets the
+release's `MaskProcessor(min_clear_ratio=0.5, max_clear_ratio=0.5)` mask of the type over its first
+`num_frames` frames (continuation: the first half given; random_temporal: a random half, drawn from
+`seed`; i2v / transition: its first / first and last frames; clear: all; t2iv: none); a shorter video
+only continues (all its frames start the clip). The conditioning frames go through the VAE as a masked
+video and the pixel mask is compressed to 4 channels (`masks.compress_mask`); the DiT input is
+[noisy latents 8 | masked-video latents 8 | mask 4].
 
 Example:
     >>> pipe = mmkit.load_pipeline("Open-Sora-Plan-v1.3.0", task="t2v")
@@ -23,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +42,7 @@ from mmkit.infer.media import load_image, read_video
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise
 from mmkit.infer.t2v import VideoOutput, check_components
 from mmkit.models.common.hf_io import read_json
-from mmkit.models.opensoraplan.masks import compress_mask
+from mmkit.models.opensoraplan.masks import MASK_TYPES, compress_mask, pixel_mask
 from mmkit.models.opensoraplan.tiny import SCHEDULER_CONFIG  # noqa: F401 (the release sampler config)
 
 # the release sample script's strings, verbatim (triple-quoted there: newlines and indentation included)
@@ -63,16 +70,55 @@ def load_scheduler(folder: Path):
     return cls.from_config(cfg)
 
 
-def image_indices(n_images: int, num_frames: int, mask_type: str | None) -> tuple[list[int], str]:
-    """Frames the conditioning images fill, and the mask type, as the release picks them.
+def check_conditioning(images: list | None, num_frames: int | None, mask_type: str | None) -> None:
+    """Raise one clear error when the conditioning images (paths; a video file counts as a clip) do not
+    fit the mask type, before anything loads. `num_frames` None: the release's 93.
 
-    "continuation" puts the images on the first frames. Example: `image_indices(2, 93, None)` ->
-    `([0, 92], "transition")`.
+    Example: `check_conditioning(["first.png"], 93, "transition")` raises (transition needs 2 images).
+    """
+    images = list(images or [])
+    T = 93 if num_frames is None else num_frames
+    if mask_type is not None and mask_type not in MASK_TYPES:
+        raise ValueError(f"--mask-type {mask_type}: choose one of {', '.join(MASK_TYPES)}")
+    clips = [p for p in images if Path(str(p)).suffix.lower() in CLIP_SUFFIXES]
+    if clips and len(images) > 1:
+        raise ValueError(
+            f"--image {clips[0]}: a video is the only conditioning input; drop the other --image"
+        )
+    if mask_type == "t2iv":
+        if images:
+            raise ValueError(
+                "--mask-type t2iv generates every frame: drop --image (or pick another mask type)"
+            )
+        return
+    if not images:
+        raise ValueError(
+            f"--mask-type {mask_type or 'i2v'} needs --image (t2iv alone generates without one)"
+            if mask_type
+            else "i2v needs --image PATH (the first frame)"
+        )
+    if clips or mask_type is None:
+        return  # a video takes any type (checked against its length when read); images pick their own
+    n = len(images)
+    need = {"i2v": (1, 1, "1 image (the first frame)"), "transition": (2, 2, "2 images (first and last frame)"),
+            "continuation": (1, T, "1 or more images (the first frames)"),
+            "random_temporal": (2, T, "2 or more images (spread over the clip)"),
+            "clear": (T, T, f"{T} images (one per frame) or a video")}[mask_type]  # fmt: skip
+    if not need[0] <= n <= need[1]:
+        raise ValueError(f"--mask-type {mask_type} takes {need[2]}; got {n} --image")
+
+
+def image_indices(n_images: int, num_frames: int, mask_type: str | None) -> tuple[list[int], str]:
+    """Frames the conditioning images fill, and the mask type: the release's choice from the image count
+    when `mask_type` is None; "continuation" puts the images on the first frames, "clear" on every frame.
+    Example: `image_indices(2, 93, None)` -> `([0, 92], "transition")`.
     """
     if n_images > num_frames:
         raise ValueError(f"image: {n_images} conditioning frames for a {num_frames}-frame clip")
-    if mask_type == "continuation":
+    if mask_type in ("continuation", "clear"):
         return list(range(n_images)), mask_type
+    if mask_type == "t2iv":
+        return [], mask_type
     if n_images == 1:
         return [0], mask_type or "i2v"
     if n_images == 2:
@@ -138,7 +184,9 @@ class OpenSoraPlanPipeline:
         st, sh, sw = VAE_STRIDE
         return (self.transformer.cfg.in_channels, (num_frames - 1) // st + 1, height // sh, width // sw)
 
-    def check_inputs(self, height, width, num_frames, steps, guidance, image, output_type) -> None:
+    def check_inputs(
+        self, height, width, num_frames, steps, guidance, image, output_type, mask_type=None
+    ) -> None:
         if (num_frames - 1) % VAE_STRIDE[0] or num_frames < 1:
             raise ValueError(f"num_frames={num_frames}: must be 4k+1 (the WF-VAE's temporal stride), e.g. 93")
         for name, v in (("height", height), ("width", width)):
@@ -150,20 +198,40 @@ class OpenSoraPlanPipeline:
             raise ValueError(f"guidance_scale={guidance}: must be >= 0")
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'np' or 'latent'")
-        if self.task == "i2v" and not image:
+        if self.task == "i2v" and not image and mask_type != "t2iv":
             raise ValueError("task=i2v needs image=PATH or a list of paths (--image, repeatable)")
         if self.task == "t2v" and image:
             raise ValueError("image= is for task=i2v; this pipeline was loaded for t2v")
 
-    def _conditioning(self, image, mask_type, num_frames, height, width, batch, generator):
+    def _conditioning(self, image, mask_type, num_frames, height, width, batch, generator, seed: int = 0):
         """i2v: [masked-video latents | compressed mask] (B, 8 + 4, T', h, w) for every model call."""
-        paths = [image] if isinstance(image, (str, Path)) or hasattr(image, "convert") else list(image)
+        if image is None:
+            paths = []
+        elif isinstance(image, (str, Path)) or hasattr(image, "convert"):
+            paths = [image]
+        else:
+            paths = list(image)
+        check_conditioning(
+            [p if isinstance(p, (str, Path)) else "image.png" for p in paths], num_frames, mask_type
+        )
         if len(paths) == 1 and Path(str(paths[0])).suffix.lower() in CLIP_SUFFIXES:
-            # a video: its first frames are kept and the rest generated (the release's default for a video)
             clip = read_video(paths[0])[:num_frames]
             paths = [Image.fromarray(f) for f in clip]
-            mask_type = mask_type or "continuation"
-        idx, mask_type = image_indices(len(paths), num_frames, mask_type)
+            if len(clip) < num_frames and mask_type not in (None, "continuation"):
+                raise ValueError(
+                    f"--image {image}: {len(clip)} frames; --mask-type {mask_type} on a video needs at least "
+                    f"--frames {num_frames} of them (a shorter video only continues: --mask-type continuation)"
+                )
+            if len(clip) == num_frames:  # the release's MaskProcessor(0.5, 0.5) on the whole clip
+                mask_type = mask_type or "continuation"
+                m = pixel_mask(mask_type, num_frames, 1, 1, min_clear_ratio=0.5, max_clear_ratio=0.5,
+                               rng=random.Random(seed))[:, 0, 0, 0]  # fmt: skip
+                idx = [i for i in range(num_frames) if m[i] < 0.5]
+                paths = [paths[i] for i in idx]
+            else:  # a shorter video: all its frames start the clip
+                idx, mask_type = list(range(len(paths))), "continuation"
+        else:
+            idx, mask_type = image_indices(len(paths), num_frames, mask_type)
         video = torch.zeros(1, 3, num_frames, height, width)
         mask = torch.ones(1, 1, num_frames, height, width)  # 1 = frame to generate
         for i, p in zip(idx, paths):
@@ -205,7 +273,9 @@ class OpenSoraPlanPipeline:
                 "sampler/flow_shift: OpenSoraPlan samples with its folder's scheduler "
                 f"({self.scheduler.__class__.__name__}); drop --sampler/--flow-shift"
             )
-        self.check_inputs(height, width, num_frames, num_inference_steps, guidance_scale, image, output_type)
+        self.check_inputs(
+            height, width, num_frames, num_inference_steps, guidance_scale, image, output_type, mask_type
+        )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if use_template:
             prompts = [POSITIVE_TEMPLATE.format(p) for p in prompts]
@@ -218,7 +288,7 @@ class OpenSoraPlanPipeline:
         b = len(prompts)
         prepare = None
         if self.task == "i2v":
-            cond, _ = self._conditioning(image, mask_type, num_frames, height, width, b, generator)
+            cond, _ = self._conditioning(image, mask_type, num_frames, height, width, b, generator, seed)
             prepare = lambda x: torch.cat([x, cond], dim=1)  # noqa: E731
 
         ctx, ctx_mask = self.text_encoder(prompts)
@@ -262,3 +332,6 @@ def _step_params(scheduler) -> set[str]:
 def load_opensoraplan_pipeline(path, task: str = "t2v", device="auto", dtype="fp32") -> OpenSoraPlanPipeline:
     """The registry's pipeline loader (`FamilySpec.pipeline`). Example: `load_opensoraplan_pipeline(d, "i2v")`."""
     return OpenSoraPlanPipeline(path, task=task, device=device, dtype=dtype)
+
+
+load_opensoraplan_pipeline.check_conditioning = check_conditioning  # what `pipelines.check_conditioning` asks

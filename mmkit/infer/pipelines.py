@@ -24,6 +24,22 @@ def estimate_memory(path, task: str | None = None, **shape) -> dict[str, int] | 
     return None if estimate is None else estimate(path, task=task, **shape)
 
 
+def check_conditioning(path, images: list | None, num_frames: int | None, mask_type: str | None) -> None:
+    """Check i2v conditioning inputs against the folder's family before anything loads: the family's own
+    rule where its loader has one (`check_conditioning`), else only that no mask type is asked for.
+
+    Example: `check_conditioning("osp-i2v", ["a.png", "b.png"], 29, "transition")`.
+    """
+    from mmkit import registry
+
+    spec = registry.detect(path)
+    check = getattr(spec.resolve("pipeline"), "check_conditioning", None)
+    if check is not None:
+        check(images, num_frames, mask_type)
+    elif mask_type is not None:
+        raise ValueError(f"--mask-type {mask_type}: {spec.title} i2v takes no mask type; drop --mask-type")
+
+
 def load_pipeline(path, task: str | None = None, device="auto", dtype="fp32", parallel=None):
     """Load a Hugging Face folder as the mmkit pipeline of its family; `task` defaults to the family's first.
 

@@ -12,8 +12,9 @@ round-off, with autograd:
   inner hops intra-node, outer hops across), with the same result and the same volume.
 - Hybrid: Ulysses inside each Ulysses group, then ring attention across the ring group.
 
-Masks are described, not materialized: padding at the end (`valid_len`), a global causal mask and
-packed samples (`segment_ids`). Blocks a mask hides entirely are skipped; a dense mask is built
+Masks are described, not materialized: padding at the end (`valid_len`), a global causal mask,
+packed samples (`segment_ids`) and per-sample key padding anywhere in the sequence (`key_mask`, e.g. the
+padded latents of variable-size clips batched together). Blocks a mask hides entirely are skipped; a dense mask is built
 only for blocks that need one (segment ids, or a causal block not on the diagonal).
 
 Only torch.distributed calls are used (all_to_all_single, batched isend/irecv): tested on gloo/CPU,
@@ -116,6 +117,7 @@ class ContextParallel:
         valid_len: int | None = None,
         causal: bool = False,
         segment_ids: Tensor | None = None,
+        key_mask: Tensor | None = None,
         scale: float | None = None,
     ) -> Tensor:
         """This rank's shard of attention over the whole sequence (differentiable).
@@ -125,7 +127,8 @@ class ContextParallel:
         Keys at index >= `valid_len` are never attended, and rows of padded queries come out zero
         (with zero gradient). `causal` applies the global causal mask; `segment_ids` (S_pad,) int,
         identical on all ranks, restricts attention to keys of the same packed sample (padding may
-        use -1). `scale` defaults to 1/sqrt(D).
+        use -1). `key_mask` (B, S) bool, S <= S_pad, identical on all ranks: False keys are never attended
+        by that sample's queries (keys past S count as False). `scale` defaults to 1/sqrt(D).
 
         Example: `out = cp.attention(q, k, v, valid_len=13, causal=True)`  # (B, Hq, S_loc, D)
         """
@@ -151,6 +154,15 @@ class ContextParallel:
                     "the padded global sequence length (identical on every cp rank)"
                 )
             segment_ids = segment_ids.to(q.device)
+        if key_mask is not None:
+            if key_mask.dim() != 2 or key_mask.shape[0] != B or key_mask.shape[1] > s_pad:
+                raise ValueError(
+                    f"attention: key_mask shape {tuple(key_mask.shape)} must be (B={B}, S <= {s_pad}), "
+                    "the keys of the global sequence (identical on every cp rank)"
+                )
+            key_mask = torch.nn.functional.pad(
+                key_mask.to(q.device, torch.bool), (0, s_pad - key_mask.shape[1])
+            )
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
         u = self.ulysses_size
@@ -162,6 +174,7 @@ class ContextParallel:
             valid_len=valid,
             causal=causal,
             segment_ids=segment_ids,
+            key_mask=key_mask,
             scale=scale,
             device=q.device,
         )
@@ -234,12 +247,24 @@ class _HeadsToSeq(torch.autograd.Function):
 
 class _Block:
     """What one (query chunk, key chunk) pair computes: the first nq query rows (the rest are
-    padding) against the first nk keys, with top-left causal and/or a dense bool mask (nq, nk)."""
+    padding) against the first nk keys, with top-left causal and/or a dense bool mask (nq, nk), and
+    per sample a key mask `kmask` (B, nk) (None: every key)."""
 
-    __slots__ = ("nq", "nk", "causal", "mask")
+    __slots__ = ("nq", "nk", "causal", "mask", "kmask")
 
-    def __init__(self, nq: int, nk: int, causal: bool, mask: Tensor | None):
-        self.nq, self.nk, self.causal, self.mask = nq, nk, causal, mask
+    def __init__(self, nq: int, nk: int, causal: bool, mask: Tensor | None, kmask: Tensor | None = None):
+        self.nq, self.nk, self.causal, self.mask, self.kmask = nq, nk, causal, mask, kmask
+
+    def full_mask(self, device) -> tuple[Tensor | None, bool]:
+        """(bool mask broadcastable to (B, H, nq, nk) or None, causal flag left to the kernel)."""
+        if self.kmask is None:
+            return self.mask, self.causal
+        m = self.kmask[:, None, None, :]  # (B, 1, 1, nk)
+        if self.causal:
+            m = m & torch.ones(self.nq, self.nk, dtype=torch.bool, device=device).tril()
+        if self.mask is not None:
+            m = m & self.mask
+        return m, False
 
 
 def _plan_block(
@@ -282,9 +307,11 @@ def _math_scores(q: Tensor, k: Tensor, blk: _Block, scale: float) -> Tensor:
     B, Hq, nq, D = q.shape
     Hkv = k.shape[1]
     s = torch.einsum("bhgqd,bhkd->bhgqk", q.float().reshape(B, Hkv, Hq // Hkv, nq, D), k.float()) * scale
-    mask = blk.mask
-    if blk.causal:
+    mask, causal = blk.full_mask(q.device)
+    if causal:
         mask = torch.ones(nq, blk.nk, dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dim() == 4:  # (B, 1, nq | 1, nk) -> (B, 1, 1, nq | 1, nk)
+        mask = mask[:, :, None]
     return s if mask is None else s.masked_fill(~mask, float("-inf"))
 
 
@@ -296,10 +323,11 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, blk: _Block, scale: float, fu
     """
     if fused:
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out, lse = op(q, k, v, 0.0, blk.causal, attn_mask=_additive(blk.mask, q), scale=scale)
+        mask, causal = blk.full_mask(q.device)
+        out, lse = op(q, k, v, 0.0, causal, attn_mask=_additive(mask, q), scale=scale)
         lse = lse.float()
-        if blk.mask is not None:  # the op reports lse 0 for a fully masked row; make it -inf
-            lse = lse.masked_fill(~blk.mask.any(-1), float("-inf"))
+        if mask is not None:  # the op reports lse 0 for a fully masked row; make it -inf
+            lse = lse.masked_fill(~mask.any(-1), float("-inf"))
         return out, lse
     B, Hq, nq, D = q.shape
     s = _math_scores(q, k, blk, scale)  # (B, Hkv, g, nq, nk)
@@ -317,8 +345,8 @@ def block_backward(dout, q, k, v, out, lse, blk: _Block, scale: float, fused: bo
     """
     if fused:
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        m = _additive(blk.mask, q)
-        return op(dout, q, k, v, out, lse, 0.0, blk.causal, attn_mask=m, scale=scale)
+        mask, causal = blk.full_mask(q.device)
+        return op(dout, q, k, v, out, lse, 0.0, causal, attn_mask=_additive(mask, q), scale=scale)
     B, Hq, nq, D = q.shape
     Hkv = k.shape[1]
     g5 = (B, Hkv, Hq // Hkv, nq, D)
@@ -345,9 +373,18 @@ class _Ring:
     """
 
     def __init__(
-        self, cp: ContextParallel, chunk: int, valid_len: int, causal: bool, segment_ids, scale, device
+        self,
+        cp: ContextParallel,
+        chunk: int,
+        valid_len: int,
+        causal: bool,
+        segment_ids,
+        scale,
+        device,
+        key_mask: Tensor | None = None,
     ):
         self.cp, self.chunk, self.valid, self.causal, self.seg = cp, chunk, valid_len, causal, segment_ids
+        self.key_mask = key_mask  # (B, S_pad) bool or None
         self.scale, self.device = scale, device
         R, w, r = cp.ring_size, cp.ring_window, cp.ring_rank
         self.R, self.w, self.n = R, w, R // w
@@ -361,9 +398,14 @@ class _Ring:
 
     def block(self, owner: int) -> _Block | None:
         c = self.chunk
-        return _plan_block(
-            self.cp.ring_rank * c, owner * c, c, self.valid, self.causal, self.seg, self.device
-        )
+        blk = _plan_block(self.cp.ring_rank * c, owner * c, c, self.valid, self.causal, self.seg, self.device)
+        if blk is not None and self.key_mask is not None:
+            km = self.key_mask[:, owner * c : owner * c + blk.nk]  # (B, nk)
+            if not km.any():
+                return None
+            if not km.all():
+                blk.kmask = km
+        return blk
 
     def post(self, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]):
         """Start sends/recvs of (tensor, ring rank, tag); returns the works to wait on."""

@@ -65,7 +65,8 @@ def mse_sum(
     """Sum of squared errors (float32) and the element count it averages over.
 
     `mask` (B, T, H, W) is broadcast over channels (`channel_dim`, 1 for videos (B, C, T, H, W); -1 for
-    tokens (B, S, P) with a mask (B, S) or (S,)); `weight` (B,) scales each sample.
+    tokens (B, S, P) with a mask (B, S) or (S,)); a mask of `pred`'s own shape masks element by element.
+    `weight` (B,) scales each sample.
     Example: `total, count = mse_sum(pred, target, weight=min_snr_weights)`.
     """
     err = (pred.float() - target.float()).pow(2)  # (B, C, T, H, W)
@@ -73,6 +74,9 @@ def mse_sum(
         err = err * weight.float().view(-1, *([1] * (err.ndim - 1)))
     if mask is None:
         return err.sum(), err.numel()
+    if mask.shape == err.shape:
+        m = mask.float()
+        return (err * m).sum(), m.sum()
     m = mask.float().unsqueeze(channel_dim)  # (B, 1, T, H, W)
     return (err * m).sum(), m.sum() * err.shape[channel_dim]
 

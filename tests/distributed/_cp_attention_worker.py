@@ -1,7 +1,8 @@
 """torchrun worker for test_cp_attention.py: context-parallel attention == full attention.
 
 Usage: `torchrun --nproc_per_node 4 tests/distributed/_cp_attention_worker.py hybrid ring ring_w2`.
-Every layout runs every mask (none, padding, causal, causal + packed samples, packed samples), MHA
+Every layout runs every mask (none, padding, causal, causal + packed samples, packed samples, per-sample
+key masks with and without causal), MHA
 and GQA where the heads allow, with both block kernels: the output shard and the q/k/v gradient
 shards must match torch's SDPA on the gathered sequence (fp32, 1e-5), and bytes_sent must equal
 the theoretical volume exactly. Rank 0 prints one `MAXERR` and one `BYTES` line per layout.
@@ -22,13 +23,21 @@ from mmkit.parallel.sequence import ContextParallel
 
 B, D, S_PAD = 2, 8, 16
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-# mask name -> (valid_len, causal, packed sample lengths or None); padding gets segment id -1
+# per-sample key masks (B, S_PAD): sample 0 drops three scattered keys, sample 1 a whole 4-token shard;
+# both drop keys 12 and 13, so with 4 ranks the last shard's block is masked for every sample
+KEYS = torch.ones(B, S_PAD, dtype=torch.bool)
+KEYS[0, [2, 3, 9]] = False
+KEYS[1, 4:8] = False
+KEYS[:, 12:14] = False
+# mask name -> (valid_len, causal, packed sample lengths or None, key mask or None); padding: segment id -1
 MASKS = {
-    "none": (S_PAD, False, None),
-    "padded": (13, False, None),  # 13 real tokens padded to 16
-    "causal": (11, True, None),  # with 4 ranks the last shard is all padding
-    "causal_packed": (14, True, (3, 7, 4)),
-    "packed": (14, False, (3, 7, 4)),
+    "none": (S_PAD, False, None, None),
+    "padded": (13, False, None, None),  # 13 real tokens padded to 16
+    "causal": (11, True, None, None),  # with 4 ranks the last shard is all padding
+    "causal_packed": (14, True, (3, 7, 4), None),
+    "packed": (14, False, (3, 7, 4), None),
+    "keys": (14, False, None, KEYS),
+    "causal_keys": (15, True, None, KEYS),
 }
 
 
@@ -43,9 +52,12 @@ def layout(name: str, world: int) -> tuple[int, int, int | None]:
     }[name]
 
 
-def allowed(valid: int, causal: bool, lengths) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(valid, valid) bool mask of the real tokens, and the (S_PAD,) segment ids (or None)."""
+def allowed(valid: int, causal: bool, lengths, keys) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(valid, valid) (or (B, 1, valid, valid) with `keys`) bool mask of the real tokens, and the (S_PAD,)
+    segment ids (or None)."""
     mask = torch.ones(valid, valid, dtype=torch.bool)
+    if keys is not None:
+        mask = mask & keys[:, None, None, :valid]
     if causal:
         mask = mask.tril()
     seg = None
@@ -102,17 +114,17 @@ def run_layout(name: str) -> None:
     head_sets = [(4, 4)] + ([(4, 2)] if 2 % uly == 0 else [])  # GQA where kv heads split over u
     maxerr = {"out": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
     bytes_seen = set()
-    for seed, (mask_name, (valid, causal, lengths)) in enumerate(MASKS.items()):
+    for seed, (mask_name, (valid, causal, lengths, keys)) in enumerate(MASKS.items()):
         for hq, hkv in head_sets:
             torch.manual_seed(1000 + seed)  # identical full tensors on every rank
             q, k, v = (torch.randn(B, h, S_PAD, D, requires_grad=True) for h in (hq, hkv, hkv))
             g = torch.randn(B, hq, S_PAD, D)
-            mask, seg = allowed(valid, causal, lengths)
+            mask, seg = allowed(valid, causal, lengths, keys)
             ref = reference(q, k, v, g, valid, mask)
             for kernel, cpk in cps.items():
                 shards = [t[:, :, rows].detach().clone().requires_grad_() for t in (q, k, v)]
                 before = cpk.bytes_sent
-                out = cpk.attention(*shards, valid_len=valid, causal=causal, segment_ids=seg)
+                out = cpk.attention(*shards, valid_len=valid, causal=causal, segment_ids=seg, key_mask=keys)
                 fwd = cpk.bytes_sent - before
                 (out * g[:, :, rows]).sum().backward()
                 bwd = cpk.bytes_sent - before - fwd

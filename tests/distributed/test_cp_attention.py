@@ -56,15 +56,15 @@ def test_single_process_matches_sdpa(kernel):
     """cp size 1 (no process group): the whole sequence is one block; both kernels, all masks, GQA."""
     cp = ContextParallel(None, None, kernel=kernel)
     assert (cp.size, cp.rank) == (1, 0)
-    for seed, (valid, causal, lengths) in enumerate(MASKS.values()):
+    for seed, (valid, causal, lengths, keys) in enumerate(MASKS.values()):
         for hq, hkv in ((4, 4), (4, 2), (4, 1)):
             torch.manual_seed(seed)
             q, k, v = (torch.randn(2, h, S_PAD, 8, requires_grad=True) for h in (hq, hkv, hkv))
             g = torch.randn(2, hq, S_PAD, 8)
-            mask, seg = allowed(valid, causal, lengths)
+            mask, seg = allowed(valid, causal, lengths, keys)
             ref = reference(q, k, v, g, valid, mask)
             mine = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            out = cp.attention(*mine, valid_len=valid, causal=causal, segment_ids=seg)
+            out = cp.attention(*mine, valid_len=valid, causal=causal, segment_ids=seg, key_mask=keys)
             (out * g).sum().backward()
             for got, want in zip((out.detach(), *(t.grad for t in mine)), ref):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -95,8 +95,8 @@ def test_half_precision_close_to_fp32():
     """bf16 through the fused path: dtype preserved, close to the fp32 reference, padding rows 0."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, S_PAD, 8, requires_grad=True) for _ in range(3))
-    valid, causal, lengths = MASKS["causal_packed"]
-    mask, seg = allowed(valid, causal, lengths)
+    valid, causal, lengths, keys = MASKS["causal_packed"]
+    mask, seg = allowed(valid, causal, lengths, keys)
     ref_out = reference(q, k, v, torch.ones(2, 4, S_PAD, 8), valid, mask)[0]
     out = ContextParallel(None, None).attention(
         *(t.detach().bfloat16() for t in (q, k, v)), valid_len=valid, causal=causal, segment_ids=seg

@@ -13,8 +13,9 @@ path in every block).
 Each torchrun launch (gloo, 2 or 4 processes, a subprocess timeout so a hang fails fast) trains several
 layouts one after another (`_layout_worker.py`); the single-process references run in this process.
 Also covered: save under fsdp2 then resume under tp2, save under pp2 then resume under fsdp2 (the curve
-continues), a sequence that does not divide by the context-parallel degree, and a VLM step where only
-one data-parallel rank has an image (every rank must issue the same collectives, or the step hangs).
+continues), a sequence that does not divide by the context-parallel degree, OpenSoraPlan batches of clips
+of different sizes (padded latents masked) and Skiparse under cp 3 (not a divisor of k = 4), and a VLM
+step where only one data-parallel rank has an image (every rank must issue the same collectives, or the step hangs).
 """
 
 import json
@@ -424,6 +425,11 @@ def osp_root(tmp_path_factory):
     write_tiny_dit(root / "i2v", "tiny-i2v", seed=2)
     write_features(root / "feat_t2v", "t2v", seed=3)
     write_features(root / "feat_i2v", "i2v", seed=4)
+    # clips of different sizes: every batch of two pads to (3, 6, 10) (pipeline stages need one shape per
+    # step) with zeros along T, H or W in one of its clips
+    full = (3, 6, 10)
+    sizes = [full, (2, 6, 10), full, (3, 4, 10), full, (3, 6, 8), full, full]
+    write_features(root / "feat_padded", "t2v", seed=5, sizes=sizes)
     return root
 
 
@@ -441,6 +447,8 @@ def test_opensoraplan_layouts_two_processes(osp_root, tmp_path):
     ref = _single(base, tmp_path / "ref")
     ref_mb1 = _single([*base, "--train.micro_batch", "1"], tmp_path / "ref_mb1")
     ref_i2v = _single([*base, *i2v], tmp_path / "ref_i2v")
+    padded = ["--data.precomputed_dir", str(osp_root / "feat_padded")]
+    ref_padded = _single([*base, *padded], tmp_path / "ref_padded")
     layouts = [
         {"name": "fsdp2", "args": []},
         {"name": "tp2", "args": ["--parallel.tp", "2"]},
@@ -454,9 +462,15 @@ def test_opensoraplan_layouts_two_processes(osp_root, tmp_path):
             "--parallel.pp_layers", "[[1,1],[1,1]]"]},
         {"name": "i2v_fsdp2", "args": i2v},
         {"name": "i2v_cp2_ulysses", "args": [*i2v, "--parallel.cp", "2"]},
+        # batches of clips of different sizes: the video mask as a key bias / key mask, the loss masked
+        {"name": "padded_tp2", "args": [*padded, "--parallel.tp", "2"]},
+        {"name": "padded_cp2_ulysses", "args": [*padded, "--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]},
+        {"name": "padded_cp2_ring", "args": [*padded, "--parallel.cp", "2", "--parallel.cp_algo", "ring"]},
+        {"name": "padded_pp2_1f1b", "args": [*padded, "--parallel.pp", "2", "--parallel.pp_layers", "[1,3]"]},
     ]  # fmt: skip
     _launch(2, base, layouts, tmp_path / "out")
     refs = {"pp2_v2_interleaved": ref_mb1, "i2v_fsdp2": ref_i2v, "i2v_cp2_ulysses": ref_i2v}
+    refs.update({lay["name"]: ref_padded for lay in layouts if lay["name"].startswith("padded")})
     for lay in layouts:
         check_layout(refs.get(lay["name"], ref), tmp_path / "out", lay, 2, "opensoraplan")
     losses = [r["loss"] for r in ref["metrics"]]
@@ -477,3 +491,22 @@ def test_opensoraplan_layouts_four_processes(osp_root, tmp_path):
     _launch(4, base, layouts, tmp_path / "out")
     for lay in layouts:
         check_layout(ref, tmp_path / "out", lay, 4, "opensoraplan")
+
+
+def test_opensoraplan_cp3_three_processes(osp_root, tmp_path):
+    """cp = 3 does not divide Skiparse's k = 4: the groups stay whole on every rank and the heads split
+    3 ways (a 3-head DiT), on batches with padded clips (the dense layers' key mask under the ring)."""
+    from osp_helpers import write_tiny_dit
+
+    write_tiny_dit(tmp_path / "dit3", "tiny", seed=6, num_attention_heads=3, attention_head_dim=12,
+                   cross_attention_dim=36)  # fmt: skip
+    base = [*_osp_base(osp_root), "--model.init_from", str(tmp_path / "dit3"),
+            "--data.precomputed_dir", str(osp_root / "feat_padded")]  # fmt: skip
+    ref = _single(base, tmp_path / "ref")
+    layouts = [
+        {"name": "padded_cp3_ulysses", "args": ["--parallel.cp", "3", "--parallel.cp_algo", "ulysses"]},
+        {"name": "padded_cp3_ring", "args": ["--parallel.cp", "3", "--parallel.cp_algo", "ring"]},
+    ]  # fmt: skip
+    _launch(3, base, layouts, tmp_path / "out")
+    for lay in layouts:
+        check_layout(ref, tmp_path / "out", lay, 3, "opensoraplan")

@@ -5,11 +5,14 @@ Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's
   patch / time / caption embeddings (replicated)
   -> pad the S video tokens to S_pad and cut over cp ("local" backward), then over tp (SP)
   -> blocks: every self-attention runs this plan's `core` (installed on each block):
-     dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked);
-     Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/cp of
-     them), attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
+     dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked, and the
+     padded latents of a batch of variable-size clips as a per-sample key mask);
+     Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/a of
+     them, a = gcd(cp, k)) for H/b of the heads (b = cp/a), attention runs locally on them, a second
+     all-to-all hands the tokens back (docs/parallel.md);
      no cp: the padding is cut off and the single-device attention runs as is.
-  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target.
+  -> head on this rank's tokens -> the task's squared error against this rank's piece of the target,
+     masked over real latents (`video_mask`, element by element as on one device).
 TP shards q/k/v/out of both attentions and the MLP (the spec's tp_rules); embeddings, modulation and
 the head stay replicated.
 
@@ -18,6 +21,12 @@ on a k^2 boundary and regrouping the shard gives exactly its part of every globa
 membership, i mod k or (i // k) mod k, does not change by multiples of k^2), in global order. Tokens
 past S take q = k = v = 0 and the key bias -9980, as the single-device Skiparse padding does; extra
 padded k^2 blocks add keys of weight exp(-9980) = 0.
+
+Padded latents (`video_mask` zeros: clips of different sizes in one batch) keep the single-device
+additive key bias (-10000) in Skiparse layers; dense layers under cp mask the same keys out (-inf), which
+gives the same rows: exp(-10000 + O(10)) is exactly 0 in float32 (only keys are masked, so padded
+queries see the real keys either way). Nothing real reads a padded token: its keys weigh 0 and the loss
+masks it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch.nn.functional as F
 
 from mmkit.common import LossOut
 from mmkit.models.opensoraplan.model import (
+    MASK_BIAS,
     SKIPARSE_PAD_BIAS,
     skiparse_attention,
     skiparse_regroup,
@@ -63,6 +73,15 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.exchange(g, ctx.group), None
 
 
+def skiparse_split(cp: int, n: int) -> tuple[int, int]:
+    """(a, b): Skiparse under cp splits the n groups a = gcd(cp, n) ways and the heads b = cp / a ways.
+
+    Example: `skiparse_split(2, 4)` -> `(2, 1)`; `skiparse_split(3, 4)` -> `(1, 3)`; `(8, 4)` -> `(4, 2)`.
+    """
+    a = math.gcd(cp, n)
+    return a, cp // a
+
+
 def skiparse_context_parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,30 +95,39 @@ def skiparse_context_parallel(
     """Skiparse self-attention of this rank's contiguous shard (B, H, L, Dh) of a sequence of
     S_pad = cp x L tokens (L a multiple of n^2, `valid` real tokens), exact to the single-device result.
 
-    One all-to-all gives rank r the whole groups [r k/cp, (r+1) k/cp); the attention of each group is
+    With (a, b) = `skiparse_split(cp, n)` (b must divide H), one all-to-all gives rank r = i b + j the
+    whole groups [i n/a, (i+1) n/a) for the heads [j H/b, (j+1) H/b); the attention of each group is
     local; a second all-to-all returns the outputs to the shards. `bias` (B, valid) or None, replicated.
     Example: `o = skiparse_context_parallel(q, k, v, None, 45, "single", 4, cp_group)`.
     """
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     B, H, L, D = q.shape
-    g = n // cp  # groups per rank
+    a, b = skiparse_split(cp, n)
+    g, h = n // a, H // b  # groups and heads per rank
+    assert h * b == H, (H, b)  # OpenSoraPlanPlan.apply refuses such a layout with a clear message
     start = r * L
     keep = (torch.arange(start, start + L, device=q.device) < valid).to(q.dtype)[:, None]  # (L, 1)
     q, k, v = (t * keep for t in (q, k, v))  # tokens past `valid`: zeros, as Skiparse pads
 
-    # one exchange for q, k and v: (B, H, L, D) x 3 -> (cp, g, 3, B, H, L / n, D), chunk j = rank j's groups
-    qkv = skiparse_regroup(torch.stack([q, k, v]).view(3 * B, H, L, D), mode, n).view(
-        cp, g, 3, B, H, L // n, D
+    # one exchange for q, k and v: (B, H, L, D) x 3 -> (cp, g, 3, B, h, L / n, D), chunk i b + j = rank
+    # (i, j)'s groups and heads
+    qkv = skiparse_regroup(torch.stack([q, k, v]).view(3 * B, H, L, D), mode, n)  # (n 3 B, H, L / n, D)
+    qkv = (
+        qkv.view(a, g, 3, B, b, h, L // n, D)
+        .permute(0, 4, 1, 2, 3, 5, 6, 7)
+        .reshape(cp, g, 3, B, h, L // n, D)
     )
-    qkv = _AllToAll.apply(qkv, group)  # chunk j = shard j's part of my groups, in global token order
-    qg, kg, vg = qkv.permute(2, 1, 3, 4, 0, 5, 6).reshape(3, g * B, H, cp * L // n, D).unbind(0)
+    qkv = _AllToAll.apply(qkv, group)  # chunk s = shard s's part of my groups, in global token order
+    qg, kg, vg = qkv.permute(2, 1, 3, 4, 0, 5, 6).reshape(3, g * B, h, cp * L // n, D).unbind(0)
     full = q.new_zeros(B, valid) if bias is None else bias.to(q.dtype)
     full = F.pad(full, (0, cp * L - valid), value=SKIPARSE_PAD_BIAS)  # (B, S_pad)
     mask = skiparse_regroup(full[:, None, :, None], mode, n)  # (n B, 1, S_pad / n, 1), group-major
-    mask = mask[r * g * B : (r + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, H, S_pad / n, D)
-    o = o.view(g, B, H, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, H, L / n, D)
-    o = _AllToAll.apply(o.contiguous(), group)  # chunk j = my shard's part of rank j's groups
+    i = r // b  # my block of groups
+    mask = mask[i * g * B : (i + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, h, S_pad / n, D)
+    o = o.view(g, B, h, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, h, L / n, D)
+    o = _AllToAll.apply(o.contiguous(), group)  # chunk s = my shard's part of rank s's groups / heads
+    o = o.view(a, b, g, B, h, L // n, D).permute(0, 2, 3, 1, 4, 5, 6)  # (a, g, B, b, h, L / n, D)
     return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
 
 
@@ -107,14 +135,21 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
     """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
 
     def apply(self, fsdp: bool = True):
-        """Refuse a cp degree that cannot hold whole Skiparse groups (before any compute), then apply."""
-        c = self.inner.cfg
-        if self.dims.cp > 1 and c.sparse1d and c.sparse_n % self.dims.cp:
-            raise ValueError(
-                f"parallel.cp={self.dims.cp}: each context-parallel rank must hold whole Skiparse groups, so cp "
-                f"must divide sparse_n={c.sparse_n}; use cp in "
-                f"{[d for d in range(2, c.sparse_n + 1) if c.sparse_n % d == 0]}"
-            )
+        """Refuse a cp degree whose Skiparse split cannot hold whole heads (before any compute), then apply."""
+        c, cp, tp = self.inner.cfg, self.dims.cp, self.dims.tp
+        if cp > 1 and c.sparse1d:
+            a, b = skiparse_split(cp, c.sparse_n)
+            heads = c.num_attention_heads // tp
+            if heads % b:
+                ok = [
+                    d for d in range(2, 4 * c.sparse_n + 1) if heads % skiparse_split(d, c.sparse_n)[1] == 0
+                ]
+                raise ValueError(
+                    f"parallel.cp={cp}: Skiparse under context parallelism gives each rank whole groups "
+                    f"(the {c.sparse_n} groups split gcd(cp, sparse_n)={a} ways) and splits the heads over the "
+                    f"other cp/{a}={b} ranks, but the {heads} heads per tensor-parallel rank do not divide by "
+                    f"{b}; use cp in {ok} (or a smaller parallel.tp)"
+                )
         return super().apply(fsdp)
 
     def sp_partial_names(self) -> list[str]:
@@ -146,7 +181,8 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             o = skiparse_attention(q[:, :, :S], k[:, :, :S], v[:, :, :S], bias, mode, n)
             return F.pad(o, (0, 0, 0, q.shape[2] - S))
         if mode is None:
-            return self.cp_attn.attention(q, k, v, valid_len=S)
+            key_mask = None if bias is None else bias > MASK_BIAS / 2  # (B, S), True = real latent
+            return self.cp_attn.attention(q, k, v, valid_len=S, key_mask=key_mask)
         return skiparse_context_parallel(q, k, v, bias, S, mode, n, self.cp_group)
 
     def local_rope(self, grid: tuple[int, int, int], device, dtype):
@@ -157,38 +193,41 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
         return rows
 
-    def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None):
-        """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
+    def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None, video_mask=None):
+        """Head on this rank's tokens -> (summed squared error against its piece of `target` over real
+        latents, the element count it covers). `video_mask` (B, T, H, W) 0/1 or None (all real)."""
         m = self.inner
         p = m.cfg.patch_size
         pred = m.head_tokens(x, temb)  # (B, S_local, p * p * C_out)
         tgt = self._local_tokens(to_tokens(target.float(), (1, p, p)))
-        valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))
-        loss, _ = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
-        return loss, int(valid.sum())
+        if video_mask is None:
+            valid = self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device))
+            loss, _ = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
+            return loss, int(valid.sum()) * pred.shape[0] * pred.shape[2]
+        # the single-device criterion's mask, element by element in the token layout (B, S_local, P)
+        full = video_mask.to(tgt.device, torch.float32)[:, None].expand(target.shape)
+        valid = self._local_tokens(to_tokens(full, (1, p, p)))  # Skiparse/cp padding: zeros
+        loss, count = self.task.loss_fn(pred.float(), tgt, valid, weight, channel_dim=-1)
+        return loss, int(count)
 
     @staticmethod
-    def check_masks(prep: dict) -> None:
-        """Under a plan every latent is real: a padded batch (video_mask with zeros) is a clear error."""
+    def real_mask(prep: dict) -> torch.Tensor | None:
+        """The batch's `video_mask` (B, T, H, W), or None when it has no padded latent (the fast path)."""
         vm = prep.get("video_mask")
-        if vm is not None and not bool(vm.bool().all()):
-            raise ValueError(
-                "video_mask: padded latents are not supported under tensor/context/pipeline parallelism; "
-                "train on fixed-size clips (data.height/width/num_frames) or with one process"
-            )
+        return None if vm is None or bool(vm.bool().all()) else vm
 
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
         lat, target = prep["latents"], prep["target"]
         m.check_input(lat, prep["text_context"])
-        self.check_masks(prep)
+        vm = self.real_mask(prep)
         B = lat.shape[0]
         x, temb, e, ctx = m.embed(lat, prep["timestep"], prep["text_context"])
-        _, tbias = m.biases(None, prep.get("text_mask"))
+        vbias, tbias = m.biases(vm, prep.get("text_mask"))  # (B, S) replicated, (B, L)
         rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
         x, e, temb = self.enter(x, e, temb)
         for block in m.blocks:
-            x = block(x, e, ctx, rope, None, tbias)
-        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
-        per_token = m.cfg.out_channels * m.cfg.patch_size**2
-        return LossOut(loss, n_valid * B * per_token, B, n_valid * B)
+            x = block(x, e, ctx, rope, vbias, tbias)
+        loss, count = self.head_loss(x, temb, target, prep.get("weight"), vm)
+        tokens = int(self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device)).sum())
+        return LossOut(loss, count, B, tokens * B)

@@ -9,7 +9,9 @@ model's own pieces (`embed`, `biases`, blocks, `head_tokens`); under a plan, the
 Stage forward contract (fixed shapes between stages): stage 0 takes (latents, timestep, caption,
 caption_mask); every stage passes on (x (B, S, D), e (B, 6, D), ctx (B, L, D), temb (B, D), text bias
 (B, L)); the last stage returns the prediction (B, C_out, T, H, W), or the summed squared error when
-given `target`. Keyword `grid` = (frames, height, width) in patches goes to every stage.
+given `target`. Keywords go to every stage: `grid` = (frames, height, width) in patches, and for a
+batch with padded latents `video_mask` (B, T, H, W) (each stage turns it into the video key bias, the
+last one masks the loss with it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class OpenSoraPlanStage(Stage):
         grid: tuple[int, int, int],
         target: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        video_mask: torch.Tensor | None = None,
     ):
         m, plan = self.full_model, self.plan
         if self.is_first:
@@ -67,26 +70,28 @@ class OpenSoraPlanStage(Stage):
                 x, e, temb = plan.enter(x, e, temb)
         else:
             x, e, ctx, temb, tbias = acts
+        vbias = m.biases(video_mask, None)[0]  # (B, S) or None
         rope = (
             plan.local_rope(grid, x.device, x.dtype) if plan is not None else m.rope(grid, x.device, x.dtype)
         )
         for block in self.blocks.values():
-            x = block(x, e, ctx, rope, None, tbias)
+            x = block(x, e, ctx, rope, vbias, tbias)
         if not self.is_last:
             return x, e, ctx, temb, tbias
         if plan is not None:
             if target is None:
                 raise ValueError("a pipeline stage under a tensor/context-parallel plan needs `target`")
-            return plan.head_loss(x, temb, target, weight)[0]
+            return plan.head_loss(x, temb, target, weight, video_mask)[0]
         pred = m.unpatchify(m.head_tokens(x, temb), tuple(grid)).float()
         if target is None:
             return pred
-        return self.loss_fn(pred, target, weight=weight)[0]
+        return self.loss_fn(pred, target, video_mask, weight)[0]
 
     @staticmethod
     def prepare(model: nn.Module, mbs: list[dict], device, seq_len: int | None = None):
-        """Check a step's micro-batches (keys present, shapes shared, no padded latents) and lay them out
-        for the schedule: stage-0 args, per-stage keywords (`grid`, `target`, `weight`)."""
+        """Check a step's micro-batches (keys present, shapes shared) and lay them out for the schedule:
+        stage-0 args, per-stage keywords (`grid`, `target`, `weight`, `video_mask` where a micro-batch
+        has padded latents) and the step's count (real latent elements x channels)."""
         from mmkit.parallel.plans.opensoraplan import OpenSoraPlanPlan
 
         need = ("latents", "timestep", "text_context", "text_mask", "target")
@@ -97,7 +102,6 @@ class OpenSoraPlanStage(Stage):
                 raise ValueError(
                     f"micro_batches[{i}]: missing {missing}; an OpenSoraPlan micro-batch holds {need}"
                 )
-            OpenSoraPlanPlan.check_masks(mb)
             for k in ("latents", "text_context", "target", "weight"):
                 a, b = mb.get(k), first.get(k)
                 if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
@@ -115,7 +119,8 @@ class OpenSoraPlanStage(Stage):
                 f"micro_batches[*]['target']: shape {tuple(first['target'].shape)}, expected {out_shape}"
             )
         grid = model.grid(latents)
-        args, kwargs, targets = [], [], []
+        padded = any(OpenSoraPlanPlan.real_mask(mb) is not None for mb in mbs)
+        args, kwargs, targets, count = [], [], [], 0
         for mb in mbs:
             t = torch.as_tensor(mb["timestep"], device=device).reshape(-1).expand(B).contiguous()
             a = (
@@ -128,9 +133,15 @@ class OpenSoraPlanStage(Stage):
             kw = {"grid": grid, "target": target}
             if mb.get("weight") is not None:
                 kw["weight"] = mb["weight"].to(device)
+            if padded:  # every micro-batch gets a mask: the stages see one set of keywords per step
+                vm = mb.get("video_mask")
+                vm = torch.ones(B, T, H, W, device=device) if vm is None else vm.to(device)
+                kw["video_mask"] = vm
+                count += int(vm.bool().sum()) * model.cfg.out_channels
+            else:
+                count += mb["target"].numel()
             args.append(a)
             kwargs.append(kw)
             targets.append(target)
         sig = ("opensoraplan",) + tuple((tuple(x.shape), x.dtype) for x in args[0]) + (tuple(kwargs[0]),)
-        count = sum(mb["target"].numel() for mb in mbs)
         return args, kwargs, targets, count, sig

@@ -16,9 +16,14 @@ As the original v1.3.1 trainer (`train_t2v_diffusers.py`, `train_inpaint.py`):
 
 Batches are precomputed features (`data.precomputed_dir`: `latents`, `text_context` + `text_mask`,
 `null_text_context` + `null_text_mask`) or raw videos + captions encoded by the family's pipeline (its
-WF-VAE and mT5). With features, the i2v masked-video latents are the clean latents with the generated
-latent frames zeroed (a latent-space stand-in for encoding the masked video, exact for the given frames
-of the i2v / continuation types only); raw videos get the exact encoding.
+WF-VAE and mT5). The i2v DiT input needs the WF-VAE latents of the masked video, which the causal VAE
+mixes across frames (no latent-space stand-in is exact), so i2v features hold them, encoded at extraction
+(`feature_extras`): `masked_<type>` (K, C, T', H', W') and the pixel frames to generate `gen_<type>`
+(K, T) for every mask type with a non-zero ratio; K = 1 for the fixed types (t2iv, i2v, transition,
+clear) and `data.mask_draws` for the random ones (continuation, random_temporal), each draw j seeded by
+(sample index, type, j). Training on features picks the type as on raw videos, then one of the K draws;
+raw videos with the same `data.mask_draws` pick the same draw and encode the same masked video, so both
+give the same batches (`mask_draws` 0: raw videos draw a fresh mask at every visit).
 """
 
 from __future__ import annotations
@@ -56,6 +61,18 @@ class OSPTaskConfig:
     mask_type_ratios: dict = field(default_factory=lambda: dict(DEFAULT_MASK_RATIOS))
     min_clear_ratio: float = 0.0  # continuation / random_temporal: share of frames given, lower bound
     max_clear_ratio: float = 1.0
+    mask_draws: int = 0  # fixed draws per sample of the random mask types (0: fresh at every visit)
+
+
+DRAWN_TYPES = ("continuation", "random_temporal")  # the mask types whose frames are drawn at random
+
+
+def mask_rng(index: int, mask_type: str, draw: int) -> random.Random:
+    """The generator of fixed mask draw `draw` of sample `index` (the same at extraction and in training).
+
+    Example: `pixel_mask("continuation", 93, 1, 1, rng=mask_rng(7, "continuation", 0))`.
+    """
+    return random.Random(f"opensoraplan-mask:{index}:{mask_type}:{draw}")
 
 
 def stratified_timestep(stratum: int, strata: int, u: float) -> int:
@@ -91,6 +108,8 @@ class OpenSoraPlanTask:
             raise ValueError(f"data.text_dropout={cfg.text_dropout}: must be in [0, 1]")
         if cfg.timestep_strata < 1:
             raise ValueError(f"train.timestep_strata={cfg.timestep_strata}: must be >= 1")
+        if cfg.mask_draws < 0:
+            raise ValueError(f"data.mask_draws={cfg.mask_draws}: must be >= 0 (0 = a fresh draw per visit)")
         if cfg.task == "i2v":
             pick_mask_type(cfg.mask_type_ratios)  # validates the ratios before any compute
         self.model, self.enc, self.cfg = model, encoders, cfg
@@ -138,28 +157,65 @@ class OpenSoraPlanTask:
         return min(len(tok.input_ids), self.model.cfg.text_len)
 
     # ---- conditioning ----------------------------------------------------------------------
-    def _i2v_condition(self, x0: torch.Tensor, video, gens) -> torch.Tensor:
+    def _mask(self, kind: str, frames: int, h: int, w: int, rng: random.Random) -> torch.Tensor:
+        """(T, 1, h, w) pixel mask of one sample, 1 = generate."""
+        c = self.cfg
+        return pixel_mask(kind, frames, h, w, min_clear_ratio=c.min_clear_ratio, max_clear_ratio=c.max_clear_ratio,
+                          rng=rng)  # fmt: skip
+
+    @torch.no_grad()
+    def feature_extras(self, video: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """i2v features of one clip (1, 3, T, H, W) that will be sample `index`: for every mask type with a
+        non-zero ratio, `masked_<type>` (K, C, T', H', W') WF-VAE latents of the masked video and
+        `gen_<type>` (K, T) its frames to generate (K = `mask_draws` draws for the random types, else 1).
+        t2v: nothing. Example: `extra = task.feature_extras(video, 0)`.
+        """
+        if self.cfg.task != "i2v":
+            return {}
+        out = {}
+        for kind, ratio in self.cfg.mask_type_ratios.items():
+            if ratio <= 0:
+                continue
+            draws = max(1, self.cfg.mask_draws) if kind in DRAWN_TYPES else 1
+            lat, gen = [], []
+            for j in range(draws):
+                m = self._mask(kind, video.shape[2], 1, 1, mask_rng(index, kind, j))  # (T, 1, 1, 1)
+                lat.append(self.enc.encode(video * (m.transpose(0, 1)[None] < 0.5).to(video)).float()[0])
+                gen.append(m[:, 0, 0, 0])
+            out[f"masked_{kind}"], out[f"gen_{kind}"] = torch.stack(lat), torch.stack(gen)
+        return out
+
+    def _i2v_condition(self, x0: torch.Tensor, video, gens, keys, batch: dict) -> torch.Tensor:
         """(B, C + C + stride_t, T', H', W'): masked-video latents and the compressed mask."""
         c = self.cfg
         B, _, T_lat, H_lat, W_lat = x0.shape
         st = self.model.cfg.vae_scale_factor_t
         frames = (T_lat - 1) * st + 1 if video is None else video.shape[2]
-        masks = []
-        for g in gens:
+        masks, stored = [], []
+        for b, (g, (_, index)) in enumerate(zip(gens, keys)):
             rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
             kind = pick_mask_type(c.mask_type_ratios, rng)
-            h, w = (H_lat * 8, W_lat * 8) if video is None else video.shape[-2:]
-            # the mask is per frame: a 1x1 (features) or full-size (video) pixel mask resizes the same
-            m = pixel_mask(kind, frames, 1 if video is None else h, 1 if video is None else w,
-                           min_clear_ratio=c.min_clear_ratio, max_clear_ratio=c.max_clear_ratio, rng=rng)  # fmt: skip
+            if video is None:  # features: one of the masked videos encoded at extraction
+                if f"masked_{kind}" not in batch:
+                    raise ValueError(
+                        f"data.precomputed_dir: the features hold no masked-video latents for mask type {kind!r} "
+                        f"(data.mask_type_ratios gives it weight {c.mask_type_ratios[kind]}); extract them again "
+                        "with `mmkit data features` and these ratios (model.task = 'i2v')"
+                    )
+                j = rng.randrange(batch[f"masked_{kind}"].shape[1])
+                stored.append(batch[f"masked_{kind}"][b, j])
+                m = batch[f"gen_{kind}"][b, j].float().view(-1, 1, 1, 1)  # (T, 1, 1, 1)
+            else:
+                mrng = rng
+                if c.mask_draws and kind in DRAWN_TYPES:  # the fixed draws features hold
+                    mrng = mask_rng(index, kind, rng.randrange(c.mask_draws))
+                m = self._mask(kind, frames, *video.shape[-2:], mrng)
             masks.append(m.transpose(0, 1))  # (1, T, h, w)
         pm = torch.stack(masks).to(x0.device)  # (B, 1, T, h, w), 1 = generate
         if video is None:
+            # the mask is per frame: a 1x1 pixel mask resizes as the full-size one of a raw video does
             lat_mask = compress_mask(pm, st, 1, 1).expand(B, st, T_lat, H_lat, W_lat)
-            given = (lat_mask < 0.5).all(
-                dim=1, keepdim=True
-            )  # latent frames whose pixel frames are all given
-            masked = x0 * given
+            masked = torch.stack(stored).to(x0)
         else:
             lat_mask = compress_mask(
                 pm.to(video.dtype), st, video.shape[-2] // H_lat, video.shape[-1] // W_lat
@@ -212,13 +268,16 @@ class OpenSoraPlanTask:
         weight = None
         if self.cfg.min_snr_gamma:
             weight = L.min_snr_v_weights(L.snr(t, self.alphas_cumprod), self.cfg.min_snr_gamma).to(dev)
-        x_in = torch.cat([xt, self._i2v_condition(x0, video, gens)], dim=1) if self.cfg.task == "i2v" else xt
+        if self.cfg.task == "i2v":
+            x_in = torch.cat([xt, self._i2v_condition(x0, video, gens, keys, batch)], dim=1)
+        else:
+            x_in = xt
         return {
             "latents": x_in,
             "timestep": t.to(dev),
             "text_context": ctx,
             "text_mask": tmask,
-            "video_mask": batch.get("video_mask"),
+            "video_mask": None if batch.get("video_mask") is None else batch["video_mask"].to(dev),
             "target": target,
             "weight": weight,
         }
@@ -257,6 +316,7 @@ def _task_config(cfg) -> OSPTaskConfig:
         mask_type_ratios=dict(zip(MASK_TYPES, d.mask_type_ratios))
         if d.mask_type_ratios
         else dict(DEFAULT_MASK_RATIOS),
+        mask_draws=d.mask_draws,
     )
 
 
@@ -306,8 +366,18 @@ def build_task(cfg, device: torch.device) -> OpenSoraPlanTask:
 def build_data(cfg, task, rank: int = 0, world_size: int = 1):
     """(dataset, resumable sampler, DataLoader) of precomputed features (`data.precomputed_dir`) or video
     clips. Example: `ds, sampler, loader = build_data(cfg, task)`."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from mmkit.data.features import collate_features
     from mmkit.train.tasks.wan import build_data as wan_build_data
 
     ds, sampler, loader = wan_build_data(cfg, task, rank, world_size)
+    if cfg.data.precomputed_dir:  # clips of different sizes batch together, padded and masked
+        loader = DataLoader(
+            ds, batch_size=cfg.train.micro_batch, sampler=sampler, num_workers=cfg.data.num_workers,
+            collate_fn=functools.partial(collate_features, pad=True),
+        )  # fmt: skip
     task.sample_order = sampler.order  # the epoch order: timestep strata follow sample positions
     return ds, sampler, loader

@@ -26,6 +26,11 @@ def t2v_dir(tmp_path_factory):
     return create_tiny_osp(tmp_path_factory.mktemp("osp") / "t2v", task="t2v")
 
 
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory):
+    return create_tiny_osp(tmp_path_factory.mktemp("osp") / "i2v", task="i2v")
+
+
 def test_release_scheduler_matches_reference(t2v_dir):
     ref = load_file(FIX)
     sch = load_scheduler(t2v_dir / "scheduler")
@@ -76,8 +81,8 @@ def test_t2v_first_step_is_a_direct_dit_call_and_cli_writes_mp4(t2v_dir, tmp_pat
     assert mp4.stat().st_size > 0 and mp4.with_suffix(".png").is_file()
 
 
-def test_i2v_transition_with_two_images(tmp_path):
-    folder = create_tiny_osp(tmp_path / "i2v", task="i2v")
+def test_i2v_transition_with_two_images(i2v_dir, tmp_path):
+    folder = i2v_dir
     pipe = mmkit.load_pipeline(folder, task="i2v")
     paths = []
     for i, color in enumerate([(255, 0, 0), (0, 0, 255)]):
@@ -100,3 +105,58 @@ def test_i2v_transition_with_two_images(tmp_path):
         pipe("a cube", height=32, width=48, num_frames=9)
     with pytest.raises(ValueError, match="holds a i2v OpenSoraPlan DiT"):
         mmkit.load_pipeline(folder, task="t2v")
+
+
+def test_i2v_mask_type_flag(i2v_dir, tmp_path, capsys):
+    """`--mask-type`: the image count checked against the type before anything loads, the mask each type
+    gives (a full-length video: the release's MaskProcessor(0.5, 0.5)), and the CLI end to end."""
+    folder = i2v_dir
+    imgs = []
+    for i in range(3):
+        imgs.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (48, 32), (80 * i, 0, 0)).save(imgs[-1])
+    base = ["generate", "i2v", "--model", str(folder), "--prompt", "a cube", "--height", "32", "--width", "48",
+            "--frames", "9", "--steps", "1", "--device", "cpu"]  # fmt: skip
+    for images, kind, msg in [
+        (imgs[:1], "transition", "--mask-type transition takes 2 images"),
+        (imgs[:2], "i2v", "--mask-type i2v takes 1 image"),
+        (imgs[:1], "random_temporal", "takes 2 or more images"),
+        (imgs, "clear", "takes 9 images"),
+        (imgs[:1], "t2iv", "t2iv generates every frame: drop --image"),
+        ([], "continuation", "needs --image"),
+    ]:
+        flags = [f for p in images for f in ("--image", p)] + ["--mask-type", kind]
+        assert mmkit_main([*base, *flags, "--out", str(tmp_path / "x.mp4")]) == 2
+        assert msg in capsys.readouterr().err, (kind, len(images))
+    assert not (tmp_path / "x.mp4").exists()
+
+    pipe = mmkit.load_pipeline(folder, task="i2v")
+
+    def given(image, kind, seed=0):  # pixel frames given (mask channel 0 of the compressed mask per frame)
+        cond, got = pipe._conditioning(image, kind, 9, 32, 48, 1, torch.Generator().manual_seed(0), seed)
+        m = torch.cat([cond[0, 8, :1], cond[0, 8:, 1:].transpose(0, 1).reshape(-1, 4, 6)])  # (9, 4, 6)
+        return got, [i for i in range(9) if m[i].max() == 0]
+
+    assert given(imgs[:2], "continuation") == ("continuation", [0, 1])
+    assert given(imgs, None) == ("random_temporal", [0, 4, 8])
+    assert given(None, "t2iv") == ("t2iv", [])
+    clip = str(save_video(np.random.RandomState(0).rand(9, 32, 48, 3), tmp_path / "clip.mp4"))
+    assert given(clip, "i2v") == ("i2v", [0])
+    assert given(clip, "transition") == ("transition", [0, 8])
+    assert given(clip, "clear") == ("clear", list(range(9)))
+    kind, first = given(clip, None)
+    assert kind == "continuation" and first in ([0, 1, 2, 3], [0, 1, 2, 3, 4])  # randint(floor 4.5, ceil 4.5)
+    draws = {tuple(given(clip, "random_temporal", seed)[1]) for seed in range(6)}
+    assert len(draws) > 1 and {len(d) for d in draws} <= {4, 5}  # a random half, from the seed
+    assert given(clip, "random_temporal", 3) == given(clip, "random_temporal", 3)
+    short = str(save_video(np.random.RandomState(1).rand(5, 32, 48, 3), tmp_path / "short.mp4"))
+    with pytest.raises(
+        ValueError, match="5 frames; --mask-type transition on a video needs at least --frames 9"
+    ):
+        given(short, "transition")
+
+    out = tmp_path / "t2iv.mp4"
+    assert (
+        mmkit_main([*base, "--mask-type", "t2iv", "--out", str(out)]) == 0
+    )  # no --image: every frame generated
+    assert out.stat().st_size > 0

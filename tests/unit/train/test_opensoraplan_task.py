@@ -85,18 +85,21 @@ def test_caption_dropout_uses_empty_prompt_and_its_mask():
 
 def test_i2v_condition_channels():
     task = _task("i2v", mask_type_ratios={"i2v": 1.0})
-    prep = task.prepare(_batch(B=2), torch.Generator().manual_seed(0))
+    b = _batch(B=2)
+    b["masked_i2v"] = torch.randn(2, 1, 8, 3, 6, 10)  # (B, K, C, T', H', W') as extracted
+    b["gen_i2v"] = pixel_mask("i2v", 9, 1, 1)[:, 0, 0, 0].expand(2, 1, 9)
+    prep = task.prepare(b, torch.Generator().manual_seed(0))
     x = prep["latents"]  # [noisy 8 | masked 8 | mask 4]
     assert x.shape == (2, 20, 3, 6, 10)
     mask = x[:, 16:]
     assert torch.all(mask[:, :, 0] == 0) and torch.all(
         mask[:, :, 1:] == 1
     )  # frame 0 given, the rest generated
-    latents = _batch(B=2)["latents"]
-    torch.testing.assert_close(x[:, 8:16, 0], latents[:, :, 0])  # the given latent frame kept
-    assert torch.all(x[:, 8:16, 1:] == 0)
-    out = task.loss(_batch(B=2), torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 8:16], b["masked_i2v"][:, 0])  # the masked video's latents as extracted
+    out = task.loss(b, torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss_sum) and out.count == 2 * 8 * 3 * 6 * 10
+    with pytest.raises(ValueError, match="no masked-video latents for mask type 'i2v'.*mmkit data features"):
+        task.prepare(_batch(B=2), torch.Generator().manual_seed(0))  # features extracted for t2v
 
 
 def test_mask_types():
@@ -153,3 +156,54 @@ def test_features_written_and_read_back(tmp_path):
     pre = task.prepare(b, torch.Generator().manual_seed(5))  # the same draws on features as on raw videos
     for k in ("latents", "timestep", "text_context", "text_mask", "target"):
         torch.testing.assert_close(pre[k].float(), raw[k].float(), msg=k)
+
+
+def test_clips_of_different_sizes_pad_and_mask():
+    from mmkit.data.features import collate_features
+
+    items = [
+        {"latents": torch.randn(8, 3, 6, 10), "caption": "a", "data_state": None},
+        {"latents": torch.randn(8, 2, 4, 10), "caption": "b", "data_state": None},
+    ]
+    b = collate_features(items, pad=True)
+    assert b["latents"].shape == (2, 8, 3, 6, 10)
+    vm = b["video_mask"]
+    assert vm.shape == (2, 3, 6, 10) and vm[0].all() and int(vm[1].sum()) == 2 * 4 * 10
+    assert vm[1, :2, :4].all() and torch.equal(b["latents"][1, :, :2, :4], items[1]["latents"])
+    assert not b["latents"][1, :, 2:].any() and not b["latents"][1, :, :, 4:].any()
+    assert "video_mask" not in collate_features([items[0], items[0]], pad=True)  # one size: no mask
+    with pytest.raises(RuntimeError):
+        collate_features(items)  # without padding, sizes must agree
+
+
+def test_i2v_features_equal_raw_videos_for_every_mask_type(tmp_path):
+    """The masked videos' latents come from extraction: training on i2v features gives the raw-video
+    batches for every mask type (random types: the same fixed draws, data.mask_draws = 2)."""
+    from mmkit.data.features import FeatureDataset, collate_features, extract_features
+    from mmkit.models.opensoraplan.masks import MASK_TYPES
+
+    spec = registry.get("opensoraplan")
+    model, enc = spec.build_model(spec.flavor("tiny-i2v")), _FakeEncoders()
+    ratios = dict.fromkeys(MASK_TYPES, 1.0)
+    g = torch.Generator().manual_seed(0)
+    clips = [{"video": torch.rand(3, 9, 48, 80, generator=g) * 2 - 1, "caption": c, "path": f"{i}.mp4"}
+             for i, c in enumerate(["a red ball", "two cats play"])]  # fmt: skip
+    extract_features(
+        OpenSoraPlanTask(model, enc, OSPTaskConfig("i2v", mask_type_ratios=ratios, mask_draws=2)),
+        clips, tmp_path / "f", progress=False,
+    )  # fmt: skip
+    ds = FeatureDataset(tmp_path / "f")
+    assert ds.task == "i2v"
+    feats = collate_features([ds[0], ds[1]])
+    assert feats["masked_continuation"].shape == (2, 2, 8, 3, 6, 10) and feats["gen_i2v"].shape == (2, 1, 9)
+    raw = {"video": torch.stack([c["video"] for c in clips]), "caption": feats["caption"],
+           "index": feats["index"], "epoch": feats["epoch"]}  # fmt: skip
+    for kind in MASK_TYPES:
+        task = OpenSoraPlanTask(model, enc, OSPTaskConfig("i2v", mask_type_ratios={kind: 1.0}, mask_draws=2))
+        for seed in (5, 6):  # different visits pick different draws of the random types
+            pre = task.prepare(feats, torch.Generator().manual_seed(seed))
+            ref = task.prepare(raw, torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(pre["latents"], ref["latents"], msg=kind)
+        if kind == "transition":  # the last latent frame mixes a given frame with generated ones
+            masked = pre["latents"][:, 8:16, -1]
+            assert masked.abs().amax() > 1e-3  # not the zeroed latent frame of a latent-space stand-in
