@@ -48,16 +48,34 @@ from mmkit.models.wan.tiny import TINY_VAE, TINY_VAE_ASSET, fitted_tiny_vae, ran
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "mmkit" / "assets" / TINY_VAE_ASSET
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 32  # the demo's clips (mmkit/cli/demo.py)
+BIG_FRAMES, BIG_SIZE = 17, 64  # the shipped shapes model's clips (mmkit.models.wan.shapes.SHAPES_VIDEO)
 
 
-def load_clips(root: Path, videos: int, seed: int) -> torch.Tensor:
-    """Write `videos` synthetic clips under `root` and read them back: (N, 3, T, H, W) in [-1, 1]."""
-    shapes = synth_shapes(root, videos=videos, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, seed=seed)
+def load_clips(root: Path, videos: int, seed: int, size=(NUM_FRAMES, HEIGHT, WIDTH), captions: bool = False):
+    """Write `videos` synthetic clips of `size` (frames, height, width) under `root` and read them back:
+    (N, 3, T, H, W) in [-1, 1] (and their captions with `captions=True`)."""
+    t, h, w = size
+    shapes = synth_shapes(root, videos=videos, num_frames=t, height=h, width=w, seed=seed)
     ds = VideoDataset(
-        shapes.data_txt, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, train_fps=16, random_start=False,
-        progress=False,
-    )  # fmt: skip
-    return torch.stack([ds[i]["video"] for i in tqdm(range(len(ds)), desc=f"read {root.name}", unit="clip")])
+        shapes.data_txt, num_frames=t, height=h, width=w, train_fps=16, random_start=False, progress=False
+    )
+    items = [ds[i] for i in tqdm(range(len(ds)), desc=f"read {root.name}", unit="clip")]
+    clips = torch.stack([item["video"] for item in items])
+    return (clips, [item["caption"] for item in items]) if captions else clips
+
+
+def detector_accuracy(vae, clips: torch.Tensor, caps: list[str], batch: int = 8) -> dict[str, float]:
+    """Accuracy per attribute of `mmkit.data.synth_eval` on decode(encode(x).mode): what a DiT trained on
+    these latents can reach at best."""
+    from mmkit.data.synth_eval import Tally, score
+
+    tally = Tally()
+    with torch.no_grad():
+        for i in range(0, len(clips), batch):
+            y = vae.decode(vae.encode(clips[i : i + batch]).latent_dist.mode()).sample
+            for j, clip in enumerate(y):
+                tally.add(score(((clip.permute(1, 2, 3, 0).numpy() + 1) / 2).clip(0, 1), caps[i + j]))
+    return {k: round(v, 3) for k, v in tally.accuracy().items()}
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -147,20 +165,30 @@ def prepare_init(vae, logvar_init: float) -> None:
         vae.quant_conv.bias[TINY_VAE["z_dim"] :] += logvar_init
 
 
-def fit_steps(vae, data, steps, batch, lr, a, gen, desc, held) -> None:
+def fit_steps(vae, data, steps, batch, lr, a, gen, desc, held, decoder_only: bool = False) -> None:
     """AdamW on L1 + MSE (shape pixels weighted up) + a small KL, sampled latents; lr: 50-step linear warmup,
-    then cosine to lr / 20. `data`: (N, 3, T, H, W) in [-1, 1], T = 1 (frames) or 9 (clips)."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    then cosine to lr / 20. `data`: (N, 3, T, H, W) in [-1, 1], T = 1 (frames) or 9 (clips), or a list of
+    such tensors (of other sizes) taken in turn, step by step, with `batch` a list of their batch sizes.
+    `decoder_only`: the encoder (and so every latent a DiT was trained on) stays as it is."""
+    sets = list(data) if isinstance(data, (list, tuple)) else [data]
+    sizes = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    params = [
+        p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder.", "post_quant"))
+    ]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = 50
-    order, pos = torch.randperm(len(data), generator=gen), 0
+    orders = [[torch.randperm(len(d), generator=gen), 0] for d in sets]
     vae.train()
     bar = tqdm(range(steps), desc=desc, unit="step")
     for step in bar:
+        k = step % len(sets)
+        data, batch, (order, pos) = sets[k], sizes[k], orders[k]
         if pos + batch > len(order):  # a fresh permutation per epoch
             order, pos = torch.randperm(len(data), generator=gen), 0
         x = data[order[pos : pos + batch]]
-        pos += batch
-        post = vae.encode(x).latent_dist
+        orders[k] = [order, pos + batch]
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)  # reparameterised sample
         y = decode_unclamped(vae, z)
         # Shapes cover ~8% of a frame: weigh pixels away from the clip's background (its first-frame corner
@@ -199,6 +227,21 @@ def main() -> None:
     p.add_argument("--kl", type=float, default=1e-4, help="weight of the mean per-element KL term")
     p.add_argument("--fg-weight", type=float, default=4.0, help="extra loss weight on shape pixels")
     p.add_argument("--logvar-init", type=float, default=-6.0, help="initial posterior log-variance")
+    p.add_argument(
+        "--big-frame-steps", type=int, default=200, help="phase 3a: steps on single 64 x 64 frames"
+    )
+    p.add_argument(
+        "--big-clip-steps", type=int, default=300, help="phase 3b: steps on 9-frame 64 x 64 windows"
+    )
+    p.add_argument("--big-videos", type=int, default=256, help="phase 3 fitting clips (64 x 64, 17 frames)")
+    p.add_argument("--big-lr", type=float, default=3e-4, help="peak AdamW learning rate of phase 3")
+    p.add_argument("--big-clip-batch", type=int, default=4)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start phase 3 from this fitted file (phases 1-2 skipped), e.g. the previous asset",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fix it for reproducibility)")
     p.add_argument("--preview", type=Path, default=None, help="optional PNG: held-out frames over recons")
@@ -208,33 +251,66 @@ def main() -> None:
     torch.manual_seed(a.seed)
     t0 = time.time()
 
+    big = (BIG_FRAMES, BIG_SIZE, BIG_SIZE)
     with tempfile.TemporaryDirectory(prefix="fit_tiny_vae_") as tmp:
         train = load_clips(Path(tmp) / "train", a.videos, seed=a.seed)
         held = load_clips(Path(tmp) / "heldout", a.heldout, seed=a.seed + 1000)  # other positions, sizes
+        big_train = load_clips(Path(tmp) / "big_train", a.big_videos, seed=a.seed, size=big)
+        big_held, big_caps = load_clips(
+            Path(tmp) / "big_heldout", 32, seed=a.seed + 1000, size=big, captions=True
+        )
     frames = train.transpose(1, 2).reshape(-1, 3, 1, HEIGHT, WIDTH)  # every frame as a 1-frame clip
 
     psnr_random = psnr(random_tiny_vae(seed=a.seed).eval(), held)  # what create_tiny_wan(vae="random") gives
-    vae = AutoencoderKLWan(**TINY_VAE)
-    prepare_init(vae, a.logvar_init)
-    with torch.no_grad():  # the training decode must be the pipeline's decode, clamp aside
-        z = vae.encode(held[:2]).latent_dist.mode()
-        assert torch.allclose(decode_unclamped(vae, z).clamp(-1, 1), vae.decode(z).sample, atol=1e-6)
-
+    if a.init_from is None:
+        vae = AutoencoderKLWan(**TINY_VAE)
+        prepare_init(vae, a.logvar_init)
+        with torch.no_grad():  # the training decode must be the pipeline's decode, clamp aside
+            z = vae.encode(held[:2]).latent_dist.mode()
+            assert torch.allclose(decode_unclamped(vae, z).clamp(-1, 1), vae.decode(z).sample, atol=1e-6)
+        gen = torch.Generator().manual_seed(a.seed)
+        fit_steps(vae, frames, a.image_steps, a.image_batch, a.lr, a, gen, "fit VAE 1/4 frames", held)
+        fit_steps(vae, train, a.clip_steps, a.clip_batch, a.clip_lr, a, gen, "fit VAE 2/4 clips", held)
+    else:
+        vae = fitted_tiny_vae(a.init_from)
+    # Phase 3: the shapes model's size. 64 x 64 frames first (the spatial path at the larger scale), then
+    # 9-frame windows of the 17-frame clips (the temporal path at 2 px of motion per frame): a window's
+    # first frame is encoded alone, as a clip's is, so windows teach the same causal down/upsampling.
     gen = torch.Generator().manual_seed(a.seed)
-    fit_steps(vae, frames, a.image_steps, a.image_batch, a.lr, a, gen, "fit VAE 1/2 frames", held)
-    fit_steps(vae, train, a.clip_steps, a.clip_batch, a.clip_lr, a, gen, "fit VAE 2/2 clips", held)
+    big_frames = big_train.transpose(1, 2).reshape(-1, 3, 1, BIG_SIZE, BIG_SIZE)
+    fit_steps(
+        vae, big_frames, a.big_frame_steps, a.image_batch, a.big_lr, a, gen, "fit VAE 3/4 frames 64", big_held
+    )
+    gen = torch.Generator().manual_seed(a.seed)  # each phase-3 part from the seed: either one reruns alone
+    windows = torch.cat([big_train[:, :, s : s + 9] for s in range(0, BIG_FRAMES - 9 + 1, 2)])
+    fit_steps(
+        vae, windows, a.big_clip_steps, a.big_clip_batch, a.big_lr, a, gen, "fit VAE 3/4 clips 64", big_held
+    )
     fit_s = time.time() - t0
 
-    # Store fp16, then measure everything on the weights as they will be read back.
+    write_asset(vae, a, held, big_train, big_held, big_caps, psnr_random, fit_s)
+
+
+def write_asset(vae, a, held, big_train, big_held, big_caps, psnr_random: float, fit_s: float) -> None:
+    """Store `vae` as fp16 at `a.out` with its config, latent statistics and a fit summary in the metadata;
+    everything is measured on the weights as they will be read back."""
+    big = (BIG_FRAMES, BIG_SIZE, BIG_SIZE)
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
     vae.load_state_dict({k: v.float() for k, v in weights.items()})
-    latents_mean, latents_std = latent_stats(vae, train)
+    latents_mean, latents_std = latent_stats(vae, big_train)  # the shapes model's latents
     psnr_fitted = psnr(vae, held)
+    psnr_big = psnr(vae, big_held, batch=8)
+    detected = detector_accuracy(vae, big_held, big_caps)
     fit = {
         "image_steps": a.image_steps, "image_batch": a.image_batch, "clip_steps": a.clip_steps,
         "clip_batch": a.clip_batch, "videos": a.videos, "lr": a.lr, "clip_lr": a.clip_lr, "kl": a.kl,
         "fg_weight": a.fg_weight, "logvar_init": a.logvar_init, "seed": a.seed,
         "threads": a.threads, "frames": NUM_FRAMES, "height": HEIGHT, "width": WIDTH,
+        "big_frame_steps": a.big_frame_steps, "big_clip_steps": a.big_clip_steps, "big_videos": a.big_videos,
+        "big_lr": a.big_lr, "big_clip_batch": a.big_clip_batch, "big_size": list(big),
+        "decoder_steps": a.decoder_steps,
+        "init_from": a.init_from.name if a.init_from else None,
+        "psnr_heldout_64_db": round(psnr_big, 2), "detector_heldout_64": detected,
         "fit_seconds": round(fit_s), "heldout_clips": a.heldout,
         "psnr_heldout_db": round(psnr_fitted, 2), "psnr_random_db": round(psnr_random, 2),
         "torch": torch.__version__,
