@@ -103,41 +103,40 @@ def skiparse_context_parallel(
     return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
 
 
-class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
-    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+def check_skiparse_shards(cfg, cp: int, what: str) -> None:
+    """Raise ValueError unless `cp` sequence shards can each hold whole Skiparse groups (cp divides k).
 
-    def apply(self, fsdp: bool = True):
-        """Refuse a cp degree that cannot hold whole Skiparse groups (before any compute), then apply."""
-        c = self.inner.cfg
-        if self.dims.cp > 1 and c.sparse1d and c.sparse_n % self.dims.cp:
-            raise ValueError(
-                f"parallel.cp={self.dims.cp}: each context-parallel rank must hold whole Skiparse groups, so cp "
-                f"must divide sparse_n={c.sparse_n}; use cp in "
-                f"{[d for d in range(2, c.sparse_n + 1) if c.sparse_n % d == 0]}"
-            )
-        return super().apply(fsdp)
+    `what` names the setting in the message (training: `parallel.cp=2`; inference: the flags).
+    Example: `check_skiparse_shards(model.cfg, 2, "parallel.cp=2")`.
+    """
+    if cp > 1 and cfg.sparse1d and cfg.sparse_n % cp:
+        ok = [d for d in range(2, cfg.sparse_n + 1) if cfg.sparse_n % d == 0]
+        raise ValueError(
+            f"{what}: each sequence-parallel rank must hold whole Skiparse groups, so the degree {cp} must "
+            f"divide sparse_n={cfg.sparse_n}; use a degree in {ok}"
+        )
 
-    def sp_partial_names(self) -> list[str]:
-        return ["blocks.", "head."]
 
-    def apply_tp(self) -> None:
-        """The spec's tp_rules, local head counts and gathered inputs (SP)."""
-        m, tp, sp = self.inner, self.tp_mesh, self.sp
-        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
-        for block in m.blocks:
-            block.attn.heads //= self.dims.tp
-            block.cross.heads //= self.dims.tp
-            gather_inputs(block.attn, tp, 3, sp)  # (x, rope, bias)
-            gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, bias)
-            gather_inputs(block.mlp, tp, 1, sp)
+class OpenSoraPlanShardedForward(SequenceShards):
+    """The one sequence-sharded OpenSoraPlan forward, shared by training (`OpenSoraPlanPlan`, its pipeline
+    stages) and inference (`infer.opensoraplan_parallel.OpenSoraPlanSequenceParallel`): `trunk` (embed ->
+    local rope -> enter -> blocks), then `OpenSoraPlanPlan.head_loss` (training) or `head_predict`
+    (inference).
 
-    # ---- the pieces of a sharded forward (also what pipeline stages call) -------------------------
+    A class using it sets `inner` (the `OpenSoraPlanTransformer`), `seq_shards`, `cp_group` / `cp_attn`
+    (the context-parallel group and its `ContextParallel`, or None), `tp_group` and `sp`.
+    Example: `x, temb, grid = self.trunk(lat, t, caption, caption_mask); v = self.head_predict(x, temb, grid)`.
+    """
+
     def padded(self, S: int) -> int:
         """S_pad: a multiple of the sequence shards and, under cp, of k^2 x cp (Skiparse shards)."""
-        shards = self.dims.seq_shards
-        if self.dims.cp > 1 and self.inner.cfg.sparse1d:
-            shards = math.lcm(shards, self.inner.cfg.sparse_n**2 * self.dims.cp)
+        shards, cp = self.seq_shards, self._cp_size()
+        if cp > 1 and self.inner.cfg.sparse1d:
+            shards = math.lcm(shards, self.inner.cfg.sparse_n**2 * cp)
         return padded_len(S, shards)
+
+    def _cp_size(self) -> int:
+        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
 
     def _core(self, mode: str | None, n: int, q, k, v, bias):
         """The self-attention of one block on this rank's shard (B, H_local, L, Dh)."""
@@ -156,6 +155,51 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             attn = getattr(block, "_checkpoint_wrapped_module", block).attn
             attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
         return rows
+
+    def trunk(self, latents, timestep, caption, caption_mask=None):
+        """Embeddings (replicated) -> this rank's tokens through all blocks; every latent pixel is real
+        (no video mask), the caption mask becomes the cross-attention bias.
+
+        Returns (x (B, S_pad / seq_shards, D), temb (B, D), grid in patches).
+        Example: `x, temb, grid = plan.trunk(lat, t, caption, caption_mask)`.
+        """
+        m = self.inner
+        m.check_input(latents, caption)
+        grid = m.grid(latents)
+        x, temb, e, ctx = m.embed(latents, timestep, caption)
+        _, tbias = m.biases(None, caption_mask)
+        rope = self.local_rope(grid, latents.device, x.dtype)
+        x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
+        for block in m.blocks:
+            x = block(x, e, ctx, rope, None, tbias)
+        return x, temb, grid
+
+
+class OpenSoraPlanPlan(OpenSoraPlanShardedForward, ParallelPlan):
+    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+
+    @property
+    def seq_shards(self) -> int:
+        return self.dims.seq_shards
+
+    def apply(self, fsdp: bool = True):
+        """Refuse a cp degree that cannot hold whole Skiparse groups (before any compute), then apply."""
+        check_skiparse_shards(self.inner.cfg, self.dims.cp, f"parallel.cp={self.dims.cp}")
+        return super().apply(fsdp)
+
+    def sp_partial_names(self) -> list[str]:
+        return ["blocks.", "head."]
+
+    def apply_tp(self) -> None:
+        """The spec's tp_rules, local head counts and gathered inputs (SP)."""
+        m, tp, sp = self.inner, self.tp_mesh, self.sp
+        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
+        for block in m.blocks:
+            block.attn.heads //= self.dims.tp
+            block.cross.heads //= self.dims.tp
+            gather_inputs(block.attn, tp, 3, sp)  # (x, rope, bias)
+            gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, bias)
+            gather_inputs(block.mlp, tp, 1, sp)
 
     def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None):
         """Head on this rank's tokens -> (summed squared error against its piece of `target`, real tokens)."""
@@ -179,16 +223,10 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
 
     def forward(self, prep: dict) -> LossOut:
         m = self.inner
-        lat, target = prep["latents"], prep["target"]
-        m.check_input(lat, prep["text_context"])
+        lat = prep["latents"]
         self.check_masks(prep)
+        x, temb, _ = self.trunk(lat, prep["timestep"], prep["text_context"], prep.get("text_mask"))
+        loss, n_valid = self.head_loss(x, temb, prep["target"], prep.get("weight"))
         B = lat.shape[0]
-        x, temb, e, ctx = m.embed(lat, prep["timestep"], prep["text_context"])
-        _, tbias = m.biases(None, prep.get("text_mask"))
-        rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
-        x, e, temb = self.enter(x, e, temb)
-        for block in m.blocks:
-            x = block(x, e, ctx, rope, None, tbias)
-        loss, n_valid = self.head_loss(x, temb, target, prep.get("weight"))
         per_token = m.cfg.out_channels * m.cfg.patch_size**2
         return LossOut(loss, n_valid * B * per_token, B, n_valid * B)
