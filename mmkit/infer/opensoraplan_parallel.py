@@ -84,8 +84,8 @@ def parallelize_osp_dit(transformer, layout, device: torch.device) -> OpenSoraPl
 def check_parallel(folder, parallel, world: int) -> None:
     """The layout rules of an OpenSoraPlan folder, from its configs only (nothing loads): the generic ones
     (`InferenceParallel.check` with the DiT's heads) and Skiparse's (ulysses x ring divides sparse_n);
-    `--vae-parallel` is refused (the WF-VAE decodes in causal time chunks in one process, equal to an
-    untiled decode). Raises ValueError naming the flag and the fix.
+    `--vae-parallel` and `--vae-tiling` are refused (the WF-VAE always decodes in causal time chunks on
+    one rank, equal to an untiled decode). Raises ValueError naming the flag and the fix.
 
     Example: `check_parallel("osp-tiny", InferenceParallel(ulysses=2), world=2)`.
     """
@@ -97,11 +97,13 @@ def check_parallel(folder, parallel, world: int) -> None:
     cfg_json = Path(folder) / "transformer" / "config.json"
     cfg = OSPConfig.from_dict(read_json(cfg_json, "OpenSoraPlan DiT config")) if cfg_json.is_file() else None
     parallel.check(world, heads=None if cfg is None else cfg.num_attention_heads)
-    if parallel.vae_parallel:
-        raise ValueError(
-            "--vae-parallel: not available for OpenSoraPlan; its WF-VAE already decodes 4 latent frames at a "
-            "time with a causal cache (equal to an untiled decode) on one rank; drop --vae-parallel"
-        )
+    for flag, on in (("--vae-parallel", parallel.vae_parallel), ("--vae-tiling", parallel.vae_tiling)):
+        if on:
+            raise ValueError(
+                f"{flag}: not available for OpenSoraPlan; its WF-VAE always decodes 4 latent frames at a time "
+                f"with a causal cache (equal to an untiled decode, memory bounded by the chunk) on one rank; "
+                f"drop {flag}"
+            )
     if cfg is not None and parallel.sp > 1:
         what = f"--ulysses-size {parallel.ulysses} x --ring-size {parallel.ring} = {parallel.sp}"
         check_skiparse_shards(cfg, parallel.sp, what)

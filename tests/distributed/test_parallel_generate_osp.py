@@ -84,7 +84,7 @@ def test_layouts_equal_one_process(root):
 
 def test_layout_rules_before_loading(root, tmp_path, capsys):
     """Skiparse needs whole groups per sequence rank (ulysses x ring divides sparse_n = 4); the WF-VAE
-    refuses --vae-parallel. Both name the flag, from the configs alone (a folder without weights)."""
+    refuses --vae-parallel / --vae-tiling. Each names the flag, from the configs alone (no weights)."""
     bare = tmp_path / "osp"
     (bare / "transformer").mkdir(parents=True)
     for name in ("model_index.json", "transformer/config.json"):
@@ -96,5 +96,6 @@ def test_layout_rules_before_loading(root, tmp_path, capsys):
     check_parallel(bare, InferenceParallel(ulysses=2, ring=2, cfg=2), world=8)  # sp 4 divides k = 4
     args = ["generate", "t2v", "--model", str(bare), "--prompt", "x", "--height", "32", "--width", "32"]
     args += ["--frames", "5", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "v.npy")]
-    assert main(args + ["--vae-parallel"]) == 2
-    assert "--vae-parallel: not available for OpenSoraPlan" in capsys.readouterr().err
+    for flag in ("--vae-parallel", "--vae-tiling"):
+        assert main(args + [flag]) == 2
+        assert f"{flag}: not available for OpenSoraPlan; its WF-VAE always decodes" in capsys.readouterr().err
