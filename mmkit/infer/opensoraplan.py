@@ -16,6 +16,10 @@ i2v conditions on one image (mask type "i2v": frame 0 given), two ("transition":
 through the VAE as a masked video and the pixel mask is compressed to 4 channels (`masks.compress_mask`);
 the DiT input is [noisy latents 8 | masked-video latents 8 | mask 4].
 
+Several processes (`parallel=InferenceParallel(...)`, inside an initialised process group): the DiT runs the
+training plan's sharded forward over the sequence group (`infer/opensoraplan_parallel.py`), CFG branches
+and prompts are split as for Wan (`infer/parallel.py`); the first rank of each video's group decodes.
+
 Example:
     >>> pipe = mmkit.load_pipeline("Open-Sora-Plan-v1.3.0", task="t2v")
     >>> video = pipe("a red panda climbs a tree", num_frames=29, height=352, width=640).frames[0]

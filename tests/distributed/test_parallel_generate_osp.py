@@ -25,7 +25,7 @@ from mmkit.infer.parallel import InferenceParallel
 WORKER = Path(__file__).with_name("_osp_generate_worker.py")
 TOL = 1e-5  # max abs over frames in [0, 1], fp32
 sys.path.insert(0, str(WORKER.parent))
-from _osp_generate_worker import CASES, PROMPT, SIZES, gen_kwargs  # noqa: E402
+from _osp_generate_worker import CASES, NEG, PROMPT, SIZES, gen_kwargs  # noqa: E402
 
 
 def torchrun(nproc: int, port: int, args: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -99,3 +99,21 @@ def test_layout_rules_before_loading(root, tmp_path, capsys):
     for flag in ("--vae-parallel", "--vae-tiling"):
         assert main(args + [flag]) == 2
         assert f"{flag}: not available for OpenSoraPlan; its WF-VAE always decodes" in capsys.readouterr().err
+
+
+def test_cli_memory_options_one_process(root, tmp_path):
+    """--t5_cpu and --offload_model True in one process (no torchrun): the one-process frames."""
+    import torch
+
+    h, w, f = SIZES["base"]
+    args = ["generate", "t2v", "--model", str(root / "t2v"), "--prompt", PROMPT, "--negative-prompt", NEG]
+    args += ["--height", str(h), "--width", str(w), "--frames", str(f), "--steps", "2", "--guidance", "3"]
+    args += ["--seed", "5", "--device", "cpu", "--t5_cpu", "--offload_model", "True"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the references were made
+    try:
+        assert main(args + ["--out", str(tmp_path / "v.npy")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    got = np.load(tmp_path / "v.npy")
+    assert np.abs(got - np.load(root / "refs.npz")["t2v_base"][0]).max() <= TOL

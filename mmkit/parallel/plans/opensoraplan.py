@@ -10,6 +10,9 @@ Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's
      them), attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
      no cp: the padding is cut off and the single-device attention runs as is.
   -> head on this rank's tokens -> the task's squared error against this rank's piece of the target.
+The steps up to the head (`OpenSoraPlanShardedForward.trunk`) are the only sharded OpenSoraPlan forward:
+inference (`infer/opensoraplan_parallel.py`) runs them with its sequence group as the cp group and no tp,
+then `head_predict`.
 TP shards q/k/v/out of both attentions and the MLP (the spec's tp_rules); embeddings, modulation and
 the head stay replicated.
 
