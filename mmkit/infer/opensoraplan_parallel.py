@@ -8,8 +8,9 @@ Applied from outside the model through the training plan's sharded forward
   -> pad the S tokens to a multiple of k^2 x p (Skiparse k = sparse_n, p = ulysses x ring), keep this
      rank's S_pad / p
   -> blocks: dense self-attention over the shards through `ContextParallel` (padded keys masked);
-     Skiparse layers: one all-to-all hands each rank whole Skiparse groups (k / p of them), the groups
-     attend locally, a second all-to-all returns the tokens (the training design, docs/parallel.md);
+     Skiparse layers: one all-to-all hands each rank whole Skiparse groups (k / gcd(p, k) of them, with
+     a share of the heads when p does not divide k), the groups attend locally, a second all-to-all
+     returns the tokens (the training design, docs/parallel.md);
      cross-attention with local queries against the full caption, MLP local
   -> head on local tokens, all-gather (S_pad x C_out*4, latent-sized), padding dropped, unpatchified:
      every rank of the group returns the whole prediction (B, C_out, T, H, W).
@@ -45,7 +46,7 @@ class OpenSoraPlanSequenceParallel(OpenSoraPlanShardedForward, nn.Module):
         if cp is not None:
             heads = transformer.cfg.num_attention_heads
             cp.check_heads(heads, heads)
-            check_skiparse_shards(transformer.cfg, cp.size, f"sequence-parallel degree {cp.size}")
+            check_skiparse_shards(transformer.cfg, cp.size, heads, f"sequence-parallel degree {cp.size}")
 
     @property
     def cfg(self):
@@ -83,7 +84,8 @@ def parallelize_osp_dit(transformer, layout, device: torch.device) -> OpenSoraPl
 
 def check_parallel(folder, parallel, world: int) -> None:
     """The layout rules of an OpenSoraPlan folder, from its configs only (nothing loads): the generic ones
-    (`InferenceParallel.check` with the DiT's heads) and Skiparse's (ulysses x ring divides sparse_n);
+    (`InferenceParallel.check` with the DiT's heads) and Skiparse's (`check_skiparse_shards`: the heads
+    divide by ulysses x ring / gcd(ulysses x ring, sparse_n));
     `--vae-parallel` and `--vae-tiling` are refused (the WF-VAE always decodes in causal time chunks on
     one rank, equal to an untiled decode). Raises ValueError naming the flag and the fix.
 
@@ -106,4 +108,4 @@ def check_parallel(folder, parallel, world: int) -> None:
             )
     if cfg is not None and parallel.sp > 1:
         what = f"--ulysses-size {parallel.ulysses} x --ring-size {parallel.ring} = {parallel.sp}"
-        check_skiparse_shards(cfg, parallel.sp, what)
+        check_skiparse_shards(cfg, parallel.sp, cfg.num_attention_heads, what)

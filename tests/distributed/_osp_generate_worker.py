@@ -79,10 +79,43 @@ def run_cli_prompts(root: Path) -> None:
     assert main(args + ["--out", str(root / "cli.npy")]) == 0
 
 
+def run_skiparse_split() -> None:
+    """`skiparse_context_parallel` when the degree does not divide k (heads split too) == one device:
+    3 ranks with k = 4 (all groups, a third of the heads each), 4 ranks with k = 2 (1 group x half the
+    heads), 2 ranks with k = 4 (2 groups, all heads); odd token counts, a key bias, both modes. Prints
+    `SKIPARSE <cp> <k> <heads> <mode> <max abs>` on rank 0."""
+    from mmkit.models.opensoraplan.model import skiparse_attention
+    from mmkit.parallel.plans.opensoraplan import skiparse_context_parallel
+
+    rank = dist.get_rank()
+    groups = {3: dist.new_group([0, 1, 2], timeout=timedelta(seconds=120)), 4: dist.group.WORLD}
+    groups[2] = dist.new_group([0, 1], timeout=timedelta(seconds=120))
+    for cp, n, H, valid in ((3, 4, 6, 37), (4, 2, 4, 13), (2, 4, 2, 45)):
+        if rank >= cp:
+            continue
+        gen = torch.Generator().manual_seed(cp)
+        S_pad = -(-valid // (n * n * cp)) * n * n * cp
+        q, k, v = (torch.randn(2, H, S_pad, 8, generator=gen) for _ in range(3))
+        bias = torch.where(torch.rand(2, valid, generator=gen) < 0.2, -1e4, 0.0)
+        L = S_pad // cp
+        for mode in ("single", "group"):
+            want = skiparse_attention(q[:, :, :valid], k[:, :, :valid], v[:, :, :valid], bias, mode, n)
+            piece = [t[:, :, rank * L : (rank + 1) * L] for t in (q, k, v)]
+            got = skiparse_context_parallel(*piece, bias, valid, mode, n, groups[cp])
+            mine = want[:, :, rank * L : min((rank + 1) * L, valid)]
+            err = torch.tensor(
+                float((got[:, :, : mine.shape[2]] - mine).abs().max()) if mine.numel() else 0.0
+            )
+            dist.all_reduce(err, op=dist.ReduceOp.MAX, group=groups[cp])
+            if rank == 0:
+                print(f"SKIPARSE {cp} {n} {H} {mode} {float(err):.3e}", flush=True)
+
+
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     root = Path(sys.argv[1])
+    run_skiparse_split()
     run_layouts(root)
     run_cli_prompts(root)
     dist.barrier()

@@ -74,6 +74,11 @@ def test_layouts_equal_one_process(root):
         for task in ("t2v", "i2v"):  # 2-rank layouts: one task per data-parallel group; 4-rank ones: both
             assert (case, task) in found, f"{case} {task} not reported:\n{res.stdout}"
             assert found[(case, task)] <= TOL, f"{case} {task}: frames max abs {found[(case, task)]:.2e}"
+    # Skiparse layers over degrees that do not divide k (heads split as well), against one device
+    split = re.findall(r"SKIPARSE (\d+) (\d+) (\d+) (\S+) (\S+)", res.stdout)
+    assert len(split) == 6, res.stdout
+    for cp, k, heads, mode, err in split:
+        assert float(err) <= 1e-6, f"Skiparse over {cp} ranks, k={k}, {heads} heads, {mode}: {err}"
     # the CLI's --prompts run: lines 1 and 3 over data parallel 2, named by line number
     refs = np.load(root / "refs.npz")
     first, second = np.load(root / "cli_1.npy"), np.load(root / "cli_3.npy")
@@ -83,17 +88,22 @@ def test_layouts_equal_one_process(root):
 
 
 def test_layout_rules_before_loading(root, tmp_path, capsys):
-    """Skiparse needs whole groups per sequence rank (ulysses x ring divides sparse_n = 4); the WF-VAE
-    refuses --vae-parallel / --vae-tiling. Each names the flag, from the configs alone (no weights)."""
+    """Skiparse splits its k = 4 groups over gcd(U R, 4) rank blocks and the heads over the rest (which
+    must divide the 2 heads); the WF-VAE refuses --vae-parallel / --vae-tiling. Each names the flag,
+    from the configs alone (no weights)."""
     bare = tmp_path / "osp"
     (bare / "transformer").mkdir(parents=True)
     for name in ("model_index.json", "transformer/config.json"):
         (bare / name).write_text((root / "t2v" / name).read_text())
-    with pytest.raises(ValueError, match=r"--ulysses-size 1 x --ring-size 3 = 3: .*must divide sparse_n=4; "):
+    msg = r"--ulysses-size 1 x --ring-size 3 = 3: a Skiparse layer splits its sparse_n=4 groups over 1 rank "
+    with pytest.raises(
+        ValueError, match=msg + r"blocks and its heads over 3, and the 2 heads .* \[2, 4, 8\]"
+    ):
         check_parallel(bare, InferenceParallel(ring=3), world=3)
     with pytest.raises(ValueError, match=r"--ulysses-size 4: the model's 2 attention heads do not divide"):
         check_parallel(bare, InferenceParallel(ulysses=4), world=4)
     check_parallel(bare, InferenceParallel(ulysses=2, ring=2, cfg=2), world=8)  # sp 4 divides k = 4
+    check_parallel(bare, InferenceParallel(ulysses=2, ring=4), world=8)  # 4 group blocks x 2 head blocks
     args = ["generate", "t2v", "--model", str(bare), "--prompt", "x", "--height", "32", "--width", "32"]
     args += ["--frames", "5", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "v.npy")]
     for flag in ("--vae-parallel", "--vae-tiling"):

@@ -7,7 +7,8 @@ Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's
   -> blocks: every self-attention runs this plan's `core` (installed on each block):
      dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked);
      Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/cp of
-     them), attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
+     them; when cp does not divide k, k/gcd(cp, k) of them for a share of the heads: `skiparse_split`),
+     attention runs locally on them, a second all-to-all hands the tokens back (docs/parallel.md);
      no cp: the padding is cut off and the single-device attention runs as is.
   -> head on this rank's tokens -> the task's squared error against this rank's piece of the target.
 The steps up to the head (`OpenSoraPlanShardedForward.trunk`) are the only sharded OpenSoraPlan forward:
@@ -66,6 +67,16 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.exchange(g, ctx.group), None
 
 
+def skiparse_split(cp: int, n: int) -> tuple[int, int]:
+    """(a, b) with a x b = cp: a Skiparse layer's k = `n` groups are split a ways over the cp ranks (a
+    divides k) and, when cp does not divide k, the heads b ways (b must divide the local heads).
+
+    Example: `skiparse_split(8, 4)` -> `(4, 2)`: each of 8 ranks attends one group with half the heads.
+    """
+    a = math.gcd(cp, n)
+    return a, cp // a
+
+
 def skiparse_context_parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,44 +90,55 @@ def skiparse_context_parallel(
     """Skiparse self-attention of this rank's contiguous shard (B, H, L, Dh) of a sequence of
     S_pad = cp x L tokens (L a multiple of n^2, `valid` real tokens), exact to the single-device result.
 
-    One all-to-all gives rank r the whole groups [r k/cp, (r+1) k/cp); the attention of each group is
-    local; a second all-to-all returns the outputs to the shards. `bias` (B, valid) or None, replicated.
+    With (a, b) = `skiparse_split(cp, n)`, rank r = i b + j gets the whole groups [i k/a, (i+1) k/a) for
+    the heads [j H/b, (j+1) H/b) in one all-to-all; the attention of each group is local; a second
+    all-to-all returns the outputs to the shards. `bias` (B, valid) or None, replicated.
     Example: `o = skiparse_context_parallel(q, k, v, None, 45, "single", 4, cp_group)`.
     """
     cp, r = dist.get_world_size(group), dist.get_rank(group)
     B, H, L, D = q.shape
-    g = n // cp  # groups per rank
+    a, b = skiparse_split(cp, n)
+    g, h = n // a, H // b  # groups and heads per rank
+    mine = r // b  # this rank's block of groups
+    assert g * a == n and h * b == H, (cp, n, H)
     start = r * L
     keep = (torch.arange(start, start + L, device=q.device) < valid).to(q.dtype)[:, None]  # (L, 1)
     q, k, v = (t * keep for t in (q, k, v))  # tokens past `valid`: zeros, as Skiparse pads
 
-    # one exchange for q, k and v: (B, H, L, D) x 3 -> (cp, g, 3, B, H, L / n, D), chunk j = rank j's groups
-    qkv = skiparse_regroup(torch.stack([q, k, v]).view(3 * B, H, L, D), mode, n).view(
-        cp, g, 3, B, H, L // n, D
-    )
-    qkv = _AllToAll.apply(qkv, group)  # chunk j = shard j's part of my groups, in global token order
-    qg, kg, vg = qkv.permute(2, 1, 3, 4, 0, 5, 6).reshape(3, g * B, H, cp * L // n, D).unbind(0)
+    # one exchange for q, k and v: (B, H, L, D) x 3 -> (a, b, g, 3, B, h, L / n, D), chunk a_i b + b_j = rank
+    # (a_i b + b_j)'s groups and heads
+    qkv = skiparse_regroup(torch.stack([q, k, v]).view(3 * B, H, L, D), mode, n)  # (n 3 B, H, L / n, D)
+    qkv = qkv.view(a, g, 3, B, b, h, L // n, D).permute(0, 4, 1, 2, 3, 5, 6, 7)
+    qkv = _AllToAll.apply(qkv.reshape(cp, g, 3, B, h, L // n, D), group)  # chunk j = shard j's part
+    qg, kg, vg = qkv.permute(2, 1, 3, 4, 0, 5, 6).reshape(3, g * B, h, cp * L // n, D).unbind(0)
     full = q.new_zeros(B, valid) if bias is None else bias.to(q.dtype)
     full = F.pad(full, (0, cp * L - valid), value=SKIPARSE_PAD_BIAS)  # (B, S_pad)
     mask = skiparse_regroup(full[:, None, :, None], mode, n)  # (n B, 1, S_pad / n, 1), group-major
-    mask = mask[r * g * B : (r + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, H, S_pad / n, D)
-    o = o.view(g, B, H, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, H, L / n, D)
-    o = _AllToAll.apply(o.contiguous(), group)  # chunk j = my shard's part of rank j's groups
+    mask = mask[mine * g * B : (mine + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, h, S_pad / n, D)
+    o = o.view(g, B, h, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, h, L / n, D)
+    o = _AllToAll.apply(o.contiguous(), group)  # chunk j = my shard's part of rank j's groups and heads
+    o = o.view(a, b, g, B, h, L // n, D).permute(0, 2, 3, 1, 4, 5, 6)  # (a, g, B, b, h, L / n, D)
     return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
 
 
-def check_skiparse_shards(cfg, cp: int, what: str) -> None:
-    """Raise ValueError unless `cp` sequence shards can each hold whole Skiparse groups (cp divides k).
+def check_skiparse_shards(cfg, cp: int, heads: int, what: str) -> None:
+    """Raise ValueError unless `cp` sequence shards can share the Skiparse layers: cp = a x b with a
+    dividing k (groups per rank) and b = cp / gcd(cp, k) dividing the `heads` each rank holds (after tp).
 
     `what` names the setting in the message (training: `parallel.cp=2`; inference: the flags).
-    Example: `check_skiparse_shards(model.cfg, 2, "parallel.cp=2")`.
+    Example: `check_skiparse_shards(model.cfg, 8, 24, "parallel.cp=8")` (4 group blocks x 2 head blocks).
     """
-    if cp > 1 and cfg.sparse1d and cfg.sparse_n % cp:
-        ok = [d for d in range(2, cfg.sparse_n + 1) if cfg.sparse_n % d == 0]
+    if cp <= 1 or not cfg.sparse1d:
+        return
+    a, b = skiparse_split(cp, cfg.sparse_n)
+    if heads % b:
+        top = min(cfg.sparse_n * heads, 32)
+        ok = [d for d in range(2, top + 1) if heads % skiparse_split(d, cfg.sparse_n)[1] == 0]
         raise ValueError(
-            f"{what}: each sequence-parallel rank must hold whole Skiparse groups, so the degree {cp} must "
-            f"divide sparse_n={cfg.sparse_n}; use a degree in {ok}"
+            f"{what}: a Skiparse layer splits its sparse_n={cfg.sparse_n} groups over {a} rank blocks and its "
+            f"heads over {b}, and the {heads} heads (per tensor-parallel rank) do not divide by {b}; use a "
+            f"degree in {ok}"
         )
 
 
@@ -186,8 +208,9 @@ class OpenSoraPlanPlan(OpenSoraPlanShardedForward, ParallelPlan):
         return self.dims.seq_shards
 
     def apply(self, fsdp: bool = True):
-        """Refuse a cp degree that cannot hold whole Skiparse groups (before any compute), then apply."""
-        check_skiparse_shards(self.inner.cfg, self.dims.cp, f"parallel.cp={self.dims.cp}")
+        """Refuse a cp degree the Skiparse layers cannot spread (before any compute), then apply."""
+        heads = self.inner.cfg.num_attention_heads // self.dims.tp
+        check_skiparse_shards(self.inner.cfg, self.dims.cp, heads, f"parallel.cp={self.dims.cp}")
         return super().apply(fsdp)
 
     def sp_partial_names(self) -> list[str]:
