@@ -154,11 +154,14 @@ def precheck_parallel(a, world: int) -> list[tuple[int, str]]:
 
         heads = read_json(cfg_json).get("num_attention_heads")
     p.check(world, heads=heads, guidance=a.guidance)
+    family_check = _family_check(a.model)
+    if family_check is not None:
+        family_check(a.model, p, world)
     prompts = read_prompts(a)
     if a.task == "i2v":
-        if not a.image:
+        if not a.image and getattr(a, "mask_type", None) != "t2iv":  # t2iv generates every frame
             raise ValueError("i2v needs --image PATH (the first frame) on every rank")
-        for image in a.image:
+        for image in a.image or []:
             check_same_everywhere(
                 Path(image).is_file(), f"--image {image}: file not found; i2v reads it on every rank"
             )
@@ -168,6 +171,18 @@ def precheck_parallel(a, world: int) -> list[tuple[int, str]]:
             "drop them, or drop the multi-process and memory flags"
         )
     return prompts
+
+
+def _family_check(model: str):
+    """The family loader's own layout rules, `loader.check_parallel(folder, parallel, world)` (e.g.
+    OpenSoraPlan's Skiparse groups per rank), or None; a missing folder is reported by the load later."""
+    from mmkit import registry
+
+    try:
+        spec = registry.detect(model)
+    except FileNotFoundError:
+        return None
+    return getattr(spec.resolve("pipeline"), "check_parallel", None)
 
 
 def output_path(out: str, line: int, last: int, many: bool) -> Path:

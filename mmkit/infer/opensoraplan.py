@@ -22,6 +22,10 @@ only continues (all its frames start the clip). The conditioning frames go throu
 video and the pixel mask is compressed to 4 channels (`masks.compress_mask`); the DiT input is
 [noisy latents 8 | masked-video latents 8 | mask 4].
 
+Several processes (`parallel=InferenceParallel(...)`, inside an initialised process group): the DiT runs the
+training plan's sharded forward over the sequence group (`infer/opensoraplan_parallel.py`), CFG branches
+and prompts are split as for Wan (`infer/parallel.py`); the first rank of each video's group decodes.
+
 Example:
     >>> pipe = mmkit.load_pipeline("Open-Sora-Plan-v1.3.0", task="t2v")
     >>> video = pipe("a red panda climbs a tree", num_frames=29, height=352, width=640).frames[0]
@@ -39,6 +43,7 @@ from PIL import Image
 from mmkit.device import resolve_device, resolve_dtype
 from mmkit.infer.accel.hooks import reset_all
 from mmkit.infer.media import load_image, read_video
+from mmkit.infer.parallel import InferenceLayout, InferenceParallel, on_device
 from mmkit.infer.samplers import DenoiseStats, cfg_velocity, denoise
 from mmkit.infer.t2v import VideoOutput, check_components
 from mmkit.models.common.hf_io import read_json
@@ -145,14 +150,26 @@ class OpenSoraPlanPipeline:
     Example: `pipe(prompt, image=["first.png", "last.png"], num_frames=29).frames[0]` (transition).
     """
 
-    def __init__(self, folder, task: str = "t2v", device="auto", dtype="fp32"):
+    def __init__(self, folder, task: str = "t2v", device="auto", dtype="fp32", parallel=None):
         from mmkit import registry
         from mmkit.models.opensoraplan.text import MT5TextEncoder
         from mmkit.models.opensoraplan.vae_io import load_vae
 
         self.folder, self.task = Path(folder), task
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.device, self.dtype = resolve_device(str(device)), resolve_dtype(dtype)  # "cuda:1" or a device
         check_components(self.folder, ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"], task)
+        # multi-process / memory options: the layout is checked and its process groups built before any
+        # weights are read; with a layout the sampler calls `dit`, the sequence-parallel (and / or
+        # sharded) wrapper of `transformer`
+        p = parallel or InferenceParallel()
+        self.parallel, self.layout = p, None
+        if parallel is not None:
+            from mmkit.infer.opensoraplan_parallel import check_parallel
+
+            check_parallel(self.folder, p, InferenceLayout.world_size())
+            self.layout = InferenceLayout(p)
+        cpu = torch.device("cpu")
+        stage = cpu if p.offload else self.device  # offload: every model waits on the CPU for its stage
         spec = registry.get("opensoraplan")
         hf = spec.resolve("hf").read(self.folder)
         if spec.resolve("hf").task(hf.cfg) != task:
@@ -162,12 +179,30 @@ class OpenSoraPlanPipeline:
             )
         self.transformer = spec.build_model(hf.cfg)
         self.transformer.load_state_dict(hf.state)
-        self.transformer.to(self.device, self.dtype).eval()
-        self.vae = (
-            load_vae(self.folder / "vae").to(self.device).eval()
-        )  # fp32: decoding is precision-sensitive
-        self.text_encoder = MT5TextEncoder.from_folder(self.folder, self.device, self.dtype, hf.cfg.text_len)
+        self.transformer.to(cpu if p.dit_fsdp else stage, self.dtype).eval()
+        self.vae = load_vae(self.folder / "vae").to(stage).eval()  # fp32: decoding is precision-sensitive
+        t5_device = cpu if p.t5_cpu or p.t5_fsdp else stage
+        self.text_encoder = MT5TextEncoder.from_folder(self.folder, t5_device, self.dtype, hf.cfg.text_len)
         self.scheduler = load_scheduler(self.folder / "scheduler")
+        self.dit = self.transformer
+        if self.layout is not None:
+            self._parallelize()
+
+    def _parallelize(self) -> None:
+        """Sequence parallelism wraps the DiT (`opensoraplan_parallel.OpenSoraPlanSequenceParallel`, the
+        training plan's sharded forward); FSDP2 shards it and / or mT5 over the model group."""
+        from mmkit.infer.opensoraplan_parallel import parallelize_osp_dit
+
+        layout = self.layout
+        self.dit = parallelize_osp_dit(self.transformer, layout, self.device)
+        if self.parallel.t5_fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = layout.fsdp_mesh(self.device)
+            t5 = self.text_encoder.model
+            for block in t5.encoder.block:
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+            fully_shard(t5, mesh=mesh, reshard_after_forward=True)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -237,7 +272,7 @@ class OpenSoraPlanPipeline:
         for i, p in zip(idx, paths):
             video[0, :, i] = _image_tensor(p, height, width)
             mask[:, :, i] = 0
-        with torch.no_grad():
+        with torch.no_grad(), on_device(self.vae, self.device, self.parallel.offload):
             post = self.vae.encode((video * (mask < 0.5)).to(self.device), tiled=True)
             masked = self.vae.scale_latents(post.sample(generator=generator))
         cond = torch.cat([masked, compress_mask(mask.to(self.device), *VAE_STRIDE)], dim=1)
@@ -291,12 +326,17 @@ class OpenSoraPlanPipeline:
             cond, _ = self._conditioning(image, mask_type, num_frames, height, width, b, generator, seed)
             prepare = lambda x: torch.cat([x, cond], dim=1)  # noqa: E731
 
-        ctx, ctx_mask = self.text_encoder(prompts)
-        cond_kw = {"caption": ctx.to(self.dtype), "caption_mask": ctx_mask}
-        uncond_kw = None
-        if guidance_scale > 1.0:
-            neg, neg_mask = self.text_encoder(negs)
-            uncond_kw = {"caption": neg.to(self.dtype), "caption_mask": neg_mask}
+        do_cfg = guidance_scale > 1.0
+        layout, par = self.layout, self.parallel
+        # CFG parallelism: a rank encodes (and denoises) only its own branch's text
+        split = layout is not None and par.cfg == 2 and do_cfg
+        cond_kw = {"caption": None, "caption_mask": None}
+        uncond_kw = dict(cond_kw) if do_cfg else None
+        with on_device(self.text_encoder, self.device, par.offload):
+            if not split or layout.branch == "cond":
+                cond_kw = self._caption(prompts)
+            if do_cfg and (not split or layout.branch == "uncond"):
+                uncond_kw = self._caption(negs)
         shape = self.latent_shape(height, width, num_frames)
         if latents is None:
             # init_noise_sigma depends on the step count (4096 for the release's trailing 100 steps)
@@ -304,23 +344,37 @@ class OpenSoraPlanPipeline:
             latents = torch.randn((b, *shape), generator=generator, dtype=torch.float32)
             latents = latents.to(self.device) * self.scheduler.init_noise_sigma
         video_mask = torch.ones(b, *shape[1:], device=self.device)  # every latent pixel is real
-        dit = self.transformer
+        dit = self.dit
 
         def model(x, t, caption, caption_mask):
             return dit(x.to(self.dtype), t.to(self.dtype), caption, video_mask, caption_mask).float()
 
-        reset_all(dit)
+        reset_all(self.transformer)
         stats = DenoiseStats()
-        velocity = cfg_velocity(model, guidance_scale, cond_kw, uncond_kw)
+        if layout is None:
+            velocity = cfg_velocity(model, guidance_scale, cond_kw, uncond_kw)
+        else:
+            velocity = layout.velocity(model, guidance_scale, cond_kw, uncond_kw)
+            progress = progress and layout.shows_progress
         step_kwargs = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
-        latents = denoise(
-            velocity, latents, self.scheduler, num_inference_steps, prepare, progress, stats, step_kwargs
-        )
+        with on_device(self.transformer, self.device, par.offload):
+            latents = denoise(
+                velocity, latents, self.scheduler, num_inference_steps, prepare, progress, stats, step_kwargs
+            )
         if output_type == "latent":
             return VideoOutput(latents, stats.step_times)
-        video = self.vae.decode(self.vae.unscale_latents(latents.float()), tiled=True)  # (B, 3, T, H, W)
+        if layout is not None and not layout.writes:
+            return VideoOutput(None, stats.step_times)  # the model group's rank 0 decodes
+        with on_device(self.vae, self.device, par.offload):
+            video = self.vae.decode(self.vae.unscale_latents(latents.float()), tiled=True)  # (B, 3, T, H, W)
         frames = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
         return VideoOutput(frames, stats.step_times)
+
+    def _caption(self, prompts: list[str]) -> dict:
+        """The DiT's caption keywords of prompts: mT5 features (B, 512, D) in the DiT's dtype and the mask,
+        on the pipeline's device (the encoder may sit on the CPU: `t5_cpu`)."""
+        feats, mask = self.text_encoder(prompts)
+        return {"caption": feats.to(self.device, self.dtype), "caption_mask": mask.to(self.device)}
 
 
 def _step_params(scheduler) -> set[str]:
@@ -329,9 +383,19 @@ def _step_params(scheduler) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
 
-def load_opensoraplan_pipeline(path, task: str = "t2v", device="auto", dtype="fp32") -> OpenSoraPlanPipeline:
-    """The registry's pipeline loader (`FamilySpec.pipeline`). Example: `load_opensoraplan_pipeline(d, "i2v")`."""
-    return OpenSoraPlanPipeline(path, task=task, device=device, dtype=dtype)
+def load_opensoraplan_pipeline(
+    path, task: str = "t2v", device="auto", dtype="fp32", parallel: InferenceParallel | None = None
+) -> OpenSoraPlanPipeline:
+    """The registry's pipeline loader (`FamilySpec.pipeline`). `parallel`: a multi-process / memory layout
+    (`infer.parallel.InferenceParallel`). Example: `load_opensoraplan_pipeline(d, "i2v")`."""
+    return OpenSoraPlanPipeline(path, task=task, device=device, dtype=dtype, parallel=parallel)
+
+
+def _check_parallel(path, parallel: InferenceParallel, world: int) -> None:
+    from mmkit.infer.opensoraplan_parallel import check_parallel
+
+    check_parallel(path, parallel, world)
 
 
 load_opensoraplan_pipeline.check_conditioning = check_conditioning  # what `pipelines.check_conditioning` asks
+load_opensoraplan_pipeline.check_parallel = _check_parallel  # what `generate --ulysses-size ...` asks first

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mmkit import registry
 from mmkit.common import clean_name
-from mmkit.parallel.comm import copy_to_group, local_tensor, split_seq
+from mmkit.parallel.comm import copy_to_group, gather_seq, local_tensor, split_seq
 from mmkit.parallel.dims import ParallelDims, padded_len
 
 
@@ -34,7 +34,7 @@ class SequenceShards:
 
     A class using it sets `seq_shards` (pieces the sequence is cut into), `cp_group`, `tp_group` and `sp`
     (tensor parallel with sequence parallelism; None / False where absent); a family whose attention
-    needs a coarser padding (Skiparse groups) overrides `padded`.
+    needs a coarser padding (Skiparse groups) overrides `padded`. `head_predict` ends an inference forward.
     Example: `cos, sin = self.rope_rows(cos, sin); x, e, temb = self.enter(x, e, temb)`.
     """
 
@@ -74,6 +74,20 @@ class SequenceShards:
             # computed identically on every tp rank, used on this rank's tokens: complete gradients upstream
             e, temb = copy_to_group(e, self.tp_group), copy_to_group(temb, self.tp_group)
         return x, e, temb
+
+    def head_predict(self, x: torch.Tensor, temb: torch.Tensor, grid) -> torch.Tensor:
+        """Head on this rank's tokens, all-gathered over the sequence pieces (tp with SP, then cp: the
+        order `enter` cut them in), padding dropped, unpatchified: the whole prediction
+        (B, C_out, T, H, W) in fp32 on every rank of the sequence group. The model gives `head_tokens`
+        and `unpatchify`.
+        Example: `x, _, temb, grid = plan.trunk(lat, t, ctx); v = plan.head_predict(x, temb, grid)`.
+        """
+        m = self.inner
+        y = m.head_tokens(x, temb)  # (B, S_pad / seq_shards, C_out * patch)
+        if self.sp:
+            y = gather_seq(y, 1, self.tp_group)
+        y = gather_seq(y, 1, self.cp_group)[:, : self._valid]  # rank j of the group holds piece j
+        return m.unpatchify(y, grid).float()
 
 
 class ParallelPlan(nn.Module):

@@ -8,11 +8,15 @@ Forward under a plan (`OpenSoraPlanPlan.forward(prep)`), composed of the model's
      dense layers: `ContextParallel.attention` over cp (Ulysses, ring or hybrid; padding masked, and the
      padded latents of a batch of variable-size clips as a per-sample key mask);
      Skiparse layers: one all-to-all over the cp group hands each rank whole Skiparse groups (k/a of
-     them, a = gcd(cp, k)) for H/b of the heads (b = cp/a), attention runs locally on them, a second
-     all-to-all hands the tokens back (docs/parallel.md);
+     them, a = gcd(cp, k)) for H/b of the heads (b = cp/a; `skiparse_split`), attention runs locally on
+     them, a second all-to-all hands the tokens back (docs/parallel.md);
      no cp: the padding is cut off and the single-device attention runs as is.
   -> head on this rank's tokens -> the task's squared error against this rank's piece of the target,
      masked over real latents (`video_mask`, element by element as on one device).
+The steps up to the head (`OpenSoraPlanShardedForward.trunk`) are the only sharded OpenSoraPlan forward:
+training runs them with the batch's `video_mask` (None when every latent is real); inference
+(`infer/opensoraplan_parallel.py`) runs them with its sequence group as the cp group, no tp and no video
+mask, then `head_predict`.
 TP shards q/k/v/out of both attentions and the MLP (the spec's tp_rules); embeddings, modulation and
 the head stay replicated.
 
@@ -74,9 +78,11 @@ class _AllToAll(torch.autograd.Function):
 
 
 def skiparse_split(cp: int, n: int) -> tuple[int, int]:
-    """(a, b): Skiparse under cp splits the n groups a = gcd(cp, n) ways and the heads b = cp / a ways.
+    """(a, b) with a x b = cp: a Skiparse layer's k = `n` groups are split a = gcd(cp, n) ways over the cp
+    ranks and the heads b = cp / a ways (b must divide the local heads: `check_skiparse_shards`).
 
-    Example: `skiparse_split(2, 4)` -> `(2, 1)`; `skiparse_split(3, 4)` -> `(1, 3)`; `(8, 4)` -> `(4, 2)`.
+    Example: `skiparse_split(2, 4)` -> `(2, 1)`; `skiparse_split(3, 4)` -> `(1, 3)`; `skiparse_split(8, 4)`
+    -> `(4, 2)`: each of 8 ranks attends one group with half the heads.
     """
     a = math.gcd(cp, n)
     return a, cp // a
@@ -104,7 +110,8 @@ def skiparse_context_parallel(
     B, H, L, D = q.shape
     a, b = skiparse_split(cp, n)
     g, h = n // a, H // b  # groups and heads per rank
-    assert h * b == H, (H, b)  # OpenSoraPlanPlan.apply refuses such a layout with a clear message
+    mine = r // b  # this rank's block of groups
+    assert g * a == n and h * b == H, (cp, n, H)  # check_skiparse_shards refuses such a layout clearly
     start = r * L
     keep = (torch.arange(start, start + L, device=q.device) < valid).to(q.dtype)[:, None]  # (L, 1)
     q, k, v = (t * keep for t in (q, k, v))  # tokens past `valid`: zeros, as Skiparse pads
@@ -122,8 +129,7 @@ def skiparse_context_parallel(
     full = q.new_zeros(B, valid) if bias is None else bias.to(q.dtype)
     full = F.pad(full, (0, cp * L - valid), value=SKIPARSE_PAD_BIAS)  # (B, S_pad)
     mask = skiparse_regroup(full[:, None, :, None], mode, n)  # (n B, 1, S_pad / n, 1), group-major
-    i = r // b  # my block of groups
-    mask = mask[i * g * B : (i + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
+    mask = mask[mine * g * B : (mine + 1) * g * B].transpose(2, 3)  # (g B, 1, 1, S_pad / n)
     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # (g B, h, S_pad / n, D)
     o = o.view(g, B, h, cp, L // n, D).permute(3, 0, 1, 2, 4, 5)  # (cp, g, B, h, L / n, D)
     o = _AllToAll.apply(o.contiguous(), group)  # chunk s = my shard's part of rank s's groups / heads
@@ -131,48 +137,46 @@ def skiparse_context_parallel(
     return skiparse_restore(o.reshape(n * B, H, L // n, D), mode, n)
 
 
-class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
-    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+def check_skiparse_shards(cfg, cp: int, heads: int, what: str) -> None:
+    """Raise ValueError unless `cp` sequence shards can share the Skiparse layers: cp = a x b with a
+    dividing k (groups per rank) and b = cp / gcd(cp, k) dividing the `heads` each rank holds (after tp).
 
-    def apply(self, fsdp: bool = True):
-        """Refuse a cp degree whose Skiparse split cannot hold whole heads (before any compute), then apply."""
-        c, cp, tp = self.inner.cfg, self.dims.cp, self.dims.tp
-        if cp > 1 and c.sparse1d:
-            a, b = skiparse_split(cp, c.sparse_n)
-            heads = c.num_attention_heads // tp
-            if heads % b:
-                ok = [
-                    d for d in range(2, 4 * c.sparse_n + 1) if heads % skiparse_split(d, c.sparse_n)[1] == 0
-                ]
-                raise ValueError(
-                    f"parallel.cp={cp}: Skiparse under context parallelism gives each rank whole groups "
-                    f"(the {c.sparse_n} groups split gcd(cp, sparse_n)={a} ways) and splits the heads over the "
-                    f"other cp/{a}={b} ranks, but the {heads} heads per tensor-parallel rank do not divide by "
-                    f"{b}; use cp in {ok} (or a smaller parallel.tp)"
-                )
-        return super().apply(fsdp)
+    `what` names the setting in the message (training: `parallel.cp=2`; inference: the flags).
+    Example: `check_skiparse_shards(model.cfg, 8, 24, "parallel.cp=8")` (4 group blocks x 2 head blocks).
+    """
+    if cp <= 1 or not cfg.sparse1d:
+        return
+    a, b = skiparse_split(cp, cfg.sparse_n)
+    if heads % b:
+        top = min(cfg.sparse_n * heads, 32)
+        ok = [d for d in range(2, top + 1) if heads % skiparse_split(d, cfg.sparse_n)[1] == 0]
+        raise ValueError(
+            f"{what}: a Skiparse layer splits its sparse_n={cfg.sparse_n} groups over {a} rank blocks and its "
+            f"heads over {b}, and the {heads} heads (per tensor-parallel rank) do not divide by {b}; use a "
+            f"degree in {ok}"
+        )
 
-    def sp_partial_names(self) -> list[str]:
-        return ["blocks.", "head."]
 
-    def apply_tp(self) -> None:
-        """The spec's tp_rules, local head counts and gathered inputs (SP)."""
-        m, tp, sp = self.inner, self.tp_mesh, self.sp
-        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
-        for block in m.blocks:
-            block.attn.heads //= self.dims.tp
-            block.cross.heads //= self.dims.tp
-            gather_inputs(block.attn, tp, 3, sp)  # (x, rope, bias)
-            gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, bias)
-            gather_inputs(block.mlp, tp, 1, sp)
+class OpenSoraPlanShardedForward(SequenceShards):
+    """The one sequence-sharded OpenSoraPlan forward, shared by training (`OpenSoraPlanPlan`, its pipeline
+    stages) and inference (`infer.opensoraplan_parallel.OpenSoraPlanSequenceParallel`): `trunk` (embed ->
+    local rope -> enter -> blocks), then `OpenSoraPlanPlan.head_loss` (training) or `head_predict`
+    (inference).
 
-    # ---- the pieces of a sharded forward (also what pipeline stages call) -------------------------
+    A class using it sets `inner` (the `OpenSoraPlanTransformer`), `seq_shards`, `cp_group` / `cp_attn`
+    (the context-parallel group and its `ContextParallel`, or None), `tp_group` and `sp`.
+    Example: `x, temb, grid = self.trunk(lat, t, caption, caption_mask); v = self.head_predict(x, temb, grid)`.
+    """
+
     def padded(self, S: int) -> int:
         """S_pad: a multiple of the sequence shards and, under cp, of k^2 x cp (Skiparse shards)."""
-        shards = self.dims.seq_shards
-        if self.dims.cp > 1 and self.inner.cfg.sparse1d:
-            shards = math.lcm(shards, self.inner.cfg.sparse_n**2 * self.dims.cp)
+        shards, cp = self.seq_shards, self._cp_size()
+        if cp > 1 and self.inner.cfg.sparse1d:
+            shards = math.lcm(shards, self.inner.cfg.sparse_n**2 * cp)
         return padded_len(S, shards)
+
+    def _cp_size(self) -> int:
+        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
 
     def _core(self, mode: str | None, n: int, q, k, v, bias):
         """The self-attention of one block on this rank's shard (B, H_local, L, Dh)."""
@@ -192,6 +196,54 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
             attn = getattr(block, "_checkpoint_wrapped_module", block).attn
             attn.core = functools.partial(self._core, attn.skiparse, attn.sparse_n)
         return rows
+
+    def trunk(self, latents, timestep, caption, caption_mask=None, video_mask=None):
+        """Embeddings (replicated) -> this rank's tokens through all blocks. The caption mask becomes the
+        cross-attention bias; `video_mask` (B, T, H, W) 0/1 (training's padded latents; None: every latent
+        is real, as in inference) becomes the video key bias, replicated: Skiparse layers and the no-cp
+        path add it, dense layers under cp pass it to `ContextParallel.attention(key_mask=)`.
+
+        Returns (x (B, S_pad / seq_shards, D), temb (B, D), grid in patches).
+        Example: `x, temb, grid = plan.trunk(lat, t, caption, caption_mask)`.
+        """
+        m = self.inner
+        m.check_input(latents, caption)
+        grid = m.grid(latents)
+        x, temb, e, ctx = m.embed(latents, timestep, caption)
+        vbias, tbias = m.biases(video_mask, caption_mask)  # (B, S) or None, (B, L) or None
+        rope = self.local_rope(grid, latents.device, x.dtype)
+        x, e, temb = self.enter(x, e, temb)  # cut over cp (attention pieces), then over tp (SP pieces)
+        for block in m.blocks:
+            x = block(x, e, ctx, rope, vbias, tbias)
+        return x, temb, grid
+
+
+class OpenSoraPlanPlan(OpenSoraPlanShardedForward, ParallelPlan):
+    """Example: `plan = parallelize(task, dims, mesh, cfg); out = plan(task.prepare(batch, g))`."""
+
+    @property
+    def seq_shards(self) -> int:
+        return self.dims.seq_shards
+
+    def apply(self, fsdp: bool = True):
+        """Refuse a cp degree the Skiparse layers cannot spread (before any compute), then apply."""
+        heads = self.inner.cfg.num_attention_heads // self.dims.tp
+        check_skiparse_shards(self.inner.cfg, self.dims.cp, heads, f"parallel.cp={self.dims.cp}")
+        return super().apply(fsdp)
+
+    def sp_partial_names(self) -> list[str]:
+        return ["blocks.", "head."]
+
+    def apply_tp(self) -> None:
+        """The spec's tp_rules, local head counts and gathered inputs (SP)."""
+        m, tp, sp = self.inner, self.tp_mesh, self.sp
+        apply_tp_rules(m, self.spec.tp_rules, tp, sp)
+        for block in m.blocks:
+            block.attn.heads //= self.dims.tp
+            block.cross.heads //= self.dims.tp
+            gather_inputs(block.attn, tp, 3, sp)  # (x, rope, bias)
+            gather_inputs(block.cross, tp, 3, sp)  # (x, ctx, bias)
+            gather_inputs(block.mlp, tp, 1, sp)
 
     def head_loss(self, x, temb, target: torch.Tensor, weight: torch.Tensor | None, video_mask=None):
         """Head on this rank's tokens -> (summed squared error against its piece of `target` over real
@@ -217,17 +269,9 @@ class OpenSoraPlanPlan(SequenceShards, ParallelPlan):
         return None if vm is None or bool(vm.bool().all()) else vm
 
     def forward(self, prep: dict) -> LossOut:
-        m = self.inner
-        lat, target = prep["latents"], prep["target"]
-        m.check_input(lat, prep["text_context"])
+        lat = prep["latents"]
         vm = self.real_mask(prep)
-        B = lat.shape[0]
-        x, temb, e, ctx = m.embed(lat, prep["timestep"], prep["text_context"])
-        vbias, tbias = m.biases(vm, prep.get("text_mask"))  # (B, S) replicated, (B, L)
-        rope = self.local_rope(m.grid(lat), lat.device, x.dtype)
-        x, e, temb = self.enter(x, e, temb)
-        for block in m.blocks:
-            x = block(x, e, ctx, rope, vbias, tbias)
-        loss, count = self.head_loss(x, temb, target, prep.get("weight"), vm)
+        x, temb, _ = self.trunk(lat, prep["timestep"], prep["text_context"], prep.get("text_mask"), vm)
+        loss, count = self.head_loss(x, temb, prep["target"], prep.get("weight"), vm)
         tokens = int(self._local_tokens(torch.ones(self._valid, dtype=torch.bool, device=x.device)).sum())
-        return LossOut(loss, count, B, tokens * B)
+        return LossOut(loss, count, lat.shape[0], tokens * lat.shape[0])

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from mmkit.common import LossOut
 from mmkit.models.common.attention import attention
-from mmkit.parallel.comm import copy_to_group, gather_seq, local_tensor
+from mmkit.parallel.comm import copy_to_group, local_tensor
 from mmkit.parallel.plans import ParallelPlan, SequenceShards
 from mmkit.parallel.tp import apply_tp_rules, gather_inputs
 
@@ -84,7 +84,7 @@ class WanLeanTP:
 class WanShardedForward(SequenceShards):
     """The one sequence-sharded Wan forward, shared by training (`WanPlan`) and inference
     (`infer.wan_parallel.WanSequenceParallel`): `trunk` (embed -> local rope -> enter -> blocks), then
-    `WanPlan.head_loss` (training) or `head_predict` (inference).
+    `WanPlan.head_loss` (training) or `SequenceShards.head_predict` (inference).
 
     A class using it sets `inner` (the `WanTransformer`), `seq_shards` (pieces the sequence is cut into),
     `cp_group` / `cp_attn` (the context-parallel group and its `ContextParallel`, or None), `tp_group` and
@@ -123,19 +123,6 @@ class WanShardedForward(SequenceShards):
         for block in m.blocks:
             x = block(x, e, ctx, ctx_img, rope)
         return x, e, temb, grid
-
-    def head_predict(self, x: torch.Tensor, temb: torch.Tensor, grid) -> torch.Tensor:
-        """Head on this rank's tokens, all-gathered over the sequence pieces (tp with SP, then cp: the
-        order `enter` cut them in), padding dropped, unpatchified: the whole prediction
-        (B, C_out, T, H, W) in fp32 on every rank of the sequence group.
-        Example: `x, _, temb, grid = plan.trunk(lat, t, ctx); v = plan.head_predict(x, temb, grid)`.
-        """
-        m = self.inner
-        y = m.head_tokens(x, temb)  # (B, S_pad / seq_shards, C_out * patch)
-        if self.sp:
-            y = gather_seq(y, 1, self.tp_group)
-        y = gather_seq(y, 1, self.cp_group)[:, : self._valid]  # rank j of the group holds piece j
-        return m.unpatchify(y, grid).float()
 
 
 class WanPlan(WanShardedForward, ParallelPlan):

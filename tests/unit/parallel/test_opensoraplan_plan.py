@@ -22,5 +22,8 @@ def test_cp_whose_head_split_does_not_divide_the_heads_is_refused():
     nn.Module.__init__(plan)
     plan.inner = spec.build_model(spec.flavor("tiny"))  # 2 heads
     plan.dims = SimpleNamespace(cp=3, tp=1)
-    with pytest.raises(ValueError, match=r"parallel.cp=3: .* 2 heads .* divide by 3; use cp in \[2, 4, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"parallel.cp=3: .* heads over 3, and the 2 heads .* divide by 3; use a degree in \[2, 4, 8\]",
+    ):
         plan.apply()
