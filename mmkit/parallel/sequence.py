@@ -17,8 +17,10 @@ Ring merge (`merge`): "online" merges each block's output through its log-sum-ex
 kernel call over all keys by float rounding (~2e-7 max abs per fp32 attention), which a sampler and
 a VAE then amplify. "gather" (padding masks only, no causal or segment mask; meant for inference)
 sends the same blocks around the same ring, keeps them, and attends once over all keys in global
-order with the kernel one process uses: the numbers of one process, bit for bit, at the cost of
-holding the whole sequence's k/v (for this rank's heads) and no overlap.
+order with the kernel one process uses: the numbers of one process, bit for bit (measured on CPU fp32
+with head dim >= 32 and >= 4 real query rows per rank; 1-3 query rows take other GEMM kernels that
+round differently), at the cost of holding the whole sequence's k/v (for this rank's heads) and no
+overlap.
 
 Masks are described, not materialized: padding at the end (`valid_len`), a global causal mask and
 packed samples (`segment_ids`). Blocks a mask hides entirely are skipped; a dense mask is built
