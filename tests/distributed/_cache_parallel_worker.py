@@ -12,6 +12,7 @@ Then `mmkit generate ... --cache-config dit.json --ulysses-size 2` in this proce
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -101,7 +102,9 @@ def run_cli(root: Path) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    # ranks that disagree on a skip wait in different collectives: fail within a minute, not hang
+    os.environ["MMKIT_PG_TIMEOUT_S"] = "60"  # the layout's groups
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     root = Path(sys.argv[1])
     run_layouts(root)
