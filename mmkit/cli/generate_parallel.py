@@ -165,11 +165,6 @@ def precheck_parallel(a, world: int) -> list[tuple[int, str]]:
             check_same_everywhere(
                 Path(image).is_file(), f"--image {image}: file not found; i2v reads it on every rank"
             )
-    if a.cache != "none" or a.cache_config or a.use_attentioncache:
-        raise ValueError(
-            "--cache / --cache-config / --use_attentioncache: step caches run in one process for now; "
-            "drop them, or drop the multi-process and memory flags"
-        )
     return prompts
 
 
@@ -242,14 +237,27 @@ def _leave(world: int, code: int) -> int:
 
 def _generate(a, prompts: list[tuple[int, str]], device) -> None:
     from mmkit.cli.generate import pipe_kwargs, save_outputs
+    from mmkit.infer.accel.cache import apply_cache, cache_stats
     from mmkit.infer.pipelines import load_pipeline
+    from mmkit.models.common import attention_backends
 
     pipe = load_pipeline(a.model, task=a.task, device=device, dtype=a.dtype, parallel=options(a))
+    attention_backends.configure(backend=a.attention_backend)
+    if a.cache_configs:  # on the transformer: the parallel forward runs its hooks (every rank decides alike)
+        apply_cache(pipe.transformer, *a.cache_configs)
     layout = pipe.layout
     last = prompts[-1][0]
     for k in layout.my_prompts(len(prompts)):
         line, text = prompts[k]
         out = pipe(text, seed=a.seed + k, **pipe_kwargs(a))
+        if a.cache_configs:  # the video's counts (both CFG halves), as one process prints them
+            s = cache_stats(pipe.transformer)
+            s = type(s)(
+                *layout.video_counts([s.blocks_run, s.blocks_skipped, s.attention_reused], pipe.device)
+            )
+            if layout.writes:
+                where = f" (line {line})" if a.prompts is not None else ""
+                print(f"cache {a.cache_configs[0].method}{where}: {s.summary()}", flush=True)
         if out.frames is not None:
             save_outputs(out, output_path(a.out, line, last, a.prompts is not None))
     print(f"rank {layout.rank}: peak memory {peak_memory(device)}", flush=True)

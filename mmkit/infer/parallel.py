@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmkit.infer.guidance import cfg_branch
+from mmkit.infer.guidance import cfg_branch, cfg_peers
 from mmkit.infer.samplers import cfg_velocity
 from mmkit.parallel.dims import process_group_timeout
 
@@ -45,6 +45,10 @@ class InferenceParallel:
     - `vae_tiling`: decode in overlapping spatial tiles (`vae_tile` latent pixels, overlap a quarter),
       blended; `vae_parallel`: the latent frames split in time over the model group's ranks, each chunk
       decoded after `vae_warmup` earlier latent frames that rebuild the causal cache, gathered on rank 0.
+    - `ring_merge`: "gather" (default) keeps the k/v blocks the ring brings and attends once over all
+      keys, giving one process's numbers bit for bit (memory: the whole sequence's k/v for a rank's
+      heads); "online" merges block by block (less memory, overlaps compute with the transfers,
+      differs from one process by float rounding). See `parallel/sequence.py`.
 
     Example:
         pipe = mmkit.load_pipeline(path, task="t2v", parallel=InferenceParallel(ulysses=2, cfg=2))
@@ -61,6 +65,7 @@ class InferenceParallel:
     vae_parallel: bool = False
     vae_tile: int = 32  # latent pixels per tile side (256 output pixels with Wan's 8x VAE)
     vae_warmup: int = 3  # latent frames decoded (and dropped) before each time chunk of vae_parallel
+    ring_merge: str = "gather"
 
     @property
     def sp(self) -> int:
@@ -111,6 +116,10 @@ class InferenceParallel:
             )
         if self.offload and (self.dit_fsdp or self.t5_fsdp):
             raise ValueError("--offload with --dit-fsdp / --t5-fsdp: choose one way to save device memory")
+        if self.ring_merge not in ("gather", "online"):
+            raise ValueError(
+                f"ring_merge={self.ring_merge!r}: choose 'gather' (exact) or 'online' (less memory)"
+            )
         if self.vae_warmup < 1:
             raise ValueError(f"vae_warmup={self.vae_warmup}: give at least 1 latent frame")
         if self.vae_tile < 4:
@@ -164,7 +173,7 @@ class InferenceLayout:
         if p.sp > 1:
             from mmkit.parallel.sequence import ContextParallel
 
-            self.cp = ContextParallel(self.ulysses_group, self.ring_group)
+            self.cp = ContextParallel(self.ulysses_group, self.ring_group, merge=p.ring_merge)
 
     def _build_groups(self) -> None:
         p, me = self.p, self.rank
@@ -232,9 +241,10 @@ class InferenceLayout:
         if self.p.cfg == 1 or uncond is None:
             return cfg_velocity(model, guidance, cond, uncond)
         kwargs = cond if self.branch == "cond" else uncond
+        cond_rank = self.rank - self.cfg_rank * self.p.sp  # this rank's peer in the cond half (or itself)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with cfg_branch(self.branch):
+            with cfg_branch(self.branch), cfg_peers(self.cfg_group, cond_rank):
                 v = model(x, t, **kwargs).contiguous()
             parts = [torch.empty_like(v) for _ in range(2)]
             dist.all_gather(parts, v, group=self.cfg_group)  # [cond, uncond]: cfg rank 0 holds cond
@@ -242,6 +252,19 @@ class InferenceLayout:
             return v_u + guidance * (v_c - v_u)
 
         return fn
+
+    def video_counts(self, counts: list[int], device: torch.device | str = "cpu") -> list[int]:
+        """Per-rank counts of one video's work (e.g. DiT block evaluations run / skipped) -> the video's:
+        summed over the CFG halves (each ran one branch); the ranks of a sequence group each count every
+        block once already. Equal on every rank of the model group.
+        `device`: where the backend reduces (the pipeline's device; CPU for gloo).
+        Example: `run, skipped = layout.video_counts([stats.blocks_run, stats.blocks_skipped], pipe.device)`.
+        """
+        if self.cfg_group is None:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(t, group=self.cfg_group)
+        return t.tolist()
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -9,17 +9,22 @@ Applied from outside the model through the training plan's sharded forward
      masked), cross-attention with local queries against the full text (and CLIP) keys / values, MLP local
   -> head on local tokens, all-gather of the predicted tokens (S_pad x C_out*patch, latent-sized), padding
      dropped, unpatchify: every rank of the group returns the whole prediction (B, C_out, T, H, W).
+Hooks installed on the transformer (step caches) see each call as a call of the transformer
+(`accel.hooks.call_as`), with the token shards marked for the ones that reduce over tokens.
 Also the VAE decode split in time over ranks (`parallel_decode`). Not here: the CFG split and the process
 groups (`infer/parallel.py`), the training plan with its loss (`parallel/plans/wan.py`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmkit.infer.accel.hooks import TokenShards, call_as, token_shards
 from mmkit.models.wan.model import WanTransformer
 from mmkit.parallel.plans.wan import WanShardedForward
 
@@ -52,6 +57,12 @@ class WanSequenceParallel(WanShardedForward, nn.Module):
     def forward(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
         if self.cp_attn is None:
             return self.inner(latents, timestep, text_context, image_context)
+        S = math.prod(self.inner.grid(latents))  # tokens of the whole latent
+        valid = self._local_tokens(torch.ones(S, dtype=torch.bool, device=latents.device))  # (S_pad / p,)
+        with token_shards(TokenShards(self.cp_group, valid)):
+            return call_as(self.inner, self._sharded, latents, timestep, text_context, image_context)
+
+    def _sharded(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
         x, _, temb, grid = self.trunk(latents, timestep, text_context, image_context)
         return self.head_predict(x, temb, grid)
 

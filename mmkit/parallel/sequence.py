@@ -12,6 +12,16 @@ round-off, with autograd:
   inner hops intra-node, outer hops across), with the same result and the same volume.
 - Hybrid: Ulysses inside each Ulysses group, then ring attention across the ring group.
 
+Ring merge (`merge`): "online" merges each block's output through its log-sum-exp as it arrives
+(compute overlaps the transfers, each rank holds two k/v blocks). Its numbers differ from one
+kernel call over all keys by float rounding (~2e-7 max abs per fp32 attention), which a sampler and
+a VAE then amplify. "gather" (padding masks only, no causal or segment mask; meant for inference)
+sends the same blocks around the same ring, keeps them, and attends once over all keys in global
+order with the kernel one process uses: the numbers of one process, bit for bit (measured on CPU fp32
+with head dim >= 32 and >= 4 real query rows per rank; 1-3 query rows take other GEMM kernels that
+round differently), at the cost of holding the whole sequence's k/v (for this rank's heads) and no
+overlap.
+
 Masks are described, not materialized: padding at the end (`valid_len`), a global causal mask,
 packed samples (`segment_ids`) and per-sample key padding anywhere in the sequence (`key_mask`, e.g. the
 padded latents of variable-size clips batched together). Blocks a mask hides entirely are skipped; a dense mask is built
@@ -34,6 +44,7 @@ from torch.distributed import ProcessGroup
 __all__ = ["ContextParallel"]
 
 KERNELS = ("auto", "fused", "math")
+MERGES = ("online", "gather")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # P2P tags keep concurrent messages between the same pair of ranks apart on gloo.
 _TAG_KV_INNER, _TAG_KV_OUTER, _TAG_ACC_INNER, _TAG_ACC_OUTER, _TAG_ACC_FINAL = 11, 12, 13, 14, 15
@@ -47,7 +58,7 @@ class ContextParallel:
     used: ulysses-only has ring_group None, ring-only has ulysses_group None. `ring_window` w (must
     divide the ring size) selects the double ring; None is a single ring. `kernel` picks the block
     kernel: "fused" (torch's CPU flash op), "math" (explicit softmax, any device) or "auto"
-    (fused on CPU for fp32/bf16/fp16, math elsewhere).
+    (fused on CPU for fp32/bf16/fp16, math elsewhere). `merge`: "online" or "gather" (module docstring).
 
     `bytes_sent` counts the bytes this rank sent to other ranks (all-to-all chunks that leave the
     rank, send/recv payloads), forward and backward, for benchmarks.
@@ -65,9 +76,13 @@ class ContextParallel:
         ring_window: int | None = None,
         *,
         kernel: str = "auto",
+        merge: str = "online",
     ):
         if kernel not in KERNELS:
             raise ValueError(f"ContextParallel kernel={kernel!r}: choose one of {', '.join(KERNELS)}")
+        if merge not in MERGES:
+            raise ValueError(f"ContextParallel merge={merge!r}: choose one of {', '.join(MERGES)}")
+        self.merge = merge
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group
         self.kernel = kernel
@@ -437,6 +452,13 @@ class _Ring:
         out = torch.zeros(B, Hq, C, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, Hq, C), float("-inf"), device=q.device)
         outer_kv = torch.stack([k, v])  # (2, B, Hkv, C, D): one message per hop
+        gather = self.cp.merge == "gather"
+        if gather and (self.causal or self.seg is not None or self.key_mask is not None):
+            raise ValueError(
+                "ContextParallel merge='gather' supports end padding only (no causal / segment_ids / key_mask); "
+                "use merge='online'"
+            )
+        kept: dict[int, Tensor] = {}  # gather: ring rank -> its k/v block
         for o in range(self.n):
             outer_works = []
             if o < self.n - 1:
@@ -446,7 +468,11 @@ class _Ring:
                 works = []
                 if t < self.w - 1:
                     next_kv, works = self.rotate(kv, outer=False)
-                blk = self.block(self.owner(o, t))
+                if gather:
+                    kept[self.owner(o, t)] = kv
+                    blk = None
+                else:
+                    blk = self.block(self.owner(o, t))
                 if blk is not None:
                     qb = q[:, :, : blk.nq].contiguous()  # (B, Hq, nq, D)
                     kb, vb = kv[0, :, :, : blk.nk].contiguous(), kv[1, :, :, : blk.nk].contiguous()
@@ -460,7 +486,22 @@ class _Ring:
                 work.wait()
             if outer_works:
                 outer_kv = next_outer
+        if gather:
+            self._attend_gathered(q, kept, out, lse, fused)
         return out.to(q.dtype), lse
+
+    def _attend_gathered(self, q: Tensor, kept: dict[int, Tensor], out: Tensor, lse: Tensor, fused: bool):
+        """merge="gather": this rank's real queries against every real key, in global order, in one
+        kernel call (as one process attends); writes `out` / `lse` in place."""
+        kv = torch.cat([kept[r] for r in range(self.R)], dim=3)[:, :, :, : self.valid]  # (2, B, Hkv, S, D)
+        nq = min(max(self.valid - self.cp.ring_rank * self.chunk, 0), self.chunk)  # padding rows stay 0
+        if nq:
+            blk = _Block(nq, self.valid, False, None)
+            ob, lb = block_forward(
+                q[:, :, :nq].contiguous(), kv[0].contiguous(), kv[1].contiguous(), blk, self.scale, fused
+            )
+            out[:, :, :nq] = ob.float()
+            lse[:, :, :nq] = lb
 
     def backward(self, dout, q, k, v, out, lse):
         """Gradients (dq, dk, dv) for this rank's q, k, v. The dk/dv accumulator of a block travels

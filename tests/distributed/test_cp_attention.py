@@ -129,3 +129,7 @@ def test_errors_name_the_field():
         ContextParallel(None, None, ring_window=2)
     with pytest.raises(ValueError, match="kernel='flash'"):
         ContextParallel(None, None, kernel="flash")
+    with pytest.raises(ValueError, match="merge='exact'"):
+        ContextParallel(None, None, merge="exact")
+    with pytest.raises(ValueError, match="merge='gather' supports padding masks only"):
+        ContextParallel(None, None, merge="gather").attention(q, q, q, causal=True)

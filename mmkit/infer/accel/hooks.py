@@ -19,16 +19,25 @@ Example:
     ...         return args, kwargs
     >>> HookRegistry.get_or_create(model.blocks[0]).register_hook(CountCalls(), "count")
 
+A wrapper that computes a module's call another way (the sequence-parallel DiT forward, which runs the
+model's stages on this process's token shard) calls `call_as(module, fn, ...)`: the module's hooks run
+around `fn` as around the module's own forward, and `token_shards(...)` tells hooks that reduce over the
+tokens (the adaptive cache's signal) which tokens are real and which processes hold the others
+(`token_sums`).
+
 This file holds the mechanism only; each technique lives in its own file (cache/<technique>.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch import nn
 
 from mmkit.infer.guidance import current_cfg_branch
@@ -143,6 +152,7 @@ class HookRegistry:
         self.module = module
         self.hooks: dict[str, ModelHook] = {}
         self._saved_forward = module.__dict__.get("forward", _NONE)  # restored when the last hook goes
+        self._stand_in: Callable | None = None  # `call_as`: what runs in place of the module's forward
 
     @classmethod
     def get_or_create(cls, module: nn.Module) -> HookRegistry:
@@ -185,9 +195,14 @@ class HookRegistry:
             else:
                 attrs["forward"] = self._saved_forward
             return
-        inner = self._saved_forward
-        if inner is _NONE:
-            inner = types.MethodType(type(self.module).forward, self.module)
+        own = self._saved_forward
+        if own is _NONE:
+            own = types.MethodType(type(self.module).forward, self.module)
+
+        @functools.wraps(own)
+        def inner(*args, **kwargs):
+            return (self._stand_in or own)(*args, **kwargs)
+
         for hook in reversed(self.hooks.values()):
             inner = _wrap(self.module, hook, inner)
         attrs["forward"] = inner
@@ -203,3 +218,72 @@ def reset_all(module: nn.Module) -> None:
         if registry is not None:
             for hook in registry.hooks.values():
                 hook.reset_state()
+
+
+def call_as(module: nn.Module, fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)` run as `module`'s forward: the hooks registered on `module` see the call
+    (they may rewrite its arguments or output, or replace it) and `fn` runs where the module's own
+    forward would. Without hooks it is just `fn(...)`.
+
+    Example (a sequence-parallel wrapper keeping the transformer's step caches):
+        >>> v = call_as(self.inner, self.sharded_forward, latents, timestep, text_context)
+    """
+    registry = module.__dict__.get(_REGISTRY_ATTR)
+    if registry is None:
+        return fn(*args, **kwargs)
+    previous, registry._stand_in = registry._stand_in, fn
+    try:
+        return module.forward(*args, **kwargs)
+    finally:
+        registry._stand_in = previous
+
+
+class TokenShards:
+    """A call computed on a shard of the token sequence (dim 1 of (B, S_local, ...) activations) by each
+    process of `group`; `valid` (S_local,) bool marks this rank's real tokens (padding False).
+
+    Example: `with token_shards(TokenShards(sp_group, valid)): v = call_as(model, sharded, x, t, ctx)`.
+    """
+
+    def __init__(self, group, valid: torch.Tensor):
+        self.group, self.valid = group, valid
+
+
+_shards: ContextVar[TokenShards | None] = ContextVar("mmkit_token_shards", default=None)
+
+
+@contextlib.contextmanager
+def token_shards(shards: TokenShards | None) -> Iterator[None]:
+    """Mark the calls inside the block as computed on `shards` (None: the whole sequence here)."""
+    token = _shards.set(shards)
+    try:
+        yield
+    finally:
+        _shards.reset(token)
+
+
+def token_sums(*xs: torch.Tensor) -> list[float]:
+    """The sum of each (B, S_local, ...) tensor over the whole sequence's real tokens, as one process
+    computes it: per-token sums in float32, then over tokens in float64. Under `token_shards` the
+    per-rank partial sums are all-gathered and added in rank order, so every rank gets the same bits.
+
+    Example: `num, den = token_sums((r - ref).abs(), ref.abs())`.
+    """
+    shards = _shards.get()
+    parts = []
+    for x in xs:
+        rows = x.float().flatten(2).sum(-1)  # (B, S_local) per-token sums, float32
+        if shards is not None:
+            rows = rows[:, shards.valid]
+        parts.append(rows.double().sum())
+    local = torch.stack(parts)  # (n,) float64, on the activations' device (the backend's)
+    if shards is None or shards.group is None:
+        return local.tolist()
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(shards.group))]
+    dist.all_gather(gathered, local, group=shards.group)
+    total = gathered[0].clone()
+    for g in gathered[1:]:  # rank order: the same additions on every rank
+        total += g
+    return total.tolist()

@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 import mmkit
-from mmkit.infer.accel.hooks import BranchState, HookRegistry, ModelHook, reset_all
+from mmkit.infer.accel.hooks import (
+    BranchState,
+    HookRegistry,
+    ModelHook,
+    TokenShards,
+    call_as,
+    reset_all,
+    token_shards,
+    token_sums,
+)
 from mmkit.infer.guidance import cfg_branch, current_cfg_branch
 from mmkit.infer.samplers import cfg_velocity
 from mmkit.models.wan.tiny import create_tiny_wan
@@ -121,6 +130,36 @@ def test_new_forward_replaces_the_call_and_state_is_per_branch(mod):
     reset_all(nn.Sequential(mod))  # reaches hooks on submodules
     with cfg_branch("cond"):
         torch.testing.assert_close(mod(x * 3), mod.lin(x * 3))
+
+
+def test_call_as_runs_the_hooks_around_a_stand_in_forward(mod):
+    """A wrapper computing the module's call another way keeps its hooks; without hooks it is the plain
+    call, and the module's own forward is back after the call."""
+    x = torch.randn(2, 3)
+
+    def stand_in(x, scale=1.0):  # e.g. the same function computed on shards by several processes
+        log.append("stand-in")
+        return x * 100 * scale
+
+    log = []
+    assert torch.equal(call_as(mod, stand_in, x, scale=2.0), x * 200)
+    HookRegistry.get_or_create(mod).register_hook(Log("a", log, add=1.0), "a")
+    out = call_as(mod, stand_in, x, scale=2.0)
+    assert log == ["stand-in", "pre a", "stand-in", "post a"]
+    torch.testing.assert_close(out, (x + 1.0) * 200 + 1.0)
+    torch.testing.assert_close(mod(x), mod.lin(x + 1.0) + 1.0)  # the module's own forward again
+
+
+def test_token_sums_skip_padding_and_match_the_whole_sequence():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    want = [float(t.sum(-1).double().sum()) for t in (x, y.abs())]  # per-token fp32, then float64
+    assert token_sums(x, y.abs()) == pytest.approx(want, rel=1e-12)
+    # one process holding tokens 0..3 of a sequence padded with 2 garbage tokens: those do not count
+    padded = torch.cat([x[:, :4], torch.full((2, 2, 4), 1e3)], dim=1)
+    with token_shards(TokenShards(None, torch.tensor([True] * 4 + [False] * 2))):
+        (got,) = token_sums(padded)
+    assert got == pytest.approx(float(x[:, :4].sum(-1).double().sum()), rel=1e-12)
 
 
 def test_registration_errors(mod):

@@ -20,8 +20,13 @@ first-order Taylor step in the timestep from the last two computed residuals
 (`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`; `warmup` first steps
 always run. State is per guidance branch (cond and uncond decide independently).
 
-Multi-process (sequence parallel): every rank must take the same decision, so `decide` all-reduces
-the signal (max) over the optional process group before comparing it with the threshold.
+Multi-process: every rank of one video must take the same decision. Under sequence parallelism each
+rank holds a shard of the tokens; the first-block signal's sums run over the whole sequence's real
+tokens (`hooks.token_sums`: partial sums all-gathered over the sequence group and added in rank
+order), so every rank computes the single-process signal, bit for bit the same on every rank. Under
+CFG parallelism each half runs one branch and keeps that branch's state, as one process does. The
+magnitude signal depends on the timestep only. `decide` can also all-reduce (max) any signal over a
+`process_group` given in the config.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from torch import nn
 
 from mmkit.infer.accel.cache.common import register, repeated_blocks, step_counter
-from mmkit.infer.accel.hooks import ModelHook
+from mmkit.infer.accel.hooks import ModelHook, token_sums
 from mmkit.infer.guidance import current_cfg_branch
 
 HOOK = "mmkit_cache_adaptive"
@@ -114,9 +119,10 @@ def decide(signal: float, threshold: float, group=None) -> tuple[bool, float]:
 
 
 def rel_l1(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """mean|a - ref| / mean|ref| in float32."""
+    """sum|a - ref| / sum|ref| over the tokens (B, S, D) (the whole sequence's, under token shards)."""
     a, ref = a.float(), ref.float()
-    return float((a - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+    num, den = token_sums((a - ref).abs(), ref.abs())
+    return num / max(den, 1e-12)
 
 
 def _rate_at(curve: dict, t: float) -> float:

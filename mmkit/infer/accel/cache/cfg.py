@@ -5,6 +5,11 @@ On a cached step the uncond call returns the current cond prediction plus the un
 of the last computed step (`reuse="delta"`, which follows the cond prediction as it moves), or the last
 uncond prediction itself (`reuse="output"`). Steps count uncond calls; the cond branch always runs.
 It combines with a block cache (install the block cache first).
+
+Under CFG parallelism (`guidance.cfg_peers`) the uncond half never sees a cond call, so the cond half
+sends its prediction to the uncond half at every step (one latent-sized broadcast in the pair) and the
+uncond half applies the same rule with it: the reuse is decided and computed in one place, and the
+prediction exchange that follows gives both halves the same uncond prediction.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from mmkit.infer.accel.cache.common import (
     step_counter,
 )
 from mmkit.infer.accel.hooks import ModelHook
-from mmkit.infer.guidance import current_cfg_branch
+from mmkit.infer.guidance import current_cfg_branch, current_cfg_peers
 
 HOOK = "mmkit_cache_cfg"
 REUSE = ("delta", "output")
@@ -62,18 +67,34 @@ class _CFGHook(ModelHook):
         s, cfg = self.counter.state, self.cfg
         branch = current_cfg_branch()
         cond = self.counter.state_for("cond")
-        if branch == "uncond" and s.get("cfg_delta") is not None and cond.get("cfg_out") is not None:
+        peers = current_cfg_peers()
+        if branch == "uncond" and s.get("cfg_delta") is not None:
             if scheduled_cache_step(s["step"], cfg.step_start, cfg.step_interval, cfg.step_end):
+                if peers is not None:  # the cond half's prediction of this step
+                    cond["cfg_out"] = _from_cond_half(torch.empty_like(s["cfg_delta"]), peers)
                 self.counter.stats.blocks_skipped += self.n
                 if cfg.reuse == "output":
                     return s["cfg_last"]
                 return cond["cfg_out"] + s["cfg_delta"]  # (B, C, T, H, W)
         out = self.call_inner(*args, **kwargs)
+        if peers is not None:  # cond half: send; uncond half: receive
+            v_c = _from_cond_half(out.contiguous() if branch == "cond" else torch.empty_like(out), peers)
+            if branch == "uncond":
+                cond["cfg_out"] = v_c
         if branch == "cond":
             s["cfg_out"] = out
         elif branch == "uncond" and cond.get("cfg_out") is not None:
             s["cfg_delta"], s["cfg_last"] = out - cond["cfg_out"], out
         return out
+
+
+def _from_cond_half(buf: torch.Tensor, peers: tuple) -> torch.Tensor:
+    """The cond half's prediction of this step, broadcast in the CFG-parallel pair (in place in `buf`)."""
+    import torch.distributed as dist
+
+    group, cond_rank = peers
+    dist.broadcast(buf, src=cond_rank, group=group)
+    return buf
 
 
 def apply_cfg_cache(transformer: nn.Module, cfg: CFGCacheConfig) -> None:

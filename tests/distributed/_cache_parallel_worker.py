@@ -1,0 +1,117 @@
+"""torchrun worker for test_parallel_cache.py: step caches under multi-process generation == one process.
+
+Usage: `torchrun --nproc_per_node 2 _cache_parallel_worker.py ROOT`.
+
+For each layout of `LAYOUTS` (2 ranks each) the tiny t2v pipeline is loaded once and its caches (of
+`CACHES`) are installed on its transformer in turn; each rank prints
+`CACHED <layout> <cache> <rank> <frames max abs err or nan> <blocks run> <skipped> <attention reused>`
+with the video's counts (`InferenceLayout.video_counts`), against the single-process references the test
+wrote to ROOT/cache_refs.npz. Under ulysses2 DiTCache runs again after the others (state reset).
+Then `mmkit generate ... --cache-config dit.json --ulysses-size 2` in this process group prints its count line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import mmkit
+from mmkit.infer.accel.cache import (
+    AdaptiveCacheConfig,
+    AttentionCacheConfig,
+    CFGCacheConfig,
+    DiTCacheConfig,
+    apply_cache,
+    cache_stats,
+    remove_cache,
+)
+from mmkit.infer.parallel import InferenceParallel
+
+# 45 tokens (3 x 3 x 5 patches): padded to 46 over 2 ranks, so the adaptive signal must mask padding;
+# 23 rows per rank, on the same Linear kernel as one process's 45 rows (`ops.MIN_ROWS`)
+KWARGS = dict(
+    negative_prompt="blurry", height=48, width=80, num_frames=9, num_inference_steps=6,
+    guidance_scale=3.0, seed=5, progress=False,
+)  # fmt: skip
+PROMPT = "a blue square"
+CACHES = {
+    "dit": [DiTCacheConfig(step_start=1, step_interval=2, step_end=6, block_start=0, block_end=2)],
+    "attention": [AttentionCacheConfig(step_start=1, step_interval=2, step_end=6)],
+    "adaptive": [AdaptiveCacheConfig(threshold=0.2, warmup=1)],
+    "adaptive_cfg": [AdaptiveCacheConfig(threshold=0.2, warmup=1), CFGCacheConfig(1, 2, 6)],
+}
+# layout -> (InferenceParallel kwargs, caches run; the first runs again after the others: reset)
+LAYOUTS = {
+    "ulysses2": (dict(ulysses=2), [*CACHES, "dit"]),
+    "cfg2": (dict(cfg=2), list(CACHES)),
+    "ring2": (dict(ring=2), ["adaptive"]),
+}
+
+
+def run_layouts(root: Path) -> None:
+    refs = np.load(root / "cache_refs.npz")
+    rank = dist.get_rank()
+    for name, (kw, caches) in LAYOUTS.items():
+        pipe = mmkit.load_pipeline(root / "t2v", task="t2v", device="cpu", parallel=InferenceParallel(**kw))
+        for cache in caches:
+            apply_cache(pipe.transformer, *CACHES[cache])
+            frames = pipe(PROMPT, **KWARGS).frames
+            s = cache_stats(pipe.transformer)
+            run, skipped, reused = pipe.layout.video_counts(
+                [s.blocks_run, s.blocks_skipped, s.attention_reused]
+            )
+            err = float(np.abs(frames - refs[cache]).max()) if frames is not None else float("nan")
+            print(f"CACHED {name} {cache} {rank} {err:.3e} {run} {skipped} {reused}", flush=True)
+            remove_cache(pipe.transformer)
+        assert not pipe.transformer.__dict__.get("_mmkit_hooks"), "remove_cache left hooks behind"
+
+
+def run_cli(root: Path) -> None:
+    from mmkit.cli.main import main
+
+    args = [
+        "generate",
+        "t2v",
+        "--model",
+        str(root / "t2v"),
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        "blurry",
+    ]
+    args += ["--height", "48", "--width", "80", "--frames", "9", "--steps", "6", "--guidance", "3"]
+    args += [
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--ulysses-size",
+        "2",
+        "--cache-config",
+        str(root / "dit.json"),
+    ]
+    args += ["--out", str(root / "cli.npy"), "--overwrite"]
+    dist.barrier()
+    assert main(args) == 0
+
+
+def main() -> None:
+    # ranks that disagree on a skip wait in different collectives: fail within a minute, not hang
+    os.environ["MMKIT_PG_TIMEOUT_S"] = "60"  # the layout's groups
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    root = Path(sys.argv[1])
+    run_layouts(root)
+    run_cli(root)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
