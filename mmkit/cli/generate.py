@@ -165,15 +165,12 @@ def cache_configs(a) -> list:
         if a.cache_calibration:
             cfg.calibration = a.cache_calibration
     if cfg.method == "adaptive" and cfg.calibration is not None:
+        from mmkit.infer.accel.cache.adaptive import transfer_note
+
         cfg.validate()  # reads the calibration file
-        made_at = cfg.calibration.get("steps")
-        if (
-            a.steps is not None and made_at != a.steps
-        ):  # measured: a 50-step calibration at 20 steps cost 7 dB PSNR
-            print(
-                f"warning: the cache calibration was made at {made_at} steps and this run has --steps {a.steps}; "
-                f"recalibrate for {a.steps} steps (mmkit accel calibrate --steps {a.steps}) for the calibrated quality"
-            )
+        note = transfer_note(cfg.calibration, a.steps) if a.steps is not None else None
+        if note:
+            print(note)
     if cfg.method != "dit":  # DiTCache's block range is checked against the model when installed
         cfg.validate()
     return [cfg]
