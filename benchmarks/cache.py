@@ -1,22 +1,25 @@
 """Step caches: speedup against quality, mmkit's caches and diffusers' hooks on the same weights.
 
-For each method and setting, over the prompts (8 held-out prompts by default):
+For each method and setting, over the prompts (the model's first 8 held-out prompts by default):
 - the wall-time speedup of the denoise loop and of the whole generation (text encoding + denoise +
   VAE decode) against the same side's uncached run, timed interleaved (each prompt: uncached, then
   every setting) so both see the same machine noise;
 - the fraction of DiT block evaluations skipped;
 - PSNR and SSIM of the decoded frames against the uncached video (mean and worst prompt);
-- prompt-following accuracy when a detector is given (`--detector module:function`, called as
-  `function(frames (T, H, W, 3) in [0, 1], prompt) -> bool`), else "n/a".
+- prompt-following accuracy: the shapes detector (`mmkit.data.synth_eval`), the fraction of each
+  prompt's attributes seen in the frames, averaged (or `--detector module:function`).
 mmkit: DiTCache and AttentionCache with MindIE's Wan2.1 settings (step fields scaled to --steps,
-blocks [N/3, N)), the adaptive cache (first-block signal; calibrated magnitude signal, with and without
-the Taylor forecast), and the CFG cache. diffusers (`WanPipeline` + `WanTransformer3DModel` loaded from
-the same folder): FirstBlockCache, MagCache (ratios calibrated on the same calibration prompt) and
-TaylorSeer. Also the adaptive cache at other step counts with the calibration made at --steps
-(`--transfer-steps`). Writes a table (stdout and JSON) and one PNG of speedup vs PSNR.
+blocks [N/3, N)), the adaptive cache (calibrated magnitude signal with its defaults at several
+thresholds, the first-block signal) and the CFG cache. diffusers (`WanPipeline` +
+`WanTransformer3DModel` loaded from the same folder): FirstBlockCache, MagCache (ratios calibrated on
+the same calibration prompt) and TaylorSeer. Then the calibration-transfer check: at each of
+`--transfer-steps` the default adaptive cache with the calibration made at --steps and with one made
+at that step count, against the uncached run at that step count. Writes a table (stdout and JSON)
+and one PNG of speed vs PSNR.
 
-Run: `.venv/bin/python benchmarks/cache.py --model DIR [--prompts FILE] [--steps 50] [--out DIR]`
-(without --model: a tiny random model, 6 steps, 2 prompts: a smoke run of the script).
+Run: `.venv/bin/python benchmarks/cache.py --model DIR [--steps 50] [--out DIR]` with DIR from
+`mmkit create-tiny wan-shapes DIR` (without --model: a tiny random model, 6 steps, 2 prompts: a
+smoke run of the script).
 """
 
 from __future__ import annotations
