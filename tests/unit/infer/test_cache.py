@@ -243,6 +243,11 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert min(curve["rate"]) > 0 and len(calib["first_block"]["uncond"]["scale"]) == STEPS - 1
     cfg = AdaptiveCacheConfig(threshold=0.05, calibration=calib).validate()
     assert cfg.signal == "magnitude" and cfg.taylor and cfg.max_skips == 4  # the calibrated defaults
+    apply_cache(model, AdaptiveCacheConfig(threshold=0.0, calibration=calib))
+    try:
+        assert torch.equal(generate(model), uncached) and cache_stats(model).blocks_skipped == 0
+    finally:
+        remove_cache(model)
     apply_cache(model, AdaptiveCacheConfig(threshold=0.05, signal="magnitude", calibration=calib))
     try:
         out = generate(model)
