@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
     c.add_argument(
         "--cache-config", help="cache JSON ({'method': ..., fields}; `mmkit accel search` writes one)"
     )
-    c.add_argument("--cache-threshold", type=float, help="adaptive cache threshold (default 0.01 with --cache-calibration, else 0.005)")
+    c.add_argument("--cache-threshold", type=float, help="adaptive threshold (0.01; 0.005 uncalibrated)")
     c.add_argument("--cache-calibration", help="adaptive cache calibration JSON (`mmkit accel calibrate`)")
     c.add_argument(
         "--attention-backend", default="sdpa", help="sdpa (default), auto, static, or a kernel name"
