@@ -1,22 +1,25 @@
 """Step caches: speedup against quality, mmkit's caches and diffusers' hooks on the same weights.
 
-For each method and setting, over the prompts (8 held-out prompts by default):
+For each method and setting, over the prompts (the model's first 8 held-out prompts by default):
 - the wall-time speedup of the denoise loop and of the whole generation (text encoding + denoise +
   VAE decode) against the same side's uncached run, timed interleaved (each prompt: uncached, then
   every setting) so both see the same machine noise;
 - the fraction of DiT block evaluations skipped;
 - PSNR and SSIM of the decoded frames against the uncached video (mean and worst prompt);
-- prompt-following accuracy when a detector is given (`--detector module:function`, called as
-  `function(frames (T, H, W, 3) in [0, 1], prompt) -> bool`), else "n/a".
+- prompt-following accuracy: the shapes detector (`mmkit.data.synth_eval`), the fraction of each
+  prompt's attributes seen in the frames, averaged (or `--detector module:function`).
 mmkit: DiTCache and AttentionCache with MindIE's Wan2.1 settings (step fields scaled to --steps,
-blocks [N/3, N)), the adaptive cache (first-block signal; calibrated magnitude signal, with and without
-the Taylor forecast), and the CFG cache. diffusers (`WanPipeline` + `WanTransformer3DModel` loaded from
-the same folder): FirstBlockCache, MagCache (ratios calibrated on the same calibration prompt) and
-TaylorSeer. Also the adaptive cache at other step counts with the calibration made at --steps
-(`--transfer-steps`). Writes a table (stdout and JSON) and one PNG of speedup vs PSNR.
+blocks [N/3, N)), the adaptive cache (calibrated magnitude signal with its defaults at several
+thresholds, the first-block signal) and the CFG cache. diffusers (`WanPipeline` +
+`WanTransformer3DModel` loaded from the same folder): FirstBlockCache, MagCache (ratios calibrated on
+the same calibration prompt) and TaylorSeer. Then the calibration-transfer check: at each of
+`--transfer-steps` the default adaptive cache with the calibration made at --steps and with one made
+at that step count, against the uncached run at that step count. Writes a table (stdout and JSON)
+and one PNG of speed vs PSNR.
 
-Run: `.venv/bin/python benchmarks/cache.py --model DIR [--prompts FILE] [--steps 50] [--out DIR]`
-(without --model: a tiny random model, 6 steps, 2 prompts: a smoke run of the script).
+Run: `.venv/bin/python benchmarks/cache.py --model DIR [--steps 50] [--out DIR]` with DIR from
+`mmkit create-tiny wan-shapes DIR` (without --model: a tiny random model, 6 steps, 2 prompts: a
+smoke run of the script).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from mmkit.infer.accel.cache import (
     cache_stats,
     remove_cache,
 )
-from mmkit.infer.accel.cache.adaptive import calibrate_adaptive
+from mmkit.infer.accel.cache.adaptive import DEFAULTS, calibrate_adaptive
 from mmkit.infer.accel.quality import psnr, ssim
 
 CALIB_PROMPT = "a white triangle moves up on a dark blue background"
@@ -58,21 +61,12 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         "dit (MindIE 20/2/47, blocks N/3..N)": [DiTCacheConfig(s20, 2, s47, n_blocks // 3, n_blocks)],
         "attention (MindIE 20/2/47)": [AttentionCacheConfig(s20, 2, s47)],
     }
-    for th in (0.1, 0.15, 0.2, 0.3):
-        out[f"adaptive first_block th={th}"] = [AdaptiveCacheConfig(th, calibration=calib)]
-    out["adaptive first_block+taylor th=0.15"] = [AdaptiveCacheConfig(0.15, taylor=True, calibration=calib)]
-    out["adaptive magnitude th=0.02"] = [AdaptiveCacheConfig(0.02, "magnitude", calibration=calib)]
-    out["adaptive magnitude th=0.03 (max 4)"] = [
-        AdaptiveCacheConfig(0.03, "magnitude", max_skips=4, calibration=calib)
-    ]
-    out["adaptive magnitude th=0.1 (warmup 10, max 3)"] = [
-        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, calibration=calib)
-    ]
-    out["adaptive magnitude+taylor th=0.1 (warmup 10, max 3)"] = [
-        AdaptiveCacheConfig(0.1, "magnitude", warmup=10, max_skips=3, taylor=True, calibration=calib)
-    ]
-    out["adaptive first_block th=0.15 + cfg"] = [
-        AdaptiveCacheConfig(0.15, calibration=calib),
+    for th in (0.005, 0.01, 0.015, 0.02):
+        tag = " (default)" if th == DEFAULTS["magnitude"]["threshold"] else ""
+        out[f"adaptive magnitude th={th}{tag}"] = [AdaptiveCacheConfig(th, calibration=calib)]
+    out["adaptive first_block th=0.005"] = [AdaptiveCacheConfig(0.005, "first_block", calibration=calib)]
+    out["adaptive magnitude th=0.01 + cfg"] = [
+        AdaptiveCacheConfig(0.01, calibration=calib),
         CFGCacheConfig(scaled(10, steps), 2, steps - 1),
     ]
     return out
@@ -82,16 +76,15 @@ def diffusers_settings(steps: int, mag_ratios: list[float]) -> dict:
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     out = {}
-    for th in (0.05, 0.1, 0.2):
+    for th in (0.05, 0.1):
         out[f"diffusers FirstBlockCache th={th}"] = FirstBlockCacheConfig(threshold=th)
-    for th in (0.06, 0.12, 0.24):
-        out[f"diffusers MagCache th={th}"] = MagCacheConfig(
-            threshold=th, num_inference_steps=steps, mag_ratios=mag_ratios
+    for th, k in ((0.06, 3), (0.12, 3), (0.24, 3), (0.3, 5)):
+        out[f"diffusers MagCache th={th} (K={k})"] = MagCacheConfig(
+            threshold=th, max_skip_steps=k, num_inference_steps=steps, mag_ratios=mag_ratios
         )
-    for k in (3, 5):
-        out[f"diffusers TaylorSeer interval={k}"] = TaylorSeerCacheConfig(
-            cache_interval=k, disable_cache_before_step=3, taylor_factors_dtype=torch.float32
-        )
+    out["diffusers TaylorSeer interval=3"] = TaylorSeerCacheConfig(
+        cache_interval=3, disable_cache_before_step=3, taylor_factors_dtype=torch.float32
+    )
     return out
 
 
@@ -147,6 +140,19 @@ def diffusers_mag_ratios(pipe_d, kw: dict) -> list[float]:
     pipe_d.transformer.disable_cache()
     lists = re.findall(r"\[([0-9eE.,\s+-]+)\]", buf.getvalue())
     return [float(x) for x in lists[0].split(",")]
+
+
+def shapes_detector(prompts: list[str]):
+    """The shapes detector (`mmkit.data.synth_eval.score`: fraction of the prompt's attributes seen in
+    the frames) when every prompt is a shapes caption, else None."""
+    from mmkit.data.synth_eval import parse_caption, score
+
+    try:
+        for p in prompts:
+            parse_caption(p)
+    except ValueError:
+        return None
+    return lambda frames, prompt: float(np.mean(list(score(frames, prompt).values())))
 
 
 def summarize(name, side, rows, base) -> dict:
@@ -211,14 +217,19 @@ def plot(summaries: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="diffusers-layout Wan t2v folder (default: a tiny random one)")
-    ap.add_argument("--prompts", help="one prompt per line (default: the model folder's heldout.txt)")
+    ap.add_argument("--prompts", help="one prompt per line (default: the model's heldout_prompts.json)")
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--height", type=int, default=32)
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--max-prompts", type=int, default=8)
-    ap.add_argument("--detector", help="module:function(frames, prompt) -> bool")
+    ap.add_argument(
+        "--detector",
+        help="module:function(frames, prompt) -> score in [0, 1] (default: the shapes detector, "
+        "mmkit.data.synth_eval, fraction of the prompt's attributes seen, when the prompts are shapes captions)",
+    )
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument(
         "--transfer-steps", default="20,30", help="step counts for the calibration-transfer check"
@@ -237,11 +248,17 @@ def main() -> None:
         prompts = ["a red circle moves left", "a blue square moves up"]
     else:
         a.steps = a.steps or 50
-        src = Path(a.prompts) if a.prompts else Path(a.model) / "heldout.txt"
-        if not src.is_file():
-            raise FileNotFoundError(f"--prompts: {src} not found (one prompt per line)")
-        prompts = [p.strip() for p in src.read_text().splitlines() if p.strip()][: a.max_prompts]
-    detector = None
+        if a.prompts:
+            src = Path(a.prompts)
+            if not src.is_file():
+                raise FileNotFoundError(f"--prompts: {src} not found (one prompt per line)")
+            prompts = [p.strip() for p in src.read_text().splitlines() if p.strip()][: a.max_prompts]
+        else:
+            from mmkit.infer.evaluate import heldout_prompts
+
+            prompts = heldout_prompts(a.model, a.max_prompts)
+    torch.set_num_threads(a.threads)
+    detector = shapes_detector(prompts)
     if a.detector:
         import importlib
 
@@ -288,6 +305,7 @@ def main() -> None:
     base = []
     for i, prompt in enumerate(prompts):
         ref, b = run_mmkit(prompt, i, [])
+        b.update(psnr=float("inf"), ssim=1.0, ok=detector(ref, prompt) if detector else None)
         base.append(b)
         for name, cfgs in settings.items():
             frames, r = run_mmkit(prompt, i, cfgs)
@@ -298,31 +316,35 @@ def main() -> None:
             )
             rows[name].append(r)
         print(f"mmkit prompt {i + 1}/{len(prompts)} done", flush=True)
-    summaries = [summarize(name, "mmkit", r, base) for name, r in rows.items()]
+    summaries = [summarize("uncached", "mmkit", base, base)]
+    summaries += [summarize(name, "mmkit", r, base) for name, r in rows.items()]
 
     transfer = []
     gen_kw = {k: v for k, v in kw.items() if k != "num_inference_steps"}
     for steps in [int(s) for s in a.transfer_steps.split(",") if s]:
         own = calibrate_adaptive(pipe, CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
         refs = [run_mmkit(prompt, i, [], steps)[0] for i, prompt in enumerate(prompts)]
-        for th in (0.02,):
-            for label, c in ((f"calibrated at {a.steps}", calib), (f"calibrated at {steps}", own)):
-                ps, fr = [], []
-                for i, prompt in enumerate(prompts):
-                    cfg = AdaptiveCacheConfig(th, "magnitude", calibration=c)
-                    frames, r = run_mmkit(prompt, i, [cfg], steps)
-                    ps.append(psnr(frames, refs[i]))
-                    fr.append(r["skipped"])
-                transfer.append(
-                    {
-                        "steps": steps,
-                        "threshold": th,
-                        "calibration": label,
-                        "psnr_mean": float(np.mean(ps)),
-                        "psnr_worst": float(min(ps)),
-                        "skipped": float(np.mean(fr)),
-                    }
-                )
+        default = DEFAULTS["magnitude"]["threshold"]
+        for th, label, c in (
+            (default, f"calibrated at {a.steps}", calib),
+            (default, f"calibrated at {steps}", own),
+        ):
+            ps, fr = [], []
+            for i, prompt in enumerate(prompts):
+                cfg = AdaptiveCacheConfig(th, calibration=c)
+                frames, r = run_mmkit(prompt, i, [cfg], steps)
+                ps.append(psnr(frames, refs[i]))
+                fr.append(r["skipped"])
+            transfer.append(
+                {
+                    "steps": steps,
+                    "threshold": th,
+                    "calibration": label,
+                    "psnr_mean": float(np.mean(ps)),
+                    "psnr_worst": float(min(ps)),
+                    "skipped": float(np.mean(fr)),
+                }
+            )
         print(f"transfer check at {steps} steps done", flush=True)
 
     if not a.no_diffusers:
@@ -380,7 +402,20 @@ def main() -> None:
     for s in summaries:
         print(fmt(s))
     if transfer:
-        print("calibration transfer (adaptive magnitude):")
+        for s in summaries:  # the main table's rows at --steps, for comparison
+            m = re.match(r"adaptive magnitude th=([\d.]+)( \(default\))?$", s["method"])
+            if m:
+                transfer.append(
+                    {
+                        "steps": a.steps,
+                        "threshold": float(m.group(1)),
+                        "calibration": f"calibrated at {a.steps}",
+                        **{k: s[k] for k in ("psnr_mean", "psnr_worst", "skipped")},
+                    }
+                )
+        print(
+            "calibration transfer (adaptive magnitude, PSNR against the uncached run of the same step count):"
+        )
         for t in transfer:
             print(
                 f"  {t['steps']} steps th={t['threshold']} {t['calibration']:<18} PSNR {t['psnr_mean']:.2f} (worst {t['psnr_worst']:.2f}), skipped {t['skipped']:.0%}"

@@ -60,7 +60,7 @@ def add_arguments(p) -> None:
     c.add_argument(
         "--cache-config", help="cache JSON ({'method': ..., fields}; `mmkit accel search` writes one)"
     )
-    c.add_argument("--cache-threshold", type=float, help="adaptive cache threshold (default 0.15)")
+    c.add_argument("--cache-threshold", type=float, help="adaptive threshold (0.01; 0.005 uncalibrated)")
     c.add_argument("--cache-calibration", help="adaptive cache calibration JSON (`mmkit accel calibrate`)")
     c.add_argument(
         "--attention-backend", default="sdpa", help="sdpa (default), auto, static, or a kernel name"
@@ -176,15 +176,12 @@ def cache_configs(a) -> list:
         if a.cache_calibration:
             cfg.calibration = a.cache_calibration
     if cfg.method == "adaptive" and cfg.calibration is not None:
+        from mmkit.infer.accel.cache.adaptive import transfer_note
+
         cfg.validate()  # reads the calibration file
-        made_at = cfg.calibration.get("steps")
-        if (
-            a.steps is not None and made_at != a.steps
-        ):  # measured: a 50-step calibration at 20 steps cost 7 dB PSNR
-            print(
-                f"warning: the cache calibration was made at {made_at} steps and this run has --steps {a.steps}; "
-                f"recalibrate for {a.steps} steps (mmkit accel calibrate --steps {a.steps}) for the calibrated quality"
-            )
+        note = transfer_note(cfg.calibration, a.steps) if a.steps is not None else None
+        if note:
+            print(note)
     if cfg.method != "dit":  # DiTCache's block range is checked against the model when installed
         cfg.validate()
     return [cfg]

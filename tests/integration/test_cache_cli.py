@@ -63,5 +63,15 @@ def test_search_writes_best_resumes_and_generate_reuses_it(model, tmp_path, caps
         main(gen + ["--cache", "adaptive", "--cache-threshold", "0.5", "--out", str(tmp_path / "b.npy")]) == 0
     )
     assert "DiT block evaluations skipped" in capsys.readouterr().out
+    calib = tmp_path / "calib.json"
+    cal = ["accel", "calibrate", "--model", str(model), "--prompt", "a red circle", "--steps", "6", *SIZE]
+    assert main(cal + ["--out", str(calib), "--no-progress"]) == 0
+    assert json.loads(calib.read_text())["steps"] == 6 and "calibrated at 6 steps" in capsys.readouterr().out
+    for steps, warned in (("6", False), ("2", True)):  # 2 steps is outside the measured 0.4x..1x
+        run = [*gen, "--steps", steps, "--cache", "adaptive", "--cache-calibration", str(calib)]
+        assert main(run + ["--out", str(tmp_path / f"d{steps}.npy")]) == 0
+        text = capsys.readouterr().out
+        assert ("made at 6 steps and this run has --steps 2" in text) == warned
+        assert "DiT block evaluations skipped" in text
     assert main(gen + ["--cache", "dit", "--cache-threshold", "0.1", "--out", str(tmp_path / "c.npy")]) == 2
     assert "--cache-threshold" in capsys.readouterr().err

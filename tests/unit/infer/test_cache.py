@@ -17,7 +17,14 @@ from mmkit.infer.accel.cache import (
     cache_stats,
     remove_cache,
 )
-from mmkit.infer.accel.cache.adaptive import apply_adaptive_cache, fit_calibration
+from mmkit.infer.accel.cache.adaptive import (
+    CALIBRATION_VERSION,
+    apply_adaptive_cache,
+    decide,
+    fit_calibration,
+    step_signal,
+    transfer_note,
+)
 from mmkit.infer.accel.cache.common import step_counter
 from mmkit.infer.accel.hooks import HookRegistry, ModelHook, reset_all
 from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
@@ -231,8 +238,17 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
         remove_cache(model)
     calib = fit_calibration(recorder, STEPS)
     assert set(calib["magnitude"]) == {"cond", "uncond"} and calib["first_block_scale"] > 0
-    assert len(calib["magnitude"]["cond"]["t"]) == STEPS - 1
-    apply_cache(model, AdaptiveCacheConfig(threshold=0.3, signal="magnitude", calibration=calib))
+    curve = calib["magnitude"]["cond"]
+    assert len(curve["sigma"]) == STEPS - 1 and curve["sigma"] == sorted(curve["sigma"], reverse=True)
+    assert min(curve["rate"]) > 0 and len(calib["first_block"]["uncond"]["scale"]) == STEPS - 1
+    cfg = AdaptiveCacheConfig(threshold=0.05, calibration=calib).validate()
+    assert cfg.signal == "magnitude" and cfg.taylor and cfg.max_skips == 4  # the calibrated defaults
+    apply_cache(model, AdaptiveCacheConfig(threshold=0.0, calibration=calib))
+    try:
+        assert torch.equal(generate(model), uncached) and cache_stats(model).blocks_skipped == 0
+    finally:
+        remove_cache(model)
+    apply_cache(model, AdaptiveCacheConfig(threshold=0.05, signal="magnitude", calibration=calib))
     try:
         out = generate(model)
         stats = cache_stats(model)
@@ -242,7 +258,63 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert (out - uncached).abs().mean() < (uncached.abs().mean())
     with pytest.raises(ValueError, match="needs a calibration"):
         apply_cache(model, AdaptiveCacheConfig(signal="magnitude"))
+    with pytest.raises(ValueError, match="rerun `mmkit accel calibrate`"):
+        apply_cache(model, AdaptiveCacheConfig(calibration={**calib, "version": 1}))
     assert no_hooks_left(model)
+
+
+def constant_calibration(rate: float) -> dict:
+    """A calibration whose residual changes by `rate` (relative L1) per unit of sigma everywhere."""
+    curve = {"sigma": [1.0, 0.0], "rate": [rate, rate]}
+    return {"version": CALIBRATION_VERSION, "steps": 50, "magnitude": {"cond": curve}, "first_block": {}}
+
+
+@pytest.mark.parametrize("steps", [20, 30, 50])
+def test_magnitude_error_estimate_measures_sigma_not_steps(steps):
+    """Skipping every step from sigma 0.8 to 0.6 (a span L = 0.2 in steps of h), the drift is rate * L
+    and the error estimate rate * L * (L + h) / 2 at 20, 30 and 50 steps: set by sigma, not by the
+    step count (a per-step sum, as with a calibration by step index, would grow with the steps)."""
+    cfg = AdaptiveCacheConfig(threshold=1e9, calibration=constant_calibration(2.0)).validate()
+    sigmas = torch.linspace(0.8, 0.6, round(0.2 * steps) + 1).tolist()
+    s = {"step": 5, "t": sigmas[0] * 1000, "R": torch.ones(1), "t_prev": None}
+    for sig in sigmas[1:]:
+        s["t_prev"], s["t"] = s["t"], sig * 1000
+        skip, s["err"] = decide(step_signal(cfg, s, None, "cond"), cfg.threshold)
+        assert skip
+        s["drift"] = s["drift_now"]
+    assert s["drift"] == pytest.approx(2.0 * 0.2)  # the residual's change since it was computed
+    h = 0.2 / (len(sigmas) - 1)
+    assert s["err"] == pytest.approx(2.0 * 0.2 * (0.2 + h) / 2, rel=1e-5)
+
+
+def test_adaptive_steps_outside_the_sigma_band_always_run(model, uncached):
+    """With sigma_max 0.6 and sigma_min 0.2, every step whose timestep is outside [200, 600] runs all
+    blocks (the threshold would skip everything else)."""
+    from mmkit.infer.samplers import FlowEulerScheduler
+
+    sched = FlowEulerScheduler(shift=3.0)
+    sched.set_timesteps(STEPS)
+    ts = sched.timesteps.tolist()
+    log = []
+    apply_cache(model, AdaptiveCacheConfig(threshold=1e9, max_skips=None, sigma_max=0.6, sigma_min=0.2))
+    spy_blocks(model, log)
+    try:
+        generate(model)
+    finally:
+        remove_cache(model)
+        for b in model.blocks:
+            HookRegistry.get_or_create(b).remove_hook("spy")
+    skipped = {s for s in range(STEPS) if sum(1 for e in log if e[0] == s) < 4 * 2}
+    inside = {s for s, t in enumerate(ts) if 200 <= t <= 600}
+    assert inside and skipped == inside - {0}
+    assert no_hooks_left(model)
+
+
+def test_transfer_note_names_the_calibration_step_count():
+    calib = constant_calibration(1.0)
+    assert transfer_note(calib, 50) is None and transfer_note(calib, 20) is None
+    note = transfer_note(calib, 8)
+    assert "50 steps" in note and "--steps 8" in note and "mmkit accel calibrate --steps 8" in note
 
 
 def test_cfg_cache_reuses_the_uncond_delta_on_scheduled_steps(model, uncached):

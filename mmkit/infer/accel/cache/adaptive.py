@@ -1,24 +1,29 @@
 """Adaptive step cache: each step decides from a cheap signal whether to run the blocks or reuse them.
 
-One knob, `threshold`: the step reuses the cached residual of the skipped blocks while the signal,
-accumulated since the last computed step, stays below it. Two signals:
+One knob, `threshold`, on an estimate of the error the skipped steps put into the sample. Per
+guidance branch, `drift` is the skipped residual's relative L1 change since the last computed step
+and each skipped step adds `drift * |d sigma|` to `err` (the residual's error times the sigma the
+step moves the sample by); a step is skipped while `err` stays below the threshold, and a computed
+step resets both (as TeaCache and MagCache reset their accumulators). Two signals give the drift:
 
-- `"first_block"` (FBCache-like): block 0 always runs; the signal is the relative L1 change of its
-  residual since the last computed step (`mean|r0 - r0_ref| / mean|r0_ref|`), times `scale` (from
-  calibration: how much the skipped residual changes per unit of first-block change, 1.0 without).
-  Blocks 1..N-1 are skipped.
-- `"magnitude"` (MagCache-like, needs calibration): no block runs to decide; the calibration curve
-  gives, per timestep, how fast the whole residual's magnitude ratio drifts from 1 (per unit of
-  timestep), so the accumulated error is `sum rate(t) * |dt|`. All blocks are skipped. The curve is
-  indexed by timestep, not by step number, but a calibration does not reliably carry over to another
-  step count (measured on a tiny 8-block Wan: a 50-step calibration used at 20 steps lost 7 dB PSNR
-  at threshold 0.1 against one made at 20 steps): calibrate at the step count you sample with;
-  `mmkit generate` warns when they differ.
+- `"magnitude"` (MagCache-like, needs a calibration; the default when one is given): no block runs
+  to decide; the calibration's curve gives, per sigma, the whole residual's relative L1 change per
+  unit of sigma, so each step adds `rate(sigma) * |d sigma|` to the drift. All blocks are skipped.
+- `"first_block"` (the default without calibration): block 0 always runs; each step adds the relative
+  L1 change of block 0's residual since the previous step, times the calibrated scale at this sigma
+  (the skipped blocks' change per unit of block-0 change; 1.0 without calibration). Blocks 1..N-1
+  are skipped.
+
+Why one calibration and threshold serve 20, 30 and 50 steps: the drift and the error are sums of
+(change per unit of sigma) x (sigma moved), so they measure sigma, not steps; the curves are indexed
+by sigma; the guard band `sigma_max` (steps above it always run: the layout forms there) and
+`sigma_min` are sigmas. Sigma is the model's timestep / 1000 (flow matching, sigma from 1 to 0).
+Fewer steps skip a smaller fraction at the same threshold (each step moves further), by design.
+`warmup` and `max_skips` count steps.
 
 Optional: `max_skips` consecutive skipped steps at most; `taylor` forecasts the skipped residual as a
-first-order Taylor step in the timestep from the last two computed residuals
-(`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`; `warmup` first steps
-always run. State is per guidance branch (cond and uncond decide independently).
+first-order Taylor step in sigma from the last two computed residuals
+(`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`.
 
 Multi-process: every rank of one video must take the same decision. Under sequence parallelism each
 rank holds a shard of the tokens; the first-block signal's sums run over the whole sequence's real
@@ -32,6 +37,7 @@ magnitude signal depends on the timestep only. `decide` can also all-reduce (max
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,46 +51,79 @@ from mmkit.infer.guidance import current_cfg_branch
 
 HOOK = "mmkit_cache_adaptive"
 SIGNALS = ("first_block", "magnitude")
+T_SCALE = 1000.0  # the model's timestep is sigma * 1000 (num_train_timesteps of Wan's flow schedulers)
+
+
+# Per-signal defaults of the fields left None, chosen on the shapes Wan model at 50 steps (see
+# docs/acceleration.md, "Measured"): magnitude 0.01 with the Taylor forecast and at most 4 skips in
+# a row; first_block 0.005 without them.
+DEFAULTS = {
+    "magnitude": {"threshold": 0.01, "taylor": True, "max_skips": 4},
+    "first_block": {"threshold": 0.005, "taylor": False, "max_skips": None},
+}
+CALIBRATION_VERSION = 2  # sigma-indexed curves with the relative-change rate
 
 
 @dataclass
 class AdaptiveCacheConfig:
-    """`threshold` (the one knob; <= 0 never skips), `signal`, `max_skips` (None: unbounded), `taylor`,
-    `warmup` steps that always run, `scale` (first_block) and `calibration` (a dict or JSON path from
-    `calibrate_adaptive`; required by "magnitude", gives `scale` for "first_block").
+    """`threshold` (the one knob: the estimated error of the skipped steps, relative residual change
+    x sigma; <= 0 never skips), `signal` ("magnitude" with a calibration, else "first_block"),
+    `max_skips` in a row (None: unbounded), `taylor`, `warmup` first steps that always run, the
+    sigma guard band [`sigma_min`, `sigma_max`] outside which steps always run, `scale` (a constant
+    first-block scale instead of the calibrated curve) and `calibration` (a dict or JSON path from
+    `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
 
-    The defaults (first-block signal, threshold 0.15, 5 warm-up steps) skipped 61% of the block
-    evaluations of a tiny 8-block Wan at 50 steps at 38.5 dB mean PSNR (worst prompt 30.7 dB), with
-    its one-sample calibration (scale 1.17).
-    Example: `AdaptiveCacheConfig(threshold=0.15, max_skips=3, taylor=True)`.
+    With a 50-step calibration, the defaults skipped 66% of the block evaluations of the shapes Wan
+    model at 50 steps at 41.8 dB mean PSNR (worst of 8 prompts 32.7 dB), 53% at 30 steps (37.5 dB)
+    and 40% at 20 steps (42.7 dB), against the uncached video of the same step count.
+    Example: `AdaptiveCacheConfig(calibration="calib.json")`, `AdaptiveCacheConfig(0.005, max_skips=3)`.
     """
 
-    threshold: float = 0.15
-    signal: str = "first_block"
-    max_skips: int | None = None
-    taylor: bool = False
-    warmup: int = 5
+    threshold: float | None = None
+    signal: str | None = None
+    max_skips: int | None = -1  # -1: the signal's default
+    taylor: bool | None = None
+    warmup: int = 1
+    sigma_max: float = 0.95
+    sigma_min: float = 0.0
     scale: float | None = None
     calibration: dict | str | None = None
     process_group: object = field(default=None, repr=False, compare=False)
     method = "adaptive"
 
     def validate(self) -> AdaptiveCacheConfig:
-        if self.signal not in SIGNALS:
-            raise ValueError(f"adaptive_cache.signal={self.signal!r}: choose one of {SIGNALS}")
-        if self.max_skips is not None and (not isinstance(self.max_skips, int) or self.max_skips < 0):
-            raise ValueError(f"adaptive_cache.max_skips={self.max_skips!r}: an integer >= 0, or null")
-        if not isinstance(self.warmup, int) or self.warmup < 1:
-            raise ValueError(f"adaptive_cache.warmup={self.warmup!r}: an integer >= 1 (step 0 always runs)")
         if isinstance(self.calibration, (str, Path)):
             self.calibration = load_calibration(self.calibration)
+        if self.signal is None:
+            self.signal = "magnitude" if self.calibration else "first_block"
+        if self.signal not in SIGNALS:
+            raise ValueError(f"adaptive_cache.signal={self.signal!r}: choose one of {SIGNALS}")
         if self.signal == "magnitude" and not self.calibration:
             raise ValueError(
                 "adaptive_cache.signal='magnitude' needs a calibration: run `mmkit accel calibrate` and pass "
                 "its JSON as calibration"
             )
-        if self.scale is None:
-            self.scale = float((self.calibration or {}).get("first_block_scale", 1.0))
+        if self.calibration and self.calibration.get("version") != CALIBRATION_VERSION:
+            raise ValueError(
+                f"adaptive_cache.calibration: version {self.calibration.get('version')!r}, this mmkit reads "
+                f"version {CALIBRATION_VERSION}: rerun `mmkit accel calibrate`"
+            )
+        defaults = DEFAULTS[self.signal]
+        if self.threshold is None:
+            self.threshold = defaults["threshold"]
+        if self.taylor is None:
+            self.taylor = defaults["taylor"]
+        if self.max_skips == -1:
+            self.max_skips = defaults["max_skips"]
+        if self.max_skips is not None and (not isinstance(self.max_skips, int) or self.max_skips < 0):
+            raise ValueError(f"adaptive_cache.max_skips={self.max_skips!r}: an integer >= 0, or null")
+        if not isinstance(self.warmup, int) or self.warmup < 1:
+            raise ValueError(f"adaptive_cache.warmup={self.warmup!r}: an integer >= 1 (step 0 always runs)")
+        if not 0.0 <= self.sigma_min <= self.sigma_max <= 1.0:
+            raise ValueError(
+                f"adaptive_cache.sigma_min={self.sigma_min}, sigma_max={self.sigma_max}: need "
+                "0 <= sigma_min <= sigma_max <= 1 (steps with sigma outside [sigma_min, sigma_max] always run)"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -125,11 +164,46 @@ def rel_l1(a: torch.Tensor, ref: torch.Tensor) -> float:
     return num / max(den, 1e-12)
 
 
-def _rate_at(curve: dict, t: float) -> float:
-    """The calibrated drift rate at timestep t (linear interpolation; curves store t descending)."""
-    ts, rates = np.asarray(curve["t"], dtype=np.float64), np.asarray(curve["rate"], dtype=np.float64)
-    order = np.argsort(ts)
-    return float(np.interp(t, ts[order], rates[order]))
+def curve_at(curve: dict, key: str, sigma: float) -> float:
+    """A calibration curve's `key` at `sigma` (linear interpolation; curves store sigma descending)."""
+    xs, ys = np.asarray(curve["sigma"], dtype=np.float64), np.asarray(curve[key], dtype=np.float64)
+    order = np.argsort(xs)
+    return float(np.interp(sigma, xs[order], ys[order]))
+
+
+def step_signal(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, branch: str) -> float:
+    """The estimated error if this step is skipped: `s["err"] + drift * |d sigma|`, with `drift` the
+    skipped residual's relative change since the last computed step (`s["drift"]` plus this step's
+    term, kept in `s["drift_now"]`); inf when the step must run (no cached residual yet, warm-up, or
+    sigma outside [sigma_min, sigma_max]). `r0` is block 0's residual (first_block signal).
+
+    Example: `skip, signal = decide(step_signal(cfg, state, r0, "cond"), cfg.threshold, group)`.
+    """
+    sigma, prev = s["t"] / T_SCALE, s.get("t_prev")
+    s["drift_now"] = math.inf
+    if (
+        s.get("R") is None
+        or prev is None
+        or s["step"] < cfg.warmup
+        or not cfg.sigma_min <= sigma <= cfg.sigma_max
+    ):
+        return math.inf
+    dsigma = abs(sigma - prev / T_SCALE)  # the last step's sigma move, for this step's
+    if cfg.signal == "first_block":
+        term = rel_l1(r0, s["r0_prev"])
+        if cfg.scale is not None:
+            term *= cfg.scale
+        elif cfg.calibration:
+            term *= curve_at(cfg.calibration["first_block"][_key(cfg, branch)], "scale", sigma)
+    else:
+        term = curve_at(cfg.calibration["magnitude"][_key(cfg, branch)], "rate", sigma) * dsigma
+    s["drift_now"] = s.get("drift", 0.0) + term
+    return s.get("err", 0.0) + s["drift_now"] * dsigma
+
+
+def _key(cfg: AdaptiveCacheConfig, branch: str) -> str:
+    curves = cfg.calibration["magnitude" if cfg.signal == "magnitude" else "first_block"]
+    return branch if branch in curves else "cond"
 
 
 class _AdaptiveHook(ModelHook):
@@ -141,31 +215,20 @@ class _AdaptiveHook(ModelHook):
         self.start = 1 if cfg.signal == "first_block" else 0  # first block of the skipped region
         self.recorder = recorder
 
-    # -- the decision, taken once per step at block 0 -------------------------------------------------
+    # -- the decision, taken once per step at block 0: signal -> reduce -> decide ----------------------
     def _decide(self, s: dict, r0: torch.Tensor | None) -> None:
-        cfg, step = self.cfg, s["step"]
-        if cfg.signal == "first_block":
-            signal = rel_l1(r0, s["ref_r0"]) * cfg.scale if s.get("ref_r0") is not None else float("inf")
-        else:
-            curve = cfg.calibration["magnitude"][current_cfg_branch() or "cond"]
-            dt = abs(s["t"] - s["t_prev"]) if s.get("t_prev") is not None else 0.0
-            signal = s.get("acc", 0.0) + _rate_at(curve, s["t"]) * dt
-        can = (
-            step >= cfg.warmup
-            and s.get("R") is not None
-            and (cfg.max_skips is None or s.get("run", 0) < cfg.max_skips)
-        )
-        skip, signal = decide(signal if can else float("inf"), cfg.threshold, cfg.process_group)
+        cfg, branch = self.cfg, current_cfg_branch() or "cond"
+        signal = step_signal(cfg, s, r0, branch)
+        if cfg.max_skips is not None and s.get("run", 0) >= cfg.max_skips:
+            signal = math.inf
+        skip, signal = decide(signal, cfg.threshold, cfg.process_group)
         s["skip"] = skip
         s["run"] = s.get("run", 0) + 1 if skip else 0
-        if cfg.signal == "magnitude":
-            s["acc"] = signal if skip else 0.0
-        if not skip and r0 is not None:
-            s["ref_r0"] = r0
-        if self.recorder is not None and r0 is not None and s.get("prev_r0") is not None:
-            self.recorder.setdefault("d", {})[(current_cfg_branch(), step)] = rel_l1(r0, s["prev_r0"])
-        s["prev_r0"] = r0 if self.recorder is not None else None
-        s["t_prev"] = s["t"]
+        s["err"] = signal if skip else 0.0
+        s["drift"] = s["drift_now"] if skip else 0.0
+        if self.recorder is not None and r0 is not None and s.get("r0_prev") is not None:
+            self.recorder.setdefault("d", {})[(branch, s["step"])] = rel_l1(r0, s["r0_prev"])
+        s["r0_prev"], s["t_prev"] = r0, s["t"]
 
     def _forecast(self, s: dict) -> torch.Tensor:
         R = s["R"]
@@ -190,9 +253,9 @@ class _AdaptiveHook(ModelHook):
         if self.index == self.n - 1:
             R = out - s.pop("x_in")  # what the region added, (B, S, D)
             if self.recorder is not None and s.get("R") is not None:
-                rec = self.recorder.setdefault("R", {})
                 a, b = R.float().abs().mean(), s["R"].float().abs().mean()
-                rec[(current_cfg_branch(), s["step"])] = (s["t"], s["t_R"], rel_l1(R, s["R"]), float(a / b))
+                key = (current_cfg_branch() or "cond", s["step"])
+                self.recorder.setdefault("R", {})[key] = (s["t"], s["t_R"], rel_l1(R, s["R"]), float(a / b))
             s["R_prev"], s["t_R_prev"] = s.get("R"), s.get("t_R")
             s["R"], s["t_R"] = R, s["t"]
         return out
@@ -204,7 +267,7 @@ def apply_adaptive_cache(
     """Install the adaptive cache; `remove_cache(transformer)` undoes it. `recorder` (a dict) collects
     the per-step signals that `calibrate_adaptive` fits.
 
-    Example: `apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.08, taylor=True))`.
+    Example: `apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.3, taylor=True))`.
     """
     cfg.validate()
     blocks = repeated_blocks(transformer)
@@ -215,23 +278,69 @@ def apply_adaptive_cache(
         register(block, _AdaptiveHook(counter, cfg, i, len(blocks), recorder), HOOK)
 
 
+def _smooth(y: np.ndarray, width: int = 5) -> np.ndarray:
+    """Running median over `width` neighbours (one sample's per-step ratios are noisy)."""
+    h = width // 2
+    return np.array([np.median(y[max(0, i - h) : i + h + 1]) for i in range(len(y))])
+
+
 def fit_calibration(recorder: dict, steps: int) -> dict:
     """The calibration JSON from one never-skipping recorded generation (see `calibrate_adaptive`).
 
-    `first_block_scale`: least-squares a in `change(skipped residual) ~ a * change(first-block residual)`
-    over consecutive steps; `magnitude[branch]`: per timestep, |1 - magnitude ratio| of the whole
-    residual per unit of timestep (the drift rate), ordered by descending t.
+    Per branch, ordered by descending sigma:
+    `first_block[branch]`: `scale(sigma)`, the skipped residual's relative change per unit of the
+    first block's relative change over one step (running median of 5 steps);
+    `magnitude[branch]`: `rate(sigma)`, the whole residual's relative L1 change per unit of sigma
+    (and `magnitude_rate(sigma)`, |1 - its magnitude ratio| per unit of sigma, MagCache's quantity,
+    for reference).
+    `first_block_scale`: one least-squares scale over all steps (for reference). `steps`: the step
+    count of the calibration run (the curves are indexed by sigma and serve other step counts).
     """
     d, R = recorder.get("d", {}), recorder.get("R", {})
     keys = [k for k in R if k in d]
     xs = np.array([d[k] for k in keys]), np.array([R[k][2] for k in keys])
     scale = float((xs[0] * xs[1]).sum() / max((xs[0] ** 2).sum(), 1e-12)) if keys else 1.0
+    fb: dict[str, dict] = {}
     mag: dict[str, dict] = {}
-    for (branch, _step), (t, t_prev, _change, ratio) in sorted(R.items(), key=lambda kv: kv[0][1]):
-        curve = mag.setdefault(branch or "cond", {"t": [], "rate": []})
-        curve["t"].append(t)
-        curve["rate"].append(abs(1.0 - ratio) / max(abs(t_prev - t), 1e-6))
-    return {"steps": steps, "first_block_scale": scale, "magnitude": mag}
+    for (branch, step), (t, t_prev, change, ratio) in sorted(R.items(), key=lambda kv: kv[0][1]):
+        dsigma = max(abs(t_prev - t) / T_SCALE, 1e-9)
+        curve = mag.setdefault(branch, {"sigma": [], "rate": [], "magnitude_rate": []})
+        curve["sigma"].append(t / T_SCALE)
+        curve["rate"].append(change / dsigma)
+        curve["magnitude_rate"].append(abs(1.0 - ratio) / dsigma)
+        if (branch, step) in d:
+            c = fb.setdefault(branch, {"sigma": [], "scale": []})
+            c["sigma"].append(t / T_SCALE)
+            c["scale"].append(change / max(d[(branch, step)], 1e-12))
+    for c in fb.values():
+        c["scale"] = [float(v) for v in _smooth(np.asarray(c["scale"]))]
+    return {
+        "version": CALIBRATION_VERSION,
+        "steps": steps,
+        "first_block_scale": scale,
+        "first_block": fb,
+        "magnitude": mag,
+    }
+
+
+TRANSFER_MEASURED = (0.4, 1.0)  # step counts / calibration step count measured to keep the quality
+
+
+def transfer_note(calibration: dict, steps: int) -> str | None:
+    """None when `steps` is inside the measured transfer range of a calibration made at
+    `calibration["steps"]` (20 to 50 steps from a 50-step one), else a warning that names both counts.
+
+    Example: `note = transfer_note(load_calibration("calib.json"), 30)`.
+    """
+    made_at = calibration.get("steps")
+    lo, hi = TRANSFER_MEASURED
+    if not made_at or lo <= steps / made_at <= hi:
+        return None
+    return (
+        f"warning: the cache calibration was made at {made_at} steps and this run has --steps {steps}; "
+        f"its transfer was measured from {round(lo * made_at)} to {made_at} steps only: check the quality or "
+        f"recalibrate (mmkit accel calibrate --steps {steps})"
+    )
 
 
 def calibrate_adaptive(pipe, prompt: str, steps: int = 50, **gen_kwargs) -> dict:
