@@ -196,13 +196,8 @@ class OpenSoraPlanPipeline:
         layout = self.layout
         self.dit = parallelize_osp_dit(self.transformer, layout, self.device)
         if self.parallel.t5_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = layout.fsdp_mesh(self.device)
             t5 = self.text_encoder.model
-            for block in t5.encoder.block:
-                fully_shard(block, mesh=mesh, reshard_after_forward=True)
-            fully_shard(t5, mesh=mesh, reshard_after_forward=True)
+            layout.shard_weights(t5, t5.encoder.block, self.device)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

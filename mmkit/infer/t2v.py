@@ -217,12 +217,7 @@ class WanT2VPipeline:
         self.parallel, self.layout = parallel, layout
         self.dit = parallelize_wan_dit(self.transformer, layout, self.device)
         if parallel.t5_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = layout.fsdp_mesh(self.device)
-            for block in self.text_encoder.encoder.block:
-                fully_shard(block, mesh=mesh, reshard_after_forward=True)
-            fully_shard(self.text_encoder, mesh=mesh, reshard_after_forward=True)
+            layout.shard_weights(self.text_encoder, self.text_encoder.encoder.block, self.device)
         return self
 
     @classmethod
