@@ -191,10 +191,10 @@ class OpenSoraPlanPipeline:
     def _parallelize(self) -> None:
         """Sequence parallelism wraps the DiT (`opensoraplan_parallel.OpenSoraPlanSequenceParallel`, the
         training plan's sharded forward); FSDP2 shards it and / or mT5 over the model group."""
-        from mmkit.infer.opensoraplan_parallel import parallelize_osp_dit
+        from mmkit.infer.opensoraplan_parallel import OpenSoraPlanSequenceParallel
 
         layout = self.layout
-        self.dit = parallelize_osp_dit(self.transformer, layout, self.device)
+        self.dit = OpenSoraPlanSequenceParallel.parallelize(self.transformer, layout, self.device)
         if self.parallel.t5_fsdp:
             t5 = self.text_encoder.model
             layout.shard_weights(t5, t5.encoder.block, self.device)

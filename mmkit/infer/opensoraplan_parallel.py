@@ -58,17 +58,6 @@ class OpenSoraPlanSequenceParallel(OpenSoraPlanShardedForward, SequenceParallelD
         return self.head_predict(x, temb, grid)
 
 
-def parallelize_osp_dit(transformer, layout, device: torch.device) -> OpenSoraPlanSequenceParallel:
-    """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group when asked
-    (`InferenceLayout.shard_weights`: each block, then the wrapper with the embeddings and head).
-    Example: `dit = parallelize_osp_dit(pipe.transformer, layout, torch.device("cuda"))`.
-    """
-    dit = OpenSoraPlanSequenceParallel(transformer, layout.cp, layout.sp_group)
-    if layout.p.dit_fsdp:
-        layout.shard_weights(dit, transformer.blocks, device)
-    return dit
-
-
 def check_parallel(folder, parallel, world: int) -> None:
     """The layout rules of an OpenSoraPlan folder, from its configs only (nothing loads): the generic ones
     (`InferenceParallel.check` with the DiT's heads) and Skiparse's (`check_skiparse_shards`: the heads

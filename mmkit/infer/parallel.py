@@ -314,6 +314,18 @@ class SequenceParallelDiT(nn.Module):
             heads = transformer.cfg.num_attention_heads
             cp.check_heads(heads, heads)
 
+    @classmethod
+    def parallelize(cls, transformer: nn.Module, layout: InferenceLayout, device: torch.device):
+        """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group with
+        `--dit-fsdp` (`InferenceLayout.shard_weights`: each block, then this wrapper with the embeddings
+        and head).
+        Example: `dit = WanSequenceParallel.parallelize(pipe.transformer, layout, torch.device("cuda"))`.
+        """
+        dit = cls(transformer, layout.cp, layout.sp_group)
+        if layout.p.dit_fsdp:
+            layout.shard_weights(dit, transformer.blocks, device)
+        return dit
+
     @property
     def cfg(self):
         return self.inner.cfg

@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmkit.infer.parallel import SequenceParallelDiT
-from mmkit.models.wan.model import WanTransformer
 from mmkit.parallel.plans.wan import WanShardedForward
 
 
@@ -41,17 +40,6 @@ class WanSequenceParallel(WanShardedForward, SequenceParallelDiT):
     def sharded(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
         x, _, temb, grid = self.trunk(latents, timestep, text_context, image_context)
         return self.head_predict(x, temb, grid)
-
-
-def parallelize_wan_dit(transformer: WanTransformer, layout, device: torch.device) -> WanSequenceParallel:
-    """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group when asked
-    (`InferenceLayout.shard_weights`: each block, then the wrapper with the embeddings and head).
-    Example: `dit = parallelize_wan_dit(pipe.transformer, layout, torch.device("cuda"))`.
-    """
-    dit = WanSequenceParallel(transformer, layout.cp, layout.sp_group)
-    if layout.p.dit_fsdp:
-        layout.shard_weights(dit, transformer.blocks, device)
-    return dit
 
 
 # ---------------------------------------------------------------- VAE decode split in time
