@@ -80,7 +80,7 @@ def worker(name: str, a, out: Path) -> None:
     import torch.distributed as dist
 
     from mmkit.infer.parallel import InferenceLayout, InferenceParallel
-    from mmkit.infer.wan_parallel import parallelize_wan_dit
+    from mmkit.infer.wan_parallel import WanSequenceParallel
     from mmkit.models.wan.config import FLAVORS
     from mmkit.models.wan.model import WanTransformer
     from mmkit.tools.commstats import CommStats
@@ -98,7 +98,7 @@ def worker(name: str, a, out: Path) -> None:
     cfg = dataclasses.replace(FLAVORS["1.3B"], num_layers=a.layers)
     torch.manual_seed(0)
     model = WanTransformer(cfg).eval()
-    dit = parallelize_wan_dit(model, layout, torch.device("cpu"))
+    dit = WanSequenceParallel.parallelize(model, layout, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, a.grid, 60, 104, generator=g)  # 480p latents: 60 x 104, patches 30 x 52
     ctx, neg = (torch.randn(1, 512, 4096, generator=g) for _ in range(2))

@@ -191,18 +191,13 @@ class OpenSoraPlanPipeline:
     def _parallelize(self) -> None:
         """Sequence parallelism wraps the DiT (`opensoraplan_parallel.OpenSoraPlanSequenceParallel`, the
         training plan's sharded forward); FSDP2 shards it and / or mT5 over the model group."""
-        from mmkit.infer.opensoraplan_parallel import parallelize_osp_dit
+        from mmkit.infer.opensoraplan_parallel import OpenSoraPlanSequenceParallel
 
         layout = self.layout
-        self.dit = parallelize_osp_dit(self.transformer, layout, self.device)
+        self.dit = OpenSoraPlanSequenceParallel.parallelize(self.transformer, layout, self.device)
         if self.parallel.t5_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = layout.fsdp_mesh(self.device)
             t5 = self.text_encoder.model
-            for block in t5.encoder.block:
-                fully_shard(block, mesh=mesh, reshard_after_forward=True)
-            fully_shard(t5, mesh=mesh, reshard_after_forward=True)
+            layout.shard_weights(t5, t5.encoder.block, self.device)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,72 +14,48 @@ Applied from outside the model through the training plan's sharded forward
      cross-attention with local queries against the full caption, MLP local
   -> head on local tokens, all-gather (S_pad x C_out*4, latent-sized), padding dropped, unpatchified:
      every rank of the group returns the whole prediction (B, C_out, T, H, W).
+Hooks installed on the transformer (step caches) see each call as a call of the transformer
+(`infer.parallel.SequenceParallelDiT`), with the token shards marked for the ones that reduce over tokens.
 Not here: the CFG split and the process groups (`infer/parallel.py`), the pipeline (`infer/opensoraplan.py`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from mmkit.infer.parallel import SequenceParallelDiT
 from mmkit.parallel.plans.opensoraplan import OpenSoraPlanShardedForward, check_skiparse_shards
 
 
-class OpenSoraPlanSequenceParallel(OpenSoraPlanShardedForward, nn.Module):
+class OpenSoraPlanSequenceParallel(OpenSoraPlanShardedForward, SequenceParallelDiT):
     """Callable like `OpenSoraPlanTransformer` (latents, timestep, caption, video_mask, caption_mask) ->
     prediction (B, C_out, T, H, W), equal on every rank of the sequence group.
 
-    `cp` is the `ContextParallel` of the sequence-parallel group `sp_group` (both None: the plain model,
-    still a module of its own so FSDP2 can wrap it as the root unit). Every latent pixel must be real
-    (`video_mask` None or all ones, as the pipeline gives).
+    `cp` is the `ContextParallel` of the sequence-parallel group `sp_group` (both None: the plain model),
+    called through the transformer's hooks (`infer.parallel.SequenceParallelDiT`). Every latent pixel
+    must be real (`video_mask` None or all ones, as the pipeline gives).
     Example:
         dit = OpenSoraPlanSequenceParallel(transformer, layout.cp, layout.sp_group)
         v = dit(latents, t, caption, None, caption_mask)
     """
 
     def __init__(self, transformer, cp=None, sp_group=None):
-        super().__init__()
-        self.inner = transformer
-        self.cp_attn, self.cp_group = cp, sp_group
-        self.tp_group, self.sp = None, False
-        self.seq_shards = cp.size if cp is not None else 1
+        super().__init__(transformer, cp, sp_group)
         if cp is not None:
             heads = transformer.cfg.num_attention_heads
-            cp.check_heads(heads, heads)
             check_skiparse_shards(transformer.cfg, cp.size, heads, f"sequence-parallel degree {cp.size}")
 
-    @property
-    def cfg(self):
-        return self.inner.cfg
-
     def forward(self, latents, timestep, caption, video_mask=None, caption_mask=None) -> torch.Tensor:
-        if self.cp_attn is None:
-            return self.inner(latents, timestep, caption, video_mask, caption_mask)
-        if video_mask is not None and not bool(video_mask.bool().all()):
+        if self.cp_attn is not None and video_mask is not None and not bool(video_mask.bool().all()):
             raise ValueError(
                 "video_mask: padded latents are not supported under sequence parallelism; every latent "
                 "pixel must be real (the pipeline's case)"
             )
+        return super().forward(latents, timestep, caption, video_mask, caption_mask)
+
+    def sharded(self, latents, timestep, caption, video_mask=None, caption_mask=None) -> torch.Tensor:
         x, temb, grid = self.trunk(latents, timestep, caption, caption_mask)
         return self.head_predict(x, temb, grid)
-
-
-def parallelize_osp_dit(transformer, layout, device: torch.device) -> OpenSoraPlanSequenceParallel:
-    """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group when asked.
-
-    FSDP2: one unit per block and the wrapper as the root (embeddings and head), all resharded after
-    forward, so a rank holds 1/n of the weights plus one gathered block at a time.
-    Example: `dit = parallelize_osp_dit(pipe.transformer, layout, torch.device("cuda"))`.
-    """
-    dit = OpenSoraPlanSequenceParallel(transformer, layout.cp, layout.sp_group)
-    if layout.p.dit_fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = layout.fsdp_mesh(device)
-        for block in transformer.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(dit, mesh=mesh, reshard_after_forward=True)
-    return dit
 
 
 def check_parallel(folder, parallel, world: int) -> None:

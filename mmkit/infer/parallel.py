@@ -11,25 +11,30 @@ Rank grid, outermost first: dp x cfg x ring x ulysses, so that Ulysses (the most
 neighbouring ranks, i.e. inside a node. Every rank of a "model group" (cfg x ring x ulysses) holds the
 same latents after every step; its rank 0 decodes and writes unless the VAE decode is parallel.
 
-The family's sequence-parallel DiT forward lives beside its pipeline (Wan: `infer/wan_parallel.py`);
-this file knows no family.
+The family's sequence-parallel DiT forward lives beside its pipeline (Wan: `infer/wan_parallel.py`,
+OpenSoraPlan: `infer/opensoraplan_parallel.py`), on what they share here (`SequenceParallelDiT`: the call
+through the transformer's hooks; `InferenceLayout.shard_weights`: FSDP2 block by block); this file knows
+no family.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from mmkit.infer.accel.hooks import TokenShards, call_as, token_shards
 from mmkit.infer.guidance import cfg_branch, cfg_peers
 from mmkit.infer.samplers import cfg_velocity
 from mmkit.parallel.dims import process_group_timeout
 
-__all__ = ["InferenceLayout", "InferenceParallel", "peak_memory", "tiled_decode"]
+__all__ = ["InferenceLayout", "InferenceParallel", "SequenceParallelDiT", "peak_memory", "tiled_decode"]
 
 
 @dataclass
@@ -230,6 +235,20 @@ class InferenceLayout:
 
         return DeviceMesh.from_group(self.model_group, device.type)
 
+    def shard_weights(self, root: nn.Module, blocks, device: torch.device) -> nn.Module:
+        """FSDP2 over the model group: one unit per module of `blocks`, then `root` (what the blocks leave:
+        embeddings, head), all resharded after forward, so a rank holds 1/n of the weights plus one
+        gathered block at a time. Returns `root`, sharded in place.
+        Example: `layout.shard_weights(t5, t5.encoder.block, torch.device("cuda"))`.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.fsdp_mesh(device)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(root, mesh=mesh, reshard_after_forward=True)
+        return root
+
     def velocity(self, model, guidance: float, cond: dict, uncond: dict | None):
         """`fn(x, t)` with classifier-free guidance; under CFG parallelism each half of the cfg group runs
         one branch and the two predictions are exchanged once (one all-gather of a latent-sized tensor).
@@ -269,6 +288,59 @@ class InferenceLayout:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+class SequenceParallelDiT(nn.Module):
+    """What the families' sequence-parallel DiT wrappers share; a family's wrapper is
+    `class XSequenceParallel(XShardedForward, SequenceParallelDiT)` (its training plan's sharded forward
+    first, for `trunk`, `_local_tokens`, `head_predict`) and gives `sharded(latents, timestep, ...)`.
+
+    Callable like the transformer, `(latents, timestep, *conditions)` -> prediction (B, C_out, T, H, W),
+    equal on every rank of the sequence group. `cp` is the `ContextParallel` of the sequence-parallel
+    group `sp_group`; both None: the plain model, still a module of its own so FSDP2 can wrap it as the
+    root unit. Under sequence parallelism the hooks on the transformer (step caches) see the call as a
+    call of the transformer (`accel.hooks.call_as`), with this rank's real tokens marked for the ones
+    that reduce over tokens (`token_shards`).
+    Example: `dit = WanSequenceParallel(transformer, layout.cp, layout.sp_group); v = dit(x, t, ctx)`.
+    """
+
+    def __init__(self, transformer: nn.Module, cp=None, sp_group=None):
+        super().__init__()
+        self.inner = transformer
+        self.cp_attn, self.cp_group = cp, sp_group
+        self.tp_group, self.sp = None, False  # no tensor parallelism in inference
+        self.seq_shards = cp.size if cp is not None else 1
+        if cp is not None:
+            heads = transformer.cfg.num_attention_heads
+            cp.check_heads(heads, heads)
+
+    @classmethod
+    def parallelize(cls, transformer: nn.Module, layout: InferenceLayout, device: torch.device):
+        """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group with
+        `--dit-fsdp` (`InferenceLayout.shard_weights`: each block, then this wrapper with the embeddings
+        and head).
+        Example: `dit = WanSequenceParallel.parallelize(pipe.transformer, layout, torch.device("cuda"))`.
+        """
+        dit = cls(transformer, layout.cp, layout.sp_group)
+        if layout.p.dit_fsdp:
+            layout.shard_weights(dit, transformer.blocks, device)
+        return dit
+
+    @property
+    def cfg(self):
+        return self.inner.cfg
+
+    def forward(self, latents: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.cp_attn is None:
+            return self.inner(latents, *args, **kwargs)
+        S = math.prod(self.inner.grid(latents))  # tokens of the whole latent
+        valid = self._local_tokens(torch.ones(S, dtype=torch.bool, device=latents.device))  # (S_pad / p,)
+        with token_shards(TokenShards(self.cp_group, valid)):
+            return call_as(self.inner, self.sharded, latents, *args, **kwargs)
+
+    def sharded(self, latents: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The prediction from this rank's token shard (the family's `trunk`, then `head_predict`)."""
+        raise NotImplementedError
 
 
 def check_same_everywhere(ok: bool, message: str) -> None:

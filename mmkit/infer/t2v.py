@@ -211,18 +211,13 @@ class WanT2VPipeline:
         the text encoder over the model group (moving the shards to the device).
         Example: `pipe.parallelize(InferenceParallel(ulysses=2))` under torchrun with 2 processes.
         """
-        from mmkit.infer.wan_parallel import parallelize_wan_dit
+        from mmkit.infer.wan_parallel import WanSequenceParallel
 
         layout = layout or InferenceLayout(parallel)
         self.parallel, self.layout = parallel, layout
-        self.dit = parallelize_wan_dit(self.transformer, layout, self.device)
+        self.dit = WanSequenceParallel.parallelize(self.transformer, layout, self.device)
         if parallel.t5_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = layout.fsdp_mesh(self.device)
-            for block in self.text_encoder.encoder.block:
-                fully_shard(block, mesh=mesh, reshard_after_forward=True)
-            fully_shard(self.text_encoder, mesh=mesh, reshard_after_forward=True)
+            layout.shard_weights(self.text_encoder, self.text_encoder.encoder.block, self.device)
         return self
 
     @classmethod

@@ -10,79 +10,36 @@ Applied from outside the model through the training plan's sharded forward
   -> head on local tokens, all-gather of the predicted tokens (S_pad x C_out*patch, latent-sized), padding
      dropped, unpatchify: every rank of the group returns the whole prediction (B, C_out, T, H, W).
 Hooks installed on the transformer (step caches) see each call as a call of the transformer
-(`accel.hooks.call_as`), with the token shards marked for the ones that reduce over tokens.
+(`infer.parallel.SequenceParallelDiT`), with the token shards marked for the ones that reduce over tokens.
 Also the VAE decode split in time over ranks (`parallel_decode`). Not here: the CFG split and the process
 groups (`infer/parallel.py`), the training plan with its loss (`parallel/plans/wan.py`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from mmkit.infer.accel.hooks import TokenShards, call_as, token_shards
-from mmkit.models.wan.model import WanTransformer
+from mmkit.infer.parallel import SequenceParallelDiT
 from mmkit.parallel.plans.wan import WanShardedForward
 
 
-class WanSequenceParallel(WanShardedForward, nn.Module):
+class WanSequenceParallel(WanShardedForward, SequenceParallelDiT):
     """Callable like `WanTransformer` (latents, timestep, text_context, image_context) -> prediction.
 
-    `cp` is the `ContextParallel` of the sequence-parallel group `sp_group` (both None: the plain model,
-    still a module of its own so FSDP2 can wrap it as the root unit). The forward is the training plan's
-    (`parallel/plans/wan.py:WanShardedForward`: `trunk`, then `head_predict`), with the sequence group as
-    its cp group and no tensor parallelism.
+    `cp` is the `ContextParallel` of the sequence-parallel group `sp_group` (both None: the plain model).
+    The forward is the training plan's (`parallel/plans/wan.py:WanShardedForward`: `trunk`, then
+    `head_predict`), with the sequence group as its cp group and no tensor parallelism, called through
+    the transformer's hooks (`infer.parallel.SequenceParallelDiT`).
     Example:
         dit = WanSequenceParallel(transformer, layout.cp, layout.sp_group)
         v = dit(latents, t, text_context)  # (B, C_out, T, H, W), equal on every rank of the group
     """
 
-    def __init__(self, transformer: WanTransformer, cp=None, sp_group=None):
-        super().__init__()
-        self.inner = transformer
-        self.cp_attn, self.cp_group = cp, sp_group
-        self.tp_group, self.sp = None, False
-        self.seq_shards = cp.size if cp is not None else 1
-        if cp is not None:
-            cp.check_heads(transformer.cfg.num_attention_heads, transformer.cfg.num_attention_heads)
-
-    @property
-    def cfg(self):
-        return self.inner.cfg
-
-    def forward(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
-        if self.cp_attn is None:
-            return self.inner(latents, timestep, text_context, image_context)
-        S = math.prod(self.inner.grid(latents))  # tokens of the whole latent
-        valid = self._local_tokens(torch.ones(S, dtype=torch.bool, device=latents.device))  # (S_pad / p,)
-        with token_shards(TokenShards(self.cp_group, valid)):
-            return call_as(self.inner, self._sharded, latents, timestep, text_context, image_context)
-
-    def _sharded(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
+    def sharded(self, latents, timestep, text_context, image_context=None) -> torch.Tensor:
         x, _, temb, grid = self.trunk(latents, timestep, text_context, image_context)
         return self.head_predict(x, temb, grid)
-
-
-def parallelize_wan_dit(transformer: WanTransformer, layout, device: torch.device) -> WanSequenceParallel:
-    """The DiT as the layout's sequence-parallel module, FSDP2-sharded over the model group when asked.
-
-    FSDP2: one unit per block and the wrapper as the root (patch / time / text embeddings and head), all
-    resharded after forward, so a rank holds 1/n of the weights plus one gathered block at a time.
-    Example: `dit = parallelize_wan_dit(pipe.transformer, layout, torch.device("cuda"))`.
-    """
-    dit = WanSequenceParallel(transformer, layout.cp, layout.sp_group)
-    if layout.p.dit_fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = layout.fsdp_mesh(device)
-        for block in transformer.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(dit, mesh=mesh, reshard_after_forward=True)
-    return dit
 
 
 # ---------------------------------------------------------------- VAE decode split in time

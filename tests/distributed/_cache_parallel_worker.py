@@ -2,11 +2,12 @@
 
 Usage: `torchrun --nproc_per_node 2 _cache_parallel_worker.py ROOT`.
 
-For each layout of `LAYOUTS` (2 ranks each) the tiny t2v pipeline is loaded once and its caches (of
-`CACHES`) are installed on its transformer in turn; each rank prints
+For each layout of `LAYOUTS` (2 ranks each) the tiny t2v pipeline of its family (Wan, OpenSoraPlan) is
+loaded once and its caches (of `CACHES`) are installed on its transformer in turn; each rank prints
 `CACHED <layout> <cache> <rank> <frames max abs err or nan> <blocks run> <skipped> <attention reused>`
 with the video's counts (`InferenceLayout.video_counts`), against the single-process references the test
-wrote to ROOT/cache_refs.npz. Under ulysses2 DiTCache runs again after the others (state reset).
+wrote to ROOT/cache_refs.npz (keys `<family>_<cache>`). Under ulysses2 DiTCache runs again after the
+others (state reset).
 Then `mmkit generate ... --cache-config dit.json --ulysses-size 2` in this process group prints its count line.
 """
 
@@ -46,27 +47,38 @@ CACHES = {
     "adaptive": [AdaptiveCacheConfig(threshold=0.2, warmup=1)],
     "adaptive_cfg": [AdaptiveCacheConfig(threshold=0.2, warmup=1), CFGCacheConfig(1, 2, 6)],
 }
-# layout -> (InferenceParallel kwargs, caches run; the first runs again after the others: reset)
+# OpenSoraPlan: 27 tokens (3 x 3 x 3 patches), padded to Skiparse's k^2 x 2 = 32 over 2 ranks. Its
+# first-block signal runs higher (0.28-0.44 per step here): a threshold of 0.3 skips 2 of the 6 steps
+OSP_KWARGS = {**KWARGS, "height": 48, "width": 48}
+OSP_ADAPTIVE = AdaptiveCacheConfig(threshold=0.3, warmup=1)
+OSP_CACHES = {**CACHES, "adaptive": [OSP_ADAPTIVE], "adaptive_cfg": [OSP_ADAPTIVE, CFGCacheConfig(1, 2, 6)]}
+# family -> (folder under ROOT, generation kwargs, caches)
+FAMILIES = {"wan": ("t2v", KWARGS, CACHES), "osp": ("osp_t2v", OSP_KWARGS, OSP_CACHES)}
+# layout -> (family, InferenceParallel kwargs, caches run; the first runs again after the others: reset)
 LAYOUTS = {
-    "ulysses2": (dict(ulysses=2), [*CACHES, "dit"]),
-    "cfg2": (dict(cfg=2), list(CACHES)),
-    "ring2": (dict(ring=2), ["adaptive"]),
+    "ulysses2": ("wan", dict(ulysses=2), [*CACHES, "dit"]),
+    "cfg2": ("wan", dict(cfg=2), list(CACHES)),
+    "ring2": ("wan", dict(ring=2), ["adaptive"]),
+    "osp_ulysses2": ("osp", dict(ulysses=2), list(CACHES)),
+    "osp_ring2": ("osp", dict(ring=2), ["adaptive"]),
 }
 
 
 def run_layouts(root: Path) -> None:
     refs = np.load(root / "cache_refs.npz")
     rank = dist.get_rank()
-    for name, (kw, caches) in LAYOUTS.items():
-        pipe = mmkit.load_pipeline(root / "t2v", task="t2v", device="cpu", parallel=InferenceParallel(**kw))
+    for name, (family, kw, caches) in LAYOUTS.items():
+        folder, gen, configs = FAMILIES[family]
+        pipe = mmkit.load_pipeline(root / folder, task="t2v", device="cpu", parallel=InferenceParallel(**kw))
         for cache in caches:
-            apply_cache(pipe.transformer, *CACHES[cache])
-            frames = pipe(PROMPT, **KWARGS).frames
+            apply_cache(pipe.transformer, *configs[cache])
+            frames = pipe(PROMPT, **gen).frames
             s = cache_stats(pipe.transformer)
             run, skipped, reused = pipe.layout.video_counts(
                 [s.blocks_run, s.blocks_skipped, s.attention_reused]
             )
-            err = float(np.abs(frames - refs[cache]).max()) if frames is not None else float("nan")
+            ref = refs[f"{family}_{cache}"]
+            err = float(np.abs(frames - ref).max()) if frames is not None else float("nan")
             print(f"CACHED {name} {cache} {rank} {err:.3e} {run} {skipped} {reused}", flush=True)
             remove_cache(pipe.transformer)
         assert not pipe.transformer.__dict__.get("_mmkit_hooks"), "remove_cache left hooks behind"

@@ -2,70 +2,41 @@
 
 Usage: `torchrun --nproc_per_node 4 _osp_generate_worker.py ROOT`.
 
-Every layout in `CASES` runs on 4 processes. A layout of 2 ranks leaves data parallelism 2: data group 0
-generates the t2v clip and data group 1 the i2v clip of that case; 4-rank layouts run both. Each is
-compared with the single-process frames the test wrote to ROOT/refs.npz (same seed), and the first rank of
-each model group prints `MAXERR <case> <task> <frames err>` (max abs, fp32). Then, in the same process
-group, `mmkit generate t2v --prompts` with --ulysses-size 2 (data parallel 2 over the prompts).
+Every layout in `CASES` runs on 4 processes through the Wan worker's `run_layouts` (`_generate_worker.py`).
+A layout of 2 ranks leaves data parallelism 2: data group 0 generates the t2v clip and data group 1 the i2v
+clip of that case; 4-rank layouts run both. Each is compared with the single-process frames the test wrote
+to ROOT/refs.npz (same seed), and the first rank of each model group prints
+`MAXERR <case> <task> nan <frames err>` (max abs, fp32; no latents references here). Then, in the same
+process group, `mmkit generate t2v --prompts` with --ulysses-size 2 (data parallel 2 over the prompts).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
+import _generate_worker
 import torch
 import torch.distributed as dist
-
-import mmkit
-from mmkit.infer.parallel import InferenceParallel
+from _generate_worker import NEG, PROMPT  # noqa: F401 (the test imports them from here)
 
 # name -> (height, width, frames). Tokens (patch 1x2x2 on 4x8x8 latents): "base" 4 x 2 x 4 = 32, a multiple
 # of Skiparse's k^2 x 2 = 32; "odd" 3 x 3 x 3 = 27, padded to 32 (2 ranks) or 64 (4 ranks: k^2 x 4)
 SIZES = {"base": (32, 64, 13), "odd": (48, 48, 9)}
-# case -> (InferenceParallel kwargs, size)
+# case -> (InferenceParallel kwargs, size, reference key suffix)
 CASES = {
-    "ulysses2": (dict(ulysses=2), "base"),
-    "ring2": (dict(ring=2), "base"),
-    "cfg2": (dict(cfg=2), "base"),
-    "ulysses2_27tokens": (dict(ulysses=2), "odd"),
-    "ring2_27tokens": (dict(ring=2), "odd"),
-    "ulysses2_dit_fsdp_t5_fsdp": (dict(ulysses=2, dit_fsdp=True, t5_fsdp=True), "base"),
-    "ulysses2_ring2_27tokens": (dict(ulysses=2, ring=2), "odd"),
-    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base"),
+    "ulysses2": (dict(ulysses=2), "base", ""),
+    "ring2": (dict(ring=2), "base", ""),
+    "cfg2": (dict(cfg=2), "base", ""),
+    "ulysses2_27tokens": (dict(ulysses=2), "odd", ""),
+    "ring2_27tokens": (dict(ring=2), "odd", ""),
+    "ulysses2_dit_fsdp_t5_fsdp": (dict(ulysses=2, dit_fsdp=True, t5_fsdp=True), "base", ""),
+    "ulysses2_ring2_27tokens": (dict(ulysses=2, ring=2), "odd", ""),
+    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base", ""),
 }
-PROMPT, NEG = "a blue square", "blurry"
-
-
-def gen_kwargs(size: str, image: str | None) -> dict:
-    h, w, f = SIZES[size]
-    return dict(
-        negative_prompt=NEG, image=image, height=h, width=w, num_frames=f, num_inference_steps=2,
-        guidance_scale=3.0, seed=5, progress=False,
-    )  # fmt: skip
-
-
-def run_layouts(root: Path) -> None:
-    refs = np.load(root / "refs.npz")
-    world = dist.get_world_size()
-    for case, (kw, size) in CASES.items():
-        p = InferenceParallel(**kw)
-        dp_rank = dist.get_rank() // p.model_size
-        tasks = ["t2v", "i2v"] if world // p.model_size == 1 else [["t2v", "i2v"][dp_rank]]
-        for task in tasks:
-            t0 = time.perf_counter()
-            image = str(root / "first.png") if task == "i2v" else None
-            pipe = mmkit.load_pipeline(root / task, task=task, device="cpu", parallel=p)
-            frames = pipe(PROMPT, **gen_kwargs(size, image)).frames
-            if pipe.layout.writes:
-                err = float(np.abs(frames - refs[f"{task}_{size}"]).max())
-                took = time.perf_counter() - t0
-                print(f"MAXERR {case} {task} {err:.3e} ({took:.1f} s)", flush=True)
-            else:
-                assert frames is None, f"{case}: rank {dist.get_rank()} decoded although it does not write"
+gen_kwargs = functools.partial(_generate_worker.gen_kwargs, sizes=SIZES)  # (size, image) -> pipeline kwargs
 
 
 def run_cli_prompts(root: Path) -> None:
@@ -116,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(sys.argv[1])
     run_skiparse_split()
-    run_layouts(root)
+    _generate_worker.run_layouts(root, CASES, SIZES)
     run_cli_prompts(root)
     dist.barrier()
     dist.destroy_process_group()
