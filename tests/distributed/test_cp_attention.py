@@ -131,5 +131,8 @@ def test_errors_name_the_field():
         ContextParallel(None, None, kernel="flash")
     with pytest.raises(ValueError, match="merge='exact'"):
         ContextParallel(None, None, merge="exact")
-    with pytest.raises(ValueError, match="merge='gather' supports padding masks only"):
+    with pytest.raises(ValueError, match="merge='gather' supports end padding only"):
         ContextParallel(None, None, merge="gather").attention(q, q, q, causal=True)
+    with pytest.raises(ValueError, match="merge='gather' supports end padding only"):
+        key_mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+        ContextParallel(None, None, merge="gather").attention(q, q, q, key_mask=key_mask)
