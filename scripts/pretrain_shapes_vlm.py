@@ -31,6 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="outputs/pretrain_shapes_vlm", help="data and checkpoints")
     p.add_argument("--steps", type=int, default=3700)
     p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--turns", type=int, default=4, help="questions per image (kinds rotate)")
+    p.add_argument("--batch", type=int, default=16, help="records (images) per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-4, help="cosine: final learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
     p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
     if not a.export_only:
         if not (data / "qa.json").is_file():
             print(f"[1/4] data -> {data}", flush=True)
-            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=1, seed=0)
+            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=a.turns, seed=0)
         if not (init / "config.json").is_file():
             print(f"[2/4] start folder -> {init}", flush=True)
             from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
@@ -69,8 +75,10 @@ def main(argv=None) -> int:
             "--data.paths",
             f"[{data / 'qa.json'}]",
         ]
-        args += ["--train.steps", str(a.steps), "--train.global_batch", "16", "--train.micro_batch", "16"]
-        args += ["--optim.schedule", "constant", "--optim.lr", "2e-3", "--checkpoint.dir", str(ckpt)]
+        args += ["--train.steps", str(a.steps), "--train.global_batch", str(a.batch)]
+        args += ["--train.micro_batch", str(a.batch), "--optim.schedule", a.schedule, "--optim.lr", str(a.lr)]
+        args += ["--optim.min_lr", str(a.min_lr), "--optim.warmup_steps", str(a.warmup)]
+        args += ["--checkpoint.dir", str(ckpt)]
         args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]
         trainer = Trainer(parse_cli(args))
         try:
