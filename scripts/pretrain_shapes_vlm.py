@@ -1,16 +1,23 @@
 """Fine-tune the shipped shapes VLM: a tiny Qwen2.5-VL on `mmkit data synth shapes-qa` images.
 
 Stages, each skipped when its output exists, so rerunning the same command resumes:
-1. data: PNG images of 1-3 shapes with one question each (colour, shape, position, count, rotating);
+1. data: 8000 PNG images of 1-3 shapes, 5 questions each (colour, shape, position, count; the kind
+   of the first question rotates over images, so every kind is also asked first, as the eval does);
 2. init: a small random Qwen2.5-VL folder (`shapes_vlm_config`, seed 0) with the tiny tokenizer;
-3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer (constant LR after warmup,
-   DCP checkpoints every 100 steps, resumed automatically);
+3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer, every assistant turn
+   supervised: batch 16 images, AdamW 2e-3 with 100 warmup steps and a cosine to 1e-4 over 1500
+   steps, DCP checkpoints every 100 steps, resumed automatically;
 4. export: the latest checkpoint as `mmkit/assets/shapes_qwen.safetensors` (bf16 weights; config,
    tokenizer and processor files in the metadata), which `mmkit create-tiny qwen-shapes DIR` unpacks.
 Held-out images for `mmkit eval shapes-qa` come from another seed (`SHAPES_QA_EVAL_SEED`).
 
+Run time: about 45 min with `--threads 1`, niced, on 2 CPU cores shared with other jobs (0.5-6 s per
+step as the load changed). On 100 held-out images the result answers colour 68%, shape 33%, position
+28%, count 100% (exact match); the goal of >= 90% on colour is not reached: the model has not learned
+to tell the shape classes apart, so for images with 2-3 shapes it guesses among their colours.
+
 Run (niced, in the background on a shared machine):
-    nohup nice -n 10 python scripts/pretrain_shapes_vlm.py --steps 3700 > outputs/pretrain_vlm.log 2>&1 &
+    nohup nice -n 5 python scripts/pretrain_shapes_vlm.py --threads 1 > outputs/pretrain_vlm.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -29,8 +36,14 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="outputs/pretrain_shapes_vlm", help="data and checkpoints")
-    p.add_argument("--steps", type=int, default=3700)
-    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--turns", type=int, default=5, help="questions per image (kinds rotate)")
+    p.add_argument("--batch", type=int, default=16, help="records (images) per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-4, help="cosine: final learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
     p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
@@ -50,7 +63,7 @@ def main(argv=None) -> int:
     if not a.export_only:
         if not (data / "qa.json").is_file():
             print(f"[1/4] data -> {data}", flush=True)
-            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=1, seed=0)
+            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=a.turns, seed=0)
         if not (init / "config.json").is_file():
             print(f"[2/4] start folder -> {init}", flush=True)
             from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
@@ -69,8 +82,10 @@ def main(argv=None) -> int:
             "--data.paths",
             f"[{data / 'qa.json'}]",
         ]
-        args += ["--train.steps", str(a.steps), "--train.global_batch", "16", "--train.micro_batch", "16"]
-        args += ["--optim.schedule", "constant", "--optim.lr", "2e-3", "--checkpoint.dir", str(ckpt)]
+        args += ["--train.steps", str(a.steps), "--train.global_batch", str(a.batch)]
+        args += ["--train.micro_batch", str(a.batch), "--optim.schedule", a.schedule, "--optim.lr", str(a.lr)]
+        args += ["--optim.min_lr", str(a.min_lr), "--optim.warmup_steps", str(a.warmup)]
+        args += ["--checkpoint.dir", str(ckpt)]
         args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]
         trainer = Trainer(parse_cli(args))
         try:

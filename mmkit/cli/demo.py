@@ -120,7 +120,7 @@ def step_chat(a, out: Path, ctx: dict) -> None:
         items = shapes_qa_items(1, SHAPES_QA_SIZE, SHAPES_QA_EVAL_SEED, tmp)
     items[0].image.save(out / "vlm_image.png")
     rows = []
-    for item in items:  # one colour, shape and position question about the same held-out image
+    for item in items:  # one colour, shape, position and count question about the same held-out image
         chat.reset()
         answer = chat.ask(item.question, images=[item.image]).text.strip()
         rows.append({"question": item.question, "answer": answer, "truth": item.answer})

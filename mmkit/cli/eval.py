@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="shapes: sampling steps")
     p.add_argument("--guidance", type=float, default=5.0, help="shapes: classifier-free guidance scale")
-    p.add_argument("--images", type=int, default=30, help="shapes-qa: held-out images (3 questions each)")
+    p.add_argument("--images", type=int, default=30, help="shapes-qa: held-out images (4 questions each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="shapes: folder for the clips (mp4 + PNG grid each) and a contact sheet")
     p.add_argument("--device", default="auto")

@@ -3,7 +3,7 @@
 - `eval_shapes(pipe, prompts, ...)`: generate one clip per prompt, measure it with the detector
   (`mmkit.data.synth_eval`), return per-attribute accuracy; optionally save mp4 + PNG grid per prompt.
 - `shapes_qa_items(n)` / `eval_shapes_qa(chat, items)`: held-out shape images, one question of each
-  kind (colour, shape, position) per image, exact-match accuracy of the VLM's answers.
+  kind (colour, shape, position, count) per image, exact-match accuracy of the VLM's answers.
 - `contact_sheet(clips, captions, path)`: one PNG, a row of frames per clip with its caption under it.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mmkit.data.synth import QA_KINDS
 from mmkit.data.synth_eval import ATTRIBUTES, Tally, detect, parse_caption
 
-QA_EVAL_KINDS = ("color", "shape", "position")
+QA_EVAL_KINDS = QA_KINDS  # colour, shape, position, count: one question of each per held-out image
 
 
 def heldout_prompts(model_dir: str | os.PathLike, n: int) -> list[str]:
@@ -148,14 +149,14 @@ class QAItem:
 
 
 def shapes_qa_items(n: int, size: int, seed: int, workdir: str | os.PathLike) -> list[QAItem]:
-    """`n` held-out images (seed `seed`, never the training seed), one colour, shape and position
-    question each. Example: `shapes_qa_items(10, 112, 1000, "/tmp/qa_eval")`."""
+    """`n` held-out images (seed `seed`, never the training seed), one colour, shape, position and
+    count question each. Example: `shapes_qa_items(10, 112, 1000, "/tmp/qa_eval")`."""
     from PIL import Image
 
     from mmkit.data.synth import synth_shapes_qa
 
     root = Path(workdir)
-    qa = synth_shapes_qa(root, images=n, size=size, turns=len(QA_EVAL_KINDS) + 1, seed=seed, progress=False)
+    qa = synth_shapes_qa(root, images=n, size=size, turns=len(QA_EVAL_KINDS), seed=seed, progress=False)
     items = []
     for rec in json.loads(qa.read_text()):
         image = Image.open(root / rec["images"][0]).convert("RGB")

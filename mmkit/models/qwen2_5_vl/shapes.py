@@ -23,8 +23,8 @@ SHAPES_QWEN_ASSET = "shapes_qwen.safetensors"  # in mmkit/assets, written by scr
 SHAPES_QA_SIZE = 112  # training image side in pixels (8 x 8 patches of 14 -> 16 merged image tokens)
 SHAPES_QA_EVAL_SEED = 1000  # held-out images: another seed than the training set's 0
 _FILE_KEY = "file:"  # metadata key prefix of a packed side file
-# Wider than the test-sized `tiny_config` (vision 32, LLM 64): at that width the model learned colours
-# and positions but not shape classes (chance on shape questions after 2700 steps).
+# Wider than the test-sized `tiny_config` (vision 32, LLM 64). At both widths the model learns colours
+# and counts but not the shape classes (shape questions at chance, scripts/pretrain_shapes_vlm.py).
 SHAPES_QWEN_TEXT = {"hidden_size": 128, "intermediate_size": 256, "mrope_section": (4, 6, 6)}  # head_dim 32
 SHAPES_QWEN_VISION = {"hidden_size": 96, "intermediate_size": 192, "num_heads": 3}
 

@@ -90,7 +90,7 @@ def create_tiny_qwen2_5_vl(
         >>> model, processor = mmkit.load_vlm(path)
     """
     outdir = claim_output_dir(outdir, "create-tiny qwen2_5_vl", overwrite)
-    ids = build_tiny_tokenizer(outdir)
+    ids = build_tiny_tokenizer(outdir, patch_size=cfg.vision.patch_size if cfg is not None else 14)
     if cfg is None:
         cfg = tiny_config(ids)
     else:

@@ -133,6 +133,7 @@ def build_tiny_tokenizer(
     video_min_pixels: int | None = None,
     video_max_pixels: int | None = None,
     fps: float = 2.0,
+    patch_size: int = 14,
 ) -> dict[str, int]:
     """Write a tiny Qwen2.5-VL tokenizer + preprocessor folder and return its token ids.
 
@@ -203,7 +204,9 @@ def build_tiny_tokenizer(
         },
     )
     _write_json(outdir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-    write_preprocessor_config(outdir, min_pixels, max_pixels, video_min_pixels, video_max_pixels, fps)
+    write_preprocessor_config(
+        outdir, min_pixels, max_pixels, video_min_pixels, video_max_pixels, fps, patch_size
+    )
 
     return {
         "vocab_size": base + len(ADDED_TOKENS),
@@ -225,12 +228,14 @@ def write_preprocessor_config(
     video_min_pixels: int | None = None,
     video_max_pixels: int | None = None,
     fps: float = 2.0,
+    patch_size: int = 14,
 ) -> None:
     """Write preprocessor_config.json (images) and video_preprocessor_config.json (videos).
 
-    The image file has the real Qwen2.5-VL fields (Qwen2VLImageProcessor, patch 14, merge 2,
+    The image file has the real Qwen2.5-VL fields (Qwen2VLImageProcessor, patch 14 unless given, merge 2,
     temporal patch 2, CLIP mean/std) with the given pixel budget; the video file adds the fps
-    sampling fields. Video budgets default to the image ones.
+    sampling fields. Video budgets default to the image ones. `patch_size` must equal the vision
+    tower's (config.json `vision_config.patch_size`): the processor cuts the patches the model embeds.
 
     Example:
         >>> write_preprocessor_config("/tmp/tiny_qwen", min_pixels=56 * 56, max_pixels=112 * 112)
@@ -241,7 +246,7 @@ def write_preprocessor_config(
         )
     outdir = Path(outdir)
     common = {
-        "patch_size": 14,
+        "patch_size": patch_size,
         "temporal_patch_size": 2,
         "merge_size": 2,
         "image_mean": IMAGE_MEAN,

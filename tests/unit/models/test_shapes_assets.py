@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mmkit import registry
 from mmkit.assets import asset_path
 from mmkit.data.synth import _split, caption
-from mmkit.models.qwen2_5_vl.shapes import SHAPES_QWEN_ASSET
+from mmkit.models.qwen2_5_vl.shapes import SHAPES_QA_EVAL_SEED, SHAPES_QA_SIZE, SHAPES_QWEN_ASSET
 from mmkit.models.wan.shapes import SHAPES_ASSET, load_shapes_asset
 
 MAX_BYTES = 20 * 2**20
@@ -51,6 +51,9 @@ def test_wan_shapes_heldout_prompts_were_never_trained_on():
 
 
 def test_qwen_shapes_folder_loads_through_load_vlm(tmp_path):
+    from mmkit.infer.chat import ChatSession
+    from mmkit.infer.evaluate import eval_shapes_qa, shapes_qa_items
+    from mmkit.infer.vlm import SamplingParams
     from mmkit.models.common.hf_io import load_state_dict
     from mmkit.models.qwen2_5_vl.hf import to_hf
     from mmkit.models.qwen2_5_vl.load import load_vlm
@@ -63,3 +66,13 @@ def test_qwen_shapes_folder_loads_through_load_vlm(tmp_path):
     for k, v in raw.items():
         assert torch.equal(got[k], v.float()), k
     assert processor.tokenizer("red").input_ids  # the packed tokenizer files work
+
+    # and it is the trained model: held-out images, colour and count questions. A random colour is
+    # right 1 time in 5 and a random count 1 in 3; `mmkit eval shapes-qa --images 100` measured
+    # colour 68% and count 100% for this asset
+    items = shapes_qa_items(12, SHAPES_QA_SIZE, SHAPES_QA_EVAL_SEED, tmp_path / "qa")
+    items = [q for q in items if q.kind in ("color", "count")]
+    acc, answers = eval_shapes_qa(
+        ChatSession(model, processor, SamplingParams(max_new_tokens=8)), items, False
+    )
+    assert acc["count"] >= 11 / 12 and acc["color"] >= 6 / 12, list(zip(answers, [q.answer for q in items]))
