@@ -216,6 +216,9 @@ def test_cli_synth(tmp_path, capsys):
         == 0
     )
     assert len(json.loads((tmp_path / "q/qa.json").read_text())) == 2
+    one = ["--images", "2", "--turns", "3", "--single-turn", "--quiet"]
+    assert main(["data", "synth", "shapes-qa", str(tmp_path / "s"), *one]) == 0
+    assert [len(r["messages"]) for r in json.loads((tmp_path / "s/qa.json").read_text())] == [2] * 6
     assert "data.txt" in capsys.readouterr().out
     assert (
         main(["data", "synth", "shapes", str(tmp_path / "w"), "--videos", "0", "--quiet"]) == 2
