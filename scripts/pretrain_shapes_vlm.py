@@ -1,20 +1,23 @@
 """Fine-tune the shipped shapes VLM: a tiny Qwen2.5-VL on `mmkit data synth shapes-qa` images.
 
 Stages, each skipped when its output exists, so rerunning the same command resumes:
-1. data: 8000 PNG images of 1-3 shapes, 5 questions each (colour, shape, position, count; the kind
-   of the first question rotates over images, so every kind is also asked first, as the eval does);
+1. data: 8000 PNG images of 1-3 shapes, 5 questions each (colour, shape, position, count; kinds
+   rotate), each question its own one-turn record with its image, as the eval asks them (in a 5-turn
+   conversation the model learned to copy shape answers from earlier questions, "What color is the
+   triangle?", instead of reading the image: first-turn shape answers stayed at chance);
 2. init: a small random Qwen2.5-VL folder (`shapes_vlm_config`, seed 0) with the tiny tokenizer;
-3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer, every assistant turn
-   supervised: batch 16 images, AdamW 2e-3 with 100 warmup steps and a cosine to 1e-4 over 1500
+3. train: `recipes/tiny/qwen2_5_vl_sft.toml` through mmkit's SFT Trainer, every answer
+   supervised: batch 16 records, AdamW 2e-3 with 100 warmup steps and a cosine to 1e-4 over 1500
    steps, DCP checkpoints every 100 steps, resumed automatically;
 4. export: the latest checkpoint as `mmkit/assets/shapes_qwen.safetensors` (bf16 weights; config,
    tokenizer and processor files in the metadata), which `mmkit create-tiny qwen-shapes DIR` unpacks.
 Held-out images for `mmkit eval shapes-qa` come from another seed (`SHAPES_QA_EVAL_SEED`).
 
-Run time: about 45 min with `--threads 1`, niced, on 2 CPU cores shared with other jobs (0.5-6 s per
-step as the load changed). On 100 held-out images the result answers colour 68%, shape 33%, position
-28%, count 100% (exact match); the goal of >= 90% on colour is not reached: the model has not learned
-to tell the shape classes apart, so for images with 2-3 shapes it guesses among their colours.
+The shipped asset predates two changes and must be retrained with this script: the text rope_theta
+of `shapes_vlm_config` (10 instead of 1e6, so that M-RoPE can tell image rows and columns apart) and
+one-turn records. Trained with rope_theta 1e6 on 5-turn conversations (about 45 min with
+`--threads 1`, niced, on 2 shared CPU cores), it answered on 100 held-out images colour 68%, shape 33%,
+position 28%, count 100% (exact match): position and shape at chance.
 
 Run (niced, in the background on a shared machine):
     nohup nice -n 5 python scripts/pretrain_shapes_vlm.py --threads 1 > outputs/pretrain_vlm.log 2>&1 &
@@ -39,7 +42,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--turns", type=int, default=5, help="questions per image (kinds rotate)")
-    p.add_argument("--batch", type=int, default=16, help="records (images) per step")
+    p.add_argument(
+        "--conversations",
+        action="store_true",
+        help="one multi-turn record per image instead of one record per question",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="records per step (a question each; an image each with --conversations)",
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-4, help="cosine: final learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -63,7 +76,14 @@ def main(argv=None) -> int:
     if not a.export_only:
         if not (data / "qa.json").is_file():
             print(f"[1/4] data -> {data}", flush=True)
-            synth_shapes_qa(data, images=a.images, size=SHAPES_QA_SIZE, turns=a.turns, seed=0)
+            synth_shapes_qa(
+                data,
+                images=a.images,
+                size=SHAPES_QA_SIZE,
+                turns=a.turns,
+                seed=0,
+                single_turn=not a.conversations,
+            )
         if not (init / "config.json").is_file():
             print(f"[2/4] start folder -> {init}", flush=True)
             from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer

@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("outdir", help="output folder")
     qa.add_argument("--images", type=int, default=64, help="number of images (default 64)")
     qa.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    qa.add_argument("--turns", type=int, default=1, help="questions per record (default 1)")
+    qa.add_argument("--turns", type=int, default=1, help="questions per image (default 1)")
+    qa.add_argument(
+        "--single-turn",
+        action="store_true",
+        help="each question its own one-turn record with its image (no answer readable from earlier turns)",
+    )
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--quiet", action="store_true", help="no progress bar")
     qa.add_argument("--overwrite", action="store_true", help="replace a set an earlier synth wrote")
@@ -117,8 +122,9 @@ def _synth_shapes_qa(args: argparse.Namespace) -> int:
     from mmkit.data.synth import synth_shapes_qa
 
     path = synth_shapes_qa(
-        args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet, overwrite=args.overwrite
-    )
+        args.outdir, args.images, args.size, args.turns, args.seed, not args.quiet,
+        overwrite=args.overwrite, single_turn=args.single_turn,
+    )  # fmt: skip
     print(f"wrote {args.images} images + Q&A -> {path}")
     return 0
 

@@ -220,6 +220,7 @@ def synth_shapes_qa(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    single_turn: bool = False,
 ) -> Path:
     """Write PNG images of 1-3 shapes and messages-format Q&A about them; returns the qa.json path.
 
@@ -229,6 +230,11 @@ def synth_shapes_qa(
                   {"role": "assistant", "content": "red"}], "images": ["images/000000.png"]}
     Image paths are relative to OUTDIR, where qa.json lies (SFTDataset's default media root). A set an
     earlier run wrote is replaced only with `overwrite=True`; any other non-empty folder is refused.
+
+    `single_turn=True` writes each of an image's `turns` questions as its own one-turn record (same
+    image, records in image order). Use it for training: in a conversation the questions name the
+    attributes other turns ask for ("What color is the triangle?" then "What shape is the blue
+    object?"), so later answers can be copied from the text instead of read from the image.
 
     Example: `synth_shapes_qa("data/shapes_qa", images=256, size=112)`.
     """
@@ -261,9 +267,15 @@ def synth_shapes_qa(
         messages = []
         for t in range(turns):
             question, answer = _qa(QA_KINDS[(i * turns + t) % len(QA_KINDS)], objects, rng)
-            messages.append({"role": "user", "content": ("<image>" if t == 0 else "") + question})
+            first = t == 0 or single_turn
+            messages.append({"role": "user", "content": ("<image>" if first else "") + question})
             messages.append({"role": "assistant", "content": answer})
-        records.append({"messages": messages, "images": [rel]})
+        if single_turn:
+            records.extend(
+                {"messages": messages[k : k + 2], "images": [rel]} for k in range(0, len(messages), 2)
+            )
+        else:
+            records.append({"messages": messages, "images": [rel]})
     path = root / "qa.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path

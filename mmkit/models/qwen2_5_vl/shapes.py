@@ -25,7 +25,16 @@ SHAPES_QA_EVAL_SEED = 1000  # held-out images: another seed than the training se
 _FILE_KEY = "file:"  # metadata key prefix of a packed side file
 # Wider than the test-sized `tiny_config` (vision 32, LLM 64). At both widths the model learns colours
 # and counts but not the shape classes (shape questions at chance, scripts/pretrain_shapes_vlm.py).
-SHAPES_QWEN_TEXT = {"hidden_size": 128, "intermediate_size": 256, "mrope_section": (4, 6, 6)}  # head_dim 32
+# rope_theta 10, not Qwen's 1e6: the vision tower has only relative positions, so where a shape lies
+# reaches the LLM only through the M-RoPE (h, w) positions of the 4 x 4 image tokens. M-RoPE gives h and w
+# the lowest of the 16 rotary frequencies; at 1e6 neighbouring columns differ by at most 1.8e-4 rad and
+# rows by 0.03 rad (the asset trained so answered position questions at chance); at 10 by 0.24 and 0.56.
+SHAPES_QWEN_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "mrope_section": (4, 6, 6),  # head_dim 32: 16 rotary pairs for (t, h, w)
+    "rope_theta": 10.0,
+}
 SHAPES_QWEN_VISION = {"hidden_size": 96, "intermediate_size": 192, "num_heads": 3}
 
 

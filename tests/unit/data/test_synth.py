@@ -166,6 +166,34 @@ def test_qa_records_format_and_answers_match_the_image(qa):
     assert kinds == {"color", "shape", "position", "count"}
 
 
+def leaked_answers(records: list[dict]) -> int:
+    """Answers already written in an earlier turn's question or answer of the same record."""
+    leaks = 0
+    for rec in records:
+        said = ""
+        for q, a in zip(rec["messages"][::2], rec["messages"][1::2]):
+            said += " " + q["content"]
+            leaks += f" {a['content']} " in f" {said.rstrip('?')} "
+            said += " " + a["content"]
+    return leaks
+
+
+def test_qa_single_turn_records_leak_no_answer(tmp_path):
+    """In a conversation later answers can be copied from earlier turns; one-turn records cannot."""
+    kw = dict(images=12, size=56, turns=5, seed=1, progress=False)
+    conv = json.loads(synth_shapes_qa(tmp_path / "conv", **kw).read_text())
+    assert leaked_answers(conv) > 0  # the check can fail
+    records = json.loads(synth_shapes_qa(tmp_path / "one", single_turn=True, **kw).read_text())
+    assert len(records) == 60 and leaked_answers(records) == 0
+    for k, rec in enumerate(records):  # the same questions, each a one-turn record with its image
+        src, t = conv[k // 5], 2 * (k % 5)
+        assert rec["images"] == src["images"]
+        assert rec["messages"][0]["content"] == "<image>" + src["messages"][t]["content"].removeprefix(
+            "<image>"
+        )
+        assert rec["messages"][1] == src["messages"][t + 1]
+
+
 def test_qa_loads_in_sft_dataset(qa, tmp_path):
     build_tiny_tokenizer(tmp_path / "tok")
     proc = Qwen2_5_VLProcessor.from_pretrained(tmp_path / "tok")
@@ -188,6 +216,9 @@ def test_cli_synth(tmp_path, capsys):
         == 0
     )
     assert len(json.loads((tmp_path / "q/qa.json").read_text())) == 2
+    one = ["--images", "2", "--turns", "3", "--single-turn", "--quiet"]
+    assert main(["data", "synth", "shapes-qa", str(tmp_path / "s"), *one]) == 0
+    assert [len(r["messages"]) for r in json.loads((tmp_path / "s/qa.json").read_text())] == [2] * 6
     assert "data.txt" in capsys.readouterr().out
     assert (
         main(["data", "synth", "shapes", str(tmp_path / "w"), "--videos", "0", "--quiet"]) == 2
