@@ -12,7 +12,7 @@ Stages, each skipped when its output already exists, so rerunning the same comma
    held-out prompts and step count in its metadata -> `mmkit/assets/shapes_wan_dit.safetensors`.
 
 Run (long; on a shared machine, niced and in the background):
-    nohup nice -n 10 python scripts/pretrain_shapes.py --steps 3300 > outputs/pretrain_shapes.log 2>&1 &
+    nohup nice -n 10 python scripts/pretrain_shapes.py --steps 8400 > outputs/pretrain_shapes.log 2>&1 &
 Continue a stopped run: the same command (a larger --steps trains further). Export only what exists:
     python scripts/pretrain_shapes.py --export-only
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="outputs/pretrain_shapes", help="data, features, checkpoints")
-    p.add_argument("--steps", type=int, default=3300)
+    p.add_argument("--steps", type=int, default=8400)
     p.add_argument("--videos", type=int, default=816, help="training clips (6 per seen combination)")
     p.add_argument("--heldout", type=int, default=32, help="caption combinations kept out of training")
     p.add_argument("--threads", type=int, default=2)
