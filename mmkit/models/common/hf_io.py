@@ -141,15 +141,17 @@ def check_safetensors(path: str | os.PathLike, fix: str = _FIX) -> dict[str, dic
 def load_safetensors(
     path: str | os.PathLike, device: str = "cpu", fix: str = _FIX
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, `{name: tensor}`; DamagedFileError naming the file if damaged.
+    """Every tensor of one safetensors file, `{name: tensor}`, each starting aligned (`own_aligned`);
+    DamagedFileError naming the file if damaged.
 
     Example: `sd = load_safetensors("transformer/diffusion_pytorch_model.safetensors")`.
     """
     check_safetensors(path, fix)
     try:
-        return load_file(str(path), device=device)
+        sd = load_file(str(path), device=device)
     except Exception as e:  # SafetensorError and friends: damage the header check let through
         raise DamagedFileError(path, f"cannot be read as safetensors ({e})", fix) from None
+    return own_aligned(sd)  # every model read through here computes the same numbers wherever it sat
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mmkit.device import resolve_device, resolve_dtype
-from mmkit.models.common.hf_io import DEFAULT_SHARD_BYTES, check_keys, own_aligned, save_state_dict
+from mmkit.models.common.hf_io import DEFAULT_SHARD_BYTES, check_keys, save_state_dict
 from mmkit.models.wan import hf
 from mmkit.models.wan.model import WanTransformer
 
@@ -29,7 +29,7 @@ def load_transformer(path: str | os.PathLike, device="cpu", dtype="fp32") -> Wan
     with torch.device("meta"):
         model = WanTransformer(m.cfg)
     check_keys(model.state_dict().keys(), m.state.keys(), m.where)
-    model.load_state_dict(own_aligned(m.state), assign=True)  # the numbers may not depend on file offsets
+    model.load_state_dict(m.state, assign=True)  # read aligned (hf_io.load_safetensors)
     return model.to_dtype(resolve_dtype(dtype)).to(resolve_device(str(device))).eval()
 
 
