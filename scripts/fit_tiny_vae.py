@@ -58,6 +58,7 @@ from mmkit.models.wan.tiny import TINY_VAE, TINY_VAE_ASSET, fitted_tiny_vae, ran
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "mmkit" / "assets" / TINY_VAE_ASSET
 NUM_FRAMES, HEIGHT, WIDTH = 9, 32, 32  # the demo's clips (mmkit/cli/demo.py)
 BIG_FRAMES, BIG_SIZE = 17, 64  # the shipped shapes model's clips (mmkit.models.wan.shapes.SHAPES_VIDEO)
+BIG_CLIP = (BIG_FRAMES, BIG_SIZE, BIG_SIZE)  # load_clips' size
 
 
 def load_clips(root: Path, videos: int, seed: int, size=(NUM_FRAMES, HEIGHT, WIDTH), captions: bool = False):
@@ -260,13 +261,12 @@ def main() -> None:
     torch.manual_seed(a.seed)
     t0 = time.time()
 
-    big = (BIG_FRAMES, BIG_SIZE, BIG_SIZE)
     with tempfile.TemporaryDirectory(prefix="fit_tiny_vae_") as tmp:
         train = load_clips(Path(tmp) / "train", a.videos, seed=a.seed)
         held = load_clips(Path(tmp) / "heldout", a.heldout, seed=a.seed + 1000)  # other positions, sizes
-        big_train = load_clips(Path(tmp) / "big_train", a.big_videos, seed=a.seed, size=big)
+        big_train = load_clips(Path(tmp) / "big_train", a.big_videos, seed=a.seed, size=BIG_CLIP)
         big_held, big_caps = load_clips(
-            Path(tmp) / "big_heldout", 32, seed=a.seed + 1000, size=big, captions=True
+            Path(tmp) / "big_heldout", 32, seed=a.seed + 1000, size=BIG_CLIP, captions=True
         )
     frames = train.transpose(1, 2).reshape(-1, 3, 1, HEIGHT, WIDTH)  # every frame as a 1-frame clip
 
@@ -303,7 +303,6 @@ def main() -> None:
 def write_asset(vae, a, held, big_train, big_held, big_caps, psnr_random: float, fit_s: float) -> None:
     """Store `vae` as fp16 at `a.out` with its config, latent statistics and a fit summary in the metadata;
     everything is measured on the weights as they will be read back."""
-    big = (BIG_FRAMES, BIG_SIZE, BIG_SIZE)
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
     vae.load_state_dict({k: v.float() for k, v in weights.items()})
     latents_mean, latents_std = latent_stats(vae, big_train)  # the shapes model's latents
@@ -316,7 +315,7 @@ def write_asset(vae, a, held, big_train, big_held, big_caps, psnr_random: float,
         "fg_weight": a.fg_weight, "logvar_init": a.logvar_init, "seed": a.seed,
         "threads": a.threads, "frames": NUM_FRAMES, "height": HEIGHT, "width": WIDTH,
         "big_frame_steps": a.big_frame_steps, "big_clip_steps": a.big_clip_steps, "big_videos": a.big_videos,
-        "big_lr": a.big_lr, "big_clip_batch": a.big_clip_batch, "big_size": list(big),
+        "big_lr": a.big_lr, "big_clip_batch": a.big_clip_batch, "big_size": list(BIG_CLIP),
         "decoder_steps": a.decoder_steps,
         "init_from": a.init_from.name if a.init_from else None,
         "psnr_heldout_64_db": round(psnr_big, 2), "detector_heldout_64": detected,
