@@ -15,6 +15,9 @@ Run (long; on a shared machine, niced and in the background):
     nohup nice -n 10 python scripts/pretrain_shapes.py --steps 8400 > outputs/pretrain_shapes.log 2>&1 &
 Continue a stopped run: the same command (a larger --steps trains further). Export only what exists:
     python scripts/pretrain_shapes.py --export-only
+Which caption words a trained model uses (its loss on 32 training clips with one word swapped; a word
+whose swap costs nothing is ignored):
+    python scripts/pretrain_shapes.py --diagnose DIR   # DIR from `mmkit create-tiny wan-shapes DIR`
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_wan_dit.safetensors"))
     p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
+    p.add_argument("--diagnose", metavar="DIR", help="print the caption-swap losses of the model in DIR")
     a = p.parse_args(argv)
+    if a.diagnose:
+        return diagnose(a.diagnose, Path(a.work).resolve() / "features", a.threads)
 
     import torch
 
@@ -86,6 +92,28 @@ def main(argv=None) -> int:
     heldout = json.loads((data / "heldout_prompts.json").read_text())
     path, step = save_shapes_asset(ckpt, a.out, heldout)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, step {step}) in {time.time() - t0:.0f} s")
+    return 0
+
+
+def diagnose(model_dir: str, feats: Path, threads: int, clips: int = 32) -> int:
+    """Print `caption_sensitivity` of the model in `model_dir` on the first `clips` training features."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from mmkit.checkpoint.files import load_safetensors
+    from mmkit.infer.evaluate import caption_sensitivity
+    from mmkit.infer.pipelines import load_pipeline
+
+    samples = json.loads((feats / "index.json").read_text())["samples"][:clips]
+    latents = torch.stack([load_safetensors(feats / s["file"])["latents"] for s in samples])
+    table = caption_sensitivity(
+        load_pipeline(model_dir, task="t2v"), latents, [s["caption"] for s in samples]
+    )
+    keys = list(next(iter(table.values())))
+    print("flow loss on training clips; columns: the caption with that attribute swapped")
+    print("sigma  " + "  ".join(f"{k:>10}" for k in keys))
+    for sigma, row in table.items():
+        print(f"{sigma:<6} " + "  ".join(f"{row[k]:>10.4f}" for k in keys))
     return 0
 
 
