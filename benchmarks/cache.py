@@ -64,6 +64,11 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
     for th in (0.005, 0.01, 0.015, 0.02):
         tag = " (default)" if th == DEFAULTS["magnitude"]["threshold"] else ""
         out[f"adaptive magnitude th={th}{tag}"] = [AdaptiveCacheConfig(th, calibration=calib)]
+    # a lower guard band (every step above sigma_max runs): the quality end of the front
+    for th, top in ((0.003, 0.9), (0.01, 0.9), (0.02, 0.92)):
+        out[f"adaptive magnitude th={th} sigma_max={top}"] = [
+            AdaptiveCacheConfig(th, calibration=calib, sigma_max=top)
+        ]
     out["adaptive first_block th=0.005"] = [AdaptiveCacheConfig(0.005, "first_block", calibration=calib)]
     out["adaptive magnitude th=0.01 + cfg"] = [
         AdaptiveCacheConfig(0.01, calibration=calib),
@@ -178,7 +183,7 @@ def fmt(s: dict) -> str:
     ideal = 1 / (1 - s["skipped"])  # if blocks were all of a step's time
     acc = f"{s['accuracy']:.2f}" if s["accuracy"] is not None else "n/a"
     return (
-        f"{s['method']:<46} {s['denoise_speedup']:>6.2f}x {s['total_speedup']:>6.2f}x {skipped:>5} {ideal:>5.2f}x "
+        f"{s['method']:<50} {s['denoise_speedup']:>6.2f}x {s['total_speedup']:>6.2f}x {skipped:>5} {ideal:>5.2f}x "
         f"{s['psnr_mean']:>6.2f} {s['psnr_worst']:>6.2f} {s['ssim_mean']:>6.3f} {s['ssim_worst']:>6.3f} {acc:>5}"
     )
 

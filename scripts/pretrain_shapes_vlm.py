@@ -61,6 +61,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--vision-steps",
+        type=int,
+        default=400,
+        help="vision-tower pretraining steps before SFT (mmkit.train.shapes_vision; 0: none)",
+    )
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
     p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
     a = p.parse_args(argv)
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if not a.export_only:
         if not (data / "qa.json").is_file():
-            print(f"[1/4] data -> {data}", flush=True)
+            print(f"[1/5] data -> {data}", flush=True)
             synth_shapes_qa(
                 data,
                 images=a.images,
@@ -88,12 +94,23 @@ def main(argv=None) -> int:
                 single_turn=not a.conversations,
             )
         if not (init / "config.json").is_file():
-            print(f"[2/4] start folder -> {init}", flush=True)
+            print(f"[2/5] start folder -> {init}", flush=True)
             from mmkit.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
 
             ids = build_tiny_tokenizer(Path(tempfile.mkdtemp()))  # only its ids: the folder writes its own
             create_tiny_qwen2_5_vl(init, seed=0, cfg=shapes_vlm_config(ids))
-        print(f"[3/4] training to step {a.steps} -> {ckpt}", flush=True)
+        start = init
+        if a.vision_steps:
+            from mmkit.train.shapes_vision import pretrain_shapes_vision
+
+            start = work / "vision"
+            if not (start / "vision_pretrain.json").is_file():
+                print(f"[3/5] vision pretraining, {a.vision_steps} steps -> {start}", flush=True)
+                report = pretrain_shapes_vision(
+                    init, start, steps=a.vision_steps, size=SHAPES_QA_SIZE, overwrite=True
+                )
+                print(f"vision pretraining: {report}", flush=True)
+        print(f"[4/5] training to step {a.steps} -> {ckpt}", flush=True)
         from mmkit.train.trainer import Trainer
 
         recipe = ROOT / "recipes" / "tiny" / "qwen2_5_vl_sft.toml"
@@ -101,7 +118,7 @@ def main(argv=None) -> int:
             "--config",
             str(recipe),
             "--model.init_from",
-            str(init),
+            str(start),
             "--data.paths",
             f"[{data / 'qa.json'}]",
         ]
@@ -115,7 +132,7 @@ def main(argv=None) -> int:
             trainer.fit()
         finally:
             trainer.close()
-    print(f"[4/4] export -> {a.out}", flush=True)
+    print(f"[5/5] export -> {a.out}", flush=True)
     path, step = save_qwen_shapes_asset(ckpt, a.out)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, step {step}) in {time.time() - t0:.0f} s")
     return 0

@@ -199,6 +199,25 @@ QA_KINDS = ("color", "shape", "position", "count")
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
+def render_qa_image(size: int, rng) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
+    """One shapes-qa image (size, size, 3) uint8 on black: 1-3 shapes of distinct colours and kinds, one
+    per quadrant, and its objects [(color, shape, position)]. Example:
+    `img, objects = render_qa_image(112, np.random.default_rng(0))`."""
+    n = int(rng.integers(1, 4))
+    colors = rng.choice(list(COLORS), n, replace=False).tolist()
+    shapes = rng.choice(SHAPES, n, replace=False).tolist()
+    wheres = rng.choice(list(QA_POSITIONS), n, replace=False).tolist()
+    img = np.zeros((size, size, 3), np.uint8)
+    half = size / 2
+    for c, s, w in zip(colors, shapes, wheres):
+        row, col = QA_POSITIONS[w]
+        r = half * rng.uniform(0.25, 0.35)
+        cx = col * half + rng.uniform(r + 1, half - r - 1)
+        cy = row * half + rng.uniform(r + 1, half - r - 1)
+        img[shape_mask(s, cx, cy, r, size, size)] = COLORS[c]
+    return img, list(zip(colors, shapes, wheres))
+
+
 def _qa(kind: str, objects: list[tuple[str, str, str]], rng) -> tuple[str, str]:
     """(question, answer) about objects [(color, shape, position)] of one image."""
     color, shape, where = objects[rng.integers(len(objects))]
@@ -249,21 +268,9 @@ def synth_shapes_qa(
     records = []
     for i in tqdm(range(images), desc="synth shapes-qa", unit="image", disable=not progress):
         rng = np.random.default_rng([seed, i])
-        n = int(rng.integers(1, 4))
-        colors = rng.choice(list(COLORS), n, replace=False).tolist()
-        shapes = rng.choice(SHAPES, n, replace=False).tolist()
-        wheres = rng.choice(list(QA_POSITIONS), n, replace=False).tolist()
-        img = np.zeros((size, size, 3), np.uint8)
-        half = size / 2
-        for c, s, w in zip(colors, shapes, wheres):
-            row, col = QA_POSITIONS[w]
-            r = half * rng.uniform(0.25, 0.35)
-            cx = col * half + rng.uniform(r + 1, half - r - 1)
-            cy = row * half + rng.uniform(r + 1, half - r - 1)
-            img[shape_mask(s, cx, cy, r, size, size)] = COLORS[c]
+        img, objects = render_qa_image(size, rng)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(root / rel)
-        objects = list(zip(colors, shapes, wheres))
         messages = []
         for t in range(turns):
             question, answer = _qa(QA_KINDS[(i * turns + t) % len(QA_KINDS)], objects, rng)
