@@ -67,6 +67,11 @@ def main(argv=None) -> int:
         default=400,
         help="vision-tower pretraining steps before SFT (mmkit.train.shapes_vision; 0: none)",
     )
+    p.add_argument(
+        "--train-vision",
+        action="store_true",
+        help="also train the pretrained vision tower during SFT (default: frozen; SFT erased its shape features)",
+    )
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_qwen.safetensors"))
     p.add_argument("--export-only", action="store_true", help="only write the asset from the latest ckpt")
     a = p.parse_args(argv)
@@ -125,6 +130,8 @@ def main(argv=None) -> int:
         args += ["--train.steps", str(a.steps), "--train.global_batch", str(a.batch)]
         args += ["--train.micro_batch", str(a.batch), "--optim.schedule", a.schedule, "--optim.lr", str(a.lr)]
         args += ["--optim.min_lr", str(a.min_lr), "--optim.warmup_steps", str(a.warmup)]
+        if a.vision_steps and not a.train_vision:
+            args += ["--model.freeze_vision", "true"]
         args += ["--checkpoint.dir", str(ckpt)]
         args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]
         trainer = Trainer(parse_cli(args))
