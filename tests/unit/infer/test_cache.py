@@ -20,8 +20,10 @@ from mmkit.infer.accel.cache import (
 from mmkit.infer.accel.cache.adaptive import (
     CALIBRATION_VERSION,
     apply_adaptive_cache,
+    calibration_step,
     decide,
     fit_calibration,
+    skip_limit,
     step_signal,
     transfer_note,
 )
@@ -310,11 +312,31 @@ def test_adaptive_steps_outside_the_sigma_band_always_run(model, uncached):
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("steps,limit", [(50, 4), (100, 4), (30, 2), (20, 1), (5, 1)])
+def test_max_skips_counts_steps_of_the_calibration_size(steps, limit):
+    """A 50-step calibration (sigma steps of 0.02) with max_skips 4: runs with larger steps may skip
+    proportionally fewer in a row (floor, at least 1); smaller steps keep 4."""
+    sigmas = [1.0 - i / 50 for i in range(51)]
+    calib = {
+        "version": CALIBRATION_VERSION,
+        "steps": 50,
+        "magnitude": {"cond": {"sigma": sigmas, "rate": [1.0] * 51}},
+        "first_block": {},
+    }
+    cfg = AdaptiveCacheConfig(threshold=1.0, max_skips=4, calibration=calib).validate()
+    h = 1.0 / steps
+    assert skip_limit(cfg, {"t": 500.0, "t_prev": (0.5 + h) * 1000}) == limit
+    assert skip_limit(cfg, {"t": 500.0, "t_prev": None}) == 4  # the first step: nothing to compare
+    assert calibration_step(calib, 0.5) == pytest.approx(0.02)
+    assert calibration_step(None, 0.5) is None
+
+
 def test_transfer_note_names_the_calibration_step_count():
     calib = constant_calibration(1.0)
-    assert transfer_note(calib, 50) is None and transfer_note(calib, 20) is None
-    note = transfer_note(calib, 8)
-    assert "50 steps" in note and "--steps 8" in note and "mmkit accel calibrate --steps 8" in note
+    assert transfer_note(calib, 50) is None and transfer_note(calib, 30) is None
+    note = transfer_note(calib, 20)
+    assert "50 steps" in note and "--steps 20" in note and "--cache-threshold" in note
+    assert "from 30 to 50 steps" in transfer_note(calib, 8)
 
 
 def test_cfg_cache_reuses_the_uncond_delta_on_scheduled_steps(model, uncached):
