@@ -87,6 +87,7 @@ def pretrain_shapes_vision(
     if v.patch_size * v.spatial_merge_size * 2 > size:
         raise ValueError(f"size={size} is smaller than 2 x 2 merged tokens of the vision config")
     dim = v.out_hidden_size
+    torch.manual_seed(seed)  # the heads' initialisation
     heads = nn.ModuleDict({"shape": nn.Linear(dim, len(_SHAPES)), "color": nn.Linear(dim, len(_COLORS))})
     visual = model.visual
     visual.train()

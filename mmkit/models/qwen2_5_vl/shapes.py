@@ -23,8 +23,8 @@ SHAPES_QWEN_ASSET = "shapes_qwen.safetensors"  # in mmkit/assets, written by scr
 SHAPES_QA_SIZE = 112  # training image side in pixels (8 x 8 patches of 14 -> 16 merged image tokens)
 SHAPES_QA_EVAL_SEED = 1000  # held-out images: another seed than the training set's 0
 _FILE_KEY = "file:"  # metadata key prefix of a packed side file
-# Wider than the test-sized `tiny_config` (vision 32, LLM 64). At both widths the model learns colours
-# and counts but not the shape classes (shape questions at chance, scripts/pretrain_shapes_vlm.py).
+# Wider and deeper than the test-sized `tiny_config` (vision 2 x 32, LLM 2 x 64). Width alone did not
+# teach the shape classes through SFT; a pretrained, frozen tower did (scripts/pretrain_shapes_vlm.py).
 # rope_theta 10, not Qwen's 1e6: the vision tower has only relative positions, so where a shape lies
 # reaches the LLM only through the M-RoPE (h, w) positions of the 4 x 4 image tokens. M-RoPE gives h and w
 # the lowest of the 16 rotary frequencies; at 1e6 neighbouring columns differ by at most 1.8e-4 rad and
@@ -34,8 +34,15 @@ SHAPES_QWEN_TEXT = {
     "intermediate_size": 256,
     "mrope_section": (4, 6, 6),  # head_dim 32: 16 rotary pairs for (t, h, w)
     "rope_theta": 10.0,
+    "num_hidden_layers": 4,
 }
-SHAPES_QWEN_VISION = {"hidden_size": 96, "intermediate_size": 192, "num_heads": 3}
+SHAPES_QWEN_VISION = {
+    "depth": 4,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_heads": 4,
+    "fullatt_block_indexes": (1, 3),
+}
 
 
 def shapes_vlm_config(token_ids: dict[str, int]):

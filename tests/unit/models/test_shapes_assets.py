@@ -67,12 +67,12 @@ def test_qwen_shapes_folder_loads_through_load_vlm(tmp_path):
         assert torch.equal(got[k], v.float()), k
     assert processor.tokenizer("red").input_ids  # the packed tokenizer files work
 
-    # and it is the trained model: held-out images, colour and count questions. A random colour is
-    # right 1 time in 5 and a random count 1 in 3; `mmkit eval shapes-qa --images 100` measured
-    # colour 68% and count 100% for this asset
+    # and it is the trained model: held-out images, colour, shape and count questions. A random
+    # colour is right 1 time in 5, a random shape or count 1 in 3; `mmkit eval shapes-qa --images 100`
+    # measured colour 100%, shape 100%, position 97% and count 100% for this asset
     items = shapes_qa_items(12, SHAPES_QA_SIZE, SHAPES_QA_EVAL_SEED, tmp_path / "qa")
-    items = [q for q in items if q.kind in ("color", "count")]
+    items = [q for q in items if q.kind in ("color", "shape", "count")]
     acc, answers = eval_shapes_qa(
         ChatSession(model, processor, SamplingParams(max_new_tokens=8)), items, False
     )
-    assert acc["count"] >= 11 / 12 and acc["color"] >= 6 / 12, list(zip(answers, [q.answer for q in items]))
+    assert min(acc.values()) >= 11 / 12, (acc, list(zip(answers, [q.answer for q in items])))
