@@ -1,9 +1,12 @@
 """Cache Searcher: the DiTCache setting with the best quality at a target speedup.
 
 Like MindIE's Cache Searcher: candidate step and block ranges whose predicted speedup reaches the target
-(predicted = 1 / (1 - fraction of block evaluations skipped), the blocks being nearly all of a step's
-time) are each run on the prompts and scored by PSNR / MSE of the decoded frames against the uncached
-video; the best PSNR wins. Uncached references and every scored candidate are stored in the output
+are each run on the prompts and scored by PSNR / MSE of the decoded frames against the uncached video;
+the best PSNR wins. The target is the whole generation's (text encoding + denoising + VAE decode), as
+the user times it: the uncached reference runs first and give the denoise loop's share `f` of the wall
+time; a candidate's predicted speedup is `1 / ((1 - f) + f * (1 - skipped))`, with `skipped` the
+fraction of block evaluations it skips (the blocks being nearly all of a step's time). A target the
+share cannot reach (`1 / (1 - f)` or more) is refused with both numbers. Uncached references and every scored candidate are stored in the output
 folder (`reference_<i>.npy`, `results.jsonl`), so an interrupted search resumes where it stopped.
 The winner is written as `best.json`, which `mmkit generate --cache-config best.json` reads.
 """
@@ -22,11 +25,25 @@ from mmkit.infer.accel.cache.common import repeated_blocks
 from mmkit.infer.accel.quality import mse, psnr
 
 
-def predicted_speedup(cfg: DiTCacheConfig, steps: int, num_blocks: int) -> float:
-    """1 / (1 - skipped fraction of block evaluations) for `steps` sampling steps."""
+def predicted_speedup(cfg: DiTCacheConfig, steps: int, num_blocks: int, dit_share: float = 1.0) -> float:
+    """1 / ((1 - dit_share) + dit_share * (1 - skipped)), with `skipped` the fraction of block evaluations
+    skipped in `steps` sampling steps and `dit_share` the denoise loop's share of the wall time (1.0: the
+    denoise loop alone)."""
     cached = sum(cfg.is_cached(s) for s in range(steps))
     skipped = cached * (cfg.block_end - cfg.block_start) / (steps * num_blocks)
-    return 1.0 / (1.0 - skipped)
+    return 1.0 / ((1.0 - dit_share) + dit_share * (1.0 - skipped))
+
+
+def dit_target(target_speedup: float, dit_share: float) -> float:
+    """The denoise-loop speedup that gives `target_speedup` on the whole generation when the loop takes
+    `dit_share` of it. Example: `dit_target(1.6, 0.85)  # 1.79`."""
+    rest = 1.0 / target_speedup - (1.0 - dit_share)
+    if rest <= 0:
+        raise ValueError(
+            f"--target-speedup {target_speedup}: the denoise loop is {dit_share:.0%} of the generation's "
+            f"wall time here, so caching it can give at most {1 / (1 - dit_share):.2f}x; lower the target"
+        )
+    return dit_share / rest
 
 
 def dit_candidates(
@@ -92,7 +109,6 @@ def search_dit_cache(
     out.mkdir(parents=True, exist_ok=True)
     transformer = pipe.transformer
     n = len(repeated_blocks(transformer))
-    candidates = dit_candidates(n, steps, target_speedup, max_candidates)
     kw = {"num_inference_steps": steps, "progress": False, "seed": 0, **gen_kwargs}
     results_file = out / "results.jsonl"
     done = {}
@@ -102,25 +118,44 @@ def search_dit_cache(
                 r = json.loads(line)
                 done[r["key"]] = r
 
-    refs, ref_seconds = [], []
+    refs, ref_seconds, denoise_seconds = [], [], []
     meta = out / "reference.json"
     meta_d = json.loads(meta.read_text()) if meta.is_file() else {}
-    bar = tqdm(
-        total=len(prompts) * (1 + len(candidates)), desc="cache search", unit="video", disable=not progress
-    )
+    bar = tqdm(total=len(prompts), desc="cache search: references", unit="video", disable=not progress)
     for i, prompt in enumerate(prompts):
         f = out / f"reference_{i}.npy"
-        if f.is_file() and meta_d.get(str(i), {}).get("prompt") == prompt:
+        saved = meta_d.get(str(i), {})
+        if f.is_file() and saved.get("prompt") == prompt and "denoise_seconds" in saved:
             refs.append(np.load(f))
-            ref_seconds.append(meta_d[str(i)]["seconds"])
+            ref_seconds.append(saved["seconds"])
+            denoise_seconds.append(saved["denoise_seconds"])
         else:
             t0 = time.perf_counter()
-            refs.append(pipe(prompt, **kw).frames[0])
+            res = pipe(prompt, **kw)
             ref_seconds.append(time.perf_counter() - t0)
+            steps_timed = getattr(res, "step_times", None)  # a pipeline without them: all of it is DiT
+            denoise_seconds.append(float(sum(steps_timed)) if steps_timed else ref_seconds[-1])
+            refs.append(res.frames[0])
             np.save(f, refs[-1])
-            meta_d[str(i)] = {"prompt": prompt, "seconds": ref_seconds[-1]}
+            meta_d[str(i)] = {
+                "prompt": prompt,
+                "seconds": ref_seconds[-1],
+                "denoise_seconds": denoise_seconds[-1],
+            }
             meta.write_text(json.dumps(meta_d, indent=1))
         bar.update(1)
+    bar.close()
+    share = min(1.0, sum(denoise_seconds) / sum(ref_seconds))
+    needed = dit_target(target_speedup, share)
+    try:
+        candidates = dit_candidates(n, steps, needed, max_candidates)
+    except ValueError:
+        raise ValueError(
+            f"--target-speedup {target_speedup}: the denoise loop is {share:.0%} of the generation's wall "
+            f"time here, so the DiT needs {needed:.2f}x, and no DiTCache setting reaches that with {n} blocks "
+            f"and {steps} steps (lower the target or use more steps)"
+        ) from None
+    bar = tqdm(total=len(prompts) * len(candidates), desc="cache search", unit="video", disable=not progress)
 
     for cfg in candidates:
         key = _key(cfg)
@@ -146,8 +181,9 @@ def search_dit_cache(
             "psnr": float(np.mean(scores)),
             "psnr_worst": float(np.min(scores)),
             "mse": float(np.mean(errs)),
-            "predicted_speedup": predicted_speedup(cfg, steps, n),
+            "predicted_speedup": predicted_speedup(cfg, steps, n, share),
             "speedup": sum(ref_seconds) / seconds,
+            "dit_share": share,
             "skipped_fraction": skipped,
         }
         done[key] = r

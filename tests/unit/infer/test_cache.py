@@ -312,22 +312,24 @@ def test_adaptive_steps_outside_the_sigma_band_always_run(model, uncached):
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("made_at", [50, 25])
 @pytest.mark.parametrize("steps,limit", [(50, 4), (100, 4), (30, 2), (20, 1), (5, 1)])
-def test_max_skips_counts_steps_of_the_calibration_size(steps, limit):
-    """A 50-step calibration (sigma steps of 0.02) with max_skips 4: runs with larger steps may skip
-    proportionally fewer in a row (floor, at least 1); smaller steps keep 4."""
-    sigmas = [1.0 - i / 50 for i in range(51)]
+def test_max_skips_counts_steps_of_a_50_step_schedule(steps, limit, made_at):
+    """max_skips 4 with a calibration on a uniform schedule made at 50 or 25 steps: runs whose steps are
+    larger than a 50-step schedule's may skip proportionally fewer in a row (floor, at least 1); smaller
+    steps keep 4. The calibration's own step count does not change the limit."""
+    sigmas = [1.0 - i / made_at for i in range(made_at + 1)]
     calib = {
         "version": CALIBRATION_VERSION,
-        "steps": 50,
-        "magnitude": {"cond": {"sigma": sigmas, "rate": [1.0] * 51}},
+        "steps": made_at,
+        "magnitude": {"cond": {"sigma": sigmas, "rate": [1.0] * (made_at + 1)}},
         "first_block": {},
     }
     cfg = AdaptiveCacheConfig(threshold=1.0, max_skips=4, calibration=calib).validate()
     h = 1.0 / steps
     assert skip_limit(cfg, {"t": 500.0, "t_prev": (0.5 + h) * 1000}) == limit
     assert skip_limit(cfg, {"t": 500.0, "t_prev": None}) == 4  # the first step: nothing to compare
-    assert calibration_step(calib, 0.5) == pytest.approx(0.02)
+    assert calibration_step(calib, 0.5) == pytest.approx(1.0 / made_at)
     assert calibration_step(None, 0.5) is None
 
 

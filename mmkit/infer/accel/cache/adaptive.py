@@ -19,13 +19,13 @@ Why one calibration and threshold serve 20, 30 and 50 steps: the drift and the e
 by sigma; the guard band `sigma_max` (steps above it always run: the layout forms there) and
 `sigma_min` are sigmas. Sigma is the model's timestep / 1000 (flow matching, sigma from 1 to 0).
 Fewer steps skip a smaller fraction at the same threshold (each step moves further), by design.
-`warmup` counts steps; `max_skips` counts steps of the calibration run's size (see below).
+`warmup` counts steps; `max_skips` counts steps of a 50-step schedule (see below).
 
-Optional: `max_skips` consecutive skipped steps at most, counted at the calibration's step size: a run
-whose sigma steps are larger than the calibration's at the same sigma allows proportionally fewer
-(`floor(max_skips * calibration step / this step)`, at least 1), so a run of skips covers about the
-same sigma at 20, 30 or 50 steps (without it, a 50-step calibration at 30 steps left the worst of 8
-shapes prompts at 19 dB; with it, 28 dB); `taylor` forecasts the skipped residual as a
+Optional: `max_skips` consecutive skipped steps at most, counted in steps of a 50-step schedule: a run
+whose sigma steps are larger than a 50-step schedule's at the same sigma (read from the calibration's
+schedule and step count) allows proportionally fewer (`floor(max_skips * 50-step step / this step)`, at
+least 1), so a run of skips covers about the same sigma at 20, 30 or 50 steps (without it, 30 steps
+left the worst of 8 shapes prompts at 19 dB; with it, 28 dB); `taylor` forecasts the skipped residual as a
 first-order Taylor step in sigma from the last two computed residuals
 (`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`.
 
@@ -205,6 +205,9 @@ def step_signal(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, bran
     return s.get("err", 0.0) + s["drift_now"] * dsigma
 
 
+MAX_SKIPS_STEPS = 50  # `max_skips` counts steps of a schedule of this many steps (Wan's default)
+
+
 def calibration_step(calibration: dict | None, sigma: float) -> float | None:
     """The calibration run's sigma step at `sigma` (interpolated; None without a calibration curve).
 
@@ -220,14 +223,17 @@ def calibration_step(calibration: dict | None, sigma: float) -> float | None:
 
 
 def skip_limit(cfg: AdaptiveCacheConfig, s: dict) -> int:
-    """`cfg.max_skips` at this step: scaled by (calibration step / this step) at the current sigma when
-    the steps are larger than the calibration's, at least 1. Example: 4 at the calibration's step count,
-    2 at 30 steps and 1 at 20 steps for a 50-step calibration."""
+    """`cfg.max_skips` at this step. It counts steps of a `MAX_SKIPS_STEPS`-step schedule: where this
+    run's sigma step is larger than such a schedule's at the current sigma (the calibration's step there,
+    rescaled by its step count), proportionally fewer, at least 1. Example: 4 at 50 steps, 2 at 30
+    and 1 at 20, whatever step count the calibration was made at."""
     limit = cfg.max_skips
     prev = s.get("t_prev")
+    made_at = (cfg.calibration or {}).get("steps")
     ref = calibration_step(cfg.calibration, s["t"] / T_SCALE)
-    if prev is None or ref is None:
+    if prev is None or ref is None or not made_at:
         return limit
+    ref *= made_at / MAX_SKIPS_STEPS  # the step a MAX_SKIPS_STEPS-step schedule takes at this sigma
     step = abs(s["t"] - prev) / T_SCALE
     if step <= ref:
         return limit
