@@ -27,7 +27,10 @@ def test_demo_small(tmp_path, capsys):
     assert summary["train"]["steps"] == 6 and len(summary["shapes"]["prompts"]) == 1
     assert set(summary["shapes"]["accuracy"]) == {"background", "color", "shape", "direction"}
     assert [r["truth"] for r in summary["chat"]] and all("answer" in r for r in summary["chat"])
+    cache = summary["cache"]
+    assert cache["speedup"] > 0 and 0 <= cache["skipped"] < 1 and cache["psnr_worst"] <= cache["psnr_mean"]
+    assert (tmp_path / "contact_sheet_cached.png").stat().st_size > 0
     assert all(Path(p).exists() for p in summary["pictures"].values())
     assert (tmp_path / "wan-trained" / "model_index.json").is_file()
     out = capsys.readouterr().out
-    assert "demo outputs:" in out and "(truth: " in out
+    assert "demo outputs:" in out and "(truth: " in out and "adaptive step cache:" in out
