@@ -65,7 +65,7 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         tag = " (default)" if th == DEFAULTS["magnitude"]["threshold"] else ""
         out[f"adaptive magnitude th={th}{tag}"] = [AdaptiveCacheConfig(th, calibration=calib)]
     # a lower guard band (every step above sigma_max runs): the quality end of the front
-    for th, top in ((0.003, 0.9), (0.01, 0.9), (0.02, 0.92)):
+    for th, top in ((0.003, 0.9), (0.01, 0.9), (0.02, 0.92), (0.03, 0.92)):
         out[f"adaptive magnitude th={th} sigma_max={top}"] = [
             AdaptiveCacheConfig(th, calibration=calib, sigma_max=top)
         ]
