@@ -46,8 +46,7 @@ from mmkit.infer.accel.cache import (
 )
 from mmkit.infer.accel.cache.adaptive import DEFAULTS, calibrate_adaptive
 from mmkit.infer.accel.quality import psnr, ssim
-
-CALIB_PROMPT = "a white triangle moves up on a dark blue background"
+from mmkit.models.wan.shapes import SHAPES_CALIB_PROMPT
 
 
 def scaled(step: int, steps: int) -> int:
@@ -141,7 +140,7 @@ def diffusers_mag_ratios(pipe_d, kw: dict) -> list[float]:
     )
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        pipe_d(CALIB_PROMPT, **kw)
+        pipe_d(SHAPES_CALIB_PROMPT, **kw)
     pipe_d.transformer.disable_cache()
     lists = re.findall(r"\[([0-9eE.,\s+-]+)\]", buf.getvalue())
     return [float(x) for x in lists[0].split(",")]
@@ -285,7 +284,7 @@ def main() -> None:
     print("timings on a shared CPU: noisy; speedups are interleaved per prompt")
     calib = calibrate_adaptive(
         pipe,
-        CALIB_PROMPT,
+        SHAPES_CALIB_PROMPT,
         a.steps,
         seed=0,
         progress=False,
@@ -327,7 +326,7 @@ def main() -> None:
     transfer = []
     gen_kw = {k: v for k, v in kw.items() if k != "num_inference_steps"}
     for steps in [int(s) for s in a.transfer_steps.split(",") if s]:
-        own = calibrate_adaptive(pipe, CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
+        own = calibrate_adaptive(pipe, SHAPES_CALIB_PROMPT, steps, seed=0, progress=False, **gen_kw)
         refs = [run_mmkit(prompt, i, [], steps)[0] for i, prompt in enumerate(prompts)]
         default = DEFAULTS["magnitude"]["threshold"]
         for th, label, c in (

@@ -131,9 +131,6 @@ def step_chat(a, out: Path, ctx: dict) -> None:
     ctx["pictures"]["held-out image the VLM was asked about"] = out / "vlm_image.png"
 
 
-CALIB_PROMPT = "a white triangle moves up on a dark blue background"  # not among the held-out prompts
-
-
 def step_cache(a, out: Path, ctx: dict) -> None:
     import time
 
@@ -143,10 +140,11 @@ def step_cache(a, out: Path, ctx: dict) -> None:
     from mmkit.infer.accel.cache.adaptive import calibrate_adaptive
     from mmkit.infer.accel.quality import psnr
     from mmkit.infer.evaluate import contact_sheet
+    from mmkit.models.wan.shapes import SHAPES_CALIB_PROMPT
 
     pipe, prompts = ctx["shapes_pipe"], ctx["shapes_eval"].prompts
     size = dict(height=64, width=64, num_frames=17, progress=False)
-    calib = calibrate_adaptive(pipe, CALIB_PROMPT, a.shapes_steps, seed=0, **size)
+    calib = calibrate_adaptive(pipe, SHAPES_CALIB_PROMPT, a.shapes_steps, seed=0, **size)
     kw = {**size, "num_inference_steps": a.shapes_steps}
     cfg = AdaptiveCacheConfig(calibration=calib)
     plain, cached, skipped, clips, scores = 0.0, 0.0, [], [], []

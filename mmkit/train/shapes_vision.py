@@ -93,7 +93,7 @@ def pretrain_shapes_vision(
     heads = nn.ModuleDict({"shape": nn.Linear(dim, len(_SHAPES)), "color": nn.Linear(dim, len(_COLORS))})
     visual = model.visual
     visual.train()
-    params = [p for p in visual.parameters()] + list(heads.parameters())
+    params = list(visual.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng([seed, 1])
     cfg = processor.image_cfg

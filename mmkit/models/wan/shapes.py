@@ -26,6 +26,8 @@ SHAPES_ASSET = "shapes_wan_dit.safetensors"  # in mmkit/assets, written by scrip
 # its forward is >= 80% of `mmkit generate` time at 50 steps on a 2-core CPU.
 SHAPES_DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
 SHAPES_VIDEO = {"height": 64, "width": 64, "num_frames": 17}  # what the model was trained on
+# the one prompt step caches calibrate on (`mmkit demo`, benchmarks/cache.py): not a held-out prompt
+SHAPES_CALIB_PROMPT = "a white triangle moves up on a dark blue background"
 
 
 def save_shapes_asset(
