@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from mmkit.device import resolve_device, resolve_dtype
+from mmkit.infer.accel.conditioning import step_invariant_cache
 from mmkit.infer.accel.hooks import reset_all
 from mmkit.infer.media import load_image, read_video
 from mmkit.infer.parallel import InferenceLayout, InferenceParallel, on_device
@@ -352,7 +353,7 @@ class OpenSoraPlanPipeline:
             velocity = layout.velocity(model, guidance_scale, cond_kw, uncond_kw)
             progress = progress and layout.shows_progress
         step_kwargs = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
-        with on_device(self.transformer, self.device, par.offload):
+        with on_device(self.transformer, self.device, par.offload), step_invariant_cache(self.transformer):
             latents = denoise(
                 velocity, latents, self.scheduler, num_inference_steps, prepare, progress, stats, step_kwargs
             )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mmkit.device import resolve_device, resolve_dtype
+from mmkit.infer.accel.conditioning import step_invariant_cache
 from mmkit.infer.accel.hooks import reset_all
 from mmkit.infer.budget import tensor_bytes
 from mmkit.infer.parallel import InferenceLayout, InferenceParallel, on_device, tiled_decode
@@ -390,7 +391,11 @@ class WanT2VPipeline:
         else:
             velocity = layout.velocity(self.dit, guidance_scale, cond, uncond)
             progress = progress and layout.shows_progress
-        with on_device(self.transformer, self.device, p.offload), on_device(self.vae, self.device, p.offload):
+        with (
+            on_device(self.transformer, self.device, p.offload),
+            on_device(self.vae, self.device, p.offload),
+            step_invariant_cache(self.transformer),
+        ):
             latents = denoise(velocity, latents, scheduler, num_inference_steps, prepare, progress, stats)
         if output_type == "latent":
             return VideoOutput(latents, stats.step_times)

@@ -280,6 +280,7 @@ class OpenSoraPlanTransformer(nn.Module):
     """
 
     _repeated_blocks = ("blocks",)  # ModuleLists of identical blocks (activation checkpointing, FSDP units)
+    _step_invariant = ("text_embed",)  # input fixed over sampling (infer/accel/conditioning)
 
     def __init__(self, cfg: OSPConfig):
         super().__init__()

@@ -430,6 +430,7 @@ class WanTransformer(nn.Module):
     """
 
     _repeated_blocks = ("blocks",)  # ModuleLists of identical blocks (activation checkpointing, FSDP units)
+    _step_invariant = ("text_embed", "image_embed")  # inputs fixed over sampling (infer/accel/conditioning)
 
     def __init__(self, cfg: WanConfig):
         super().__init__()

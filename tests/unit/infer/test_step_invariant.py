@@ -1,0 +1,89 @@
+"""The step-invariant conditioning cache (mmkit/infer/accel/conditioning.py): the text embedding runs once
+per guidance branch and generation, the result is bit-identical to running it every step, a changed input
+runs the module again, and the block leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmkit.infer.accel.conditioning import step_invariant_cache, step_invariant_modules
+from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
+from mmkit.models.opensoraplan.model import OpenSoraPlanTransformer
+from mmkit.models.wan.config import WanConfig
+from mmkit.models.wan.model import WanTransformer
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = WanConfig(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=2, text_len=8,
+    )  # fmt: skip
+    m = WanTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def generate(model, cached: bool):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=g)
+    ctx, neg = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    fn = cfg_velocity(model, 4.0, {"text_context": ctx}, {"text_context": neg})
+    calls = []
+    counting = model.text_embed.fc2.register_forward_hook(lambda *_: calls.append(1))  # real evaluations
+    try:
+        with torch.no_grad():
+            if not cached:
+                return denoise(fn, noise, FlowEulerScheduler(shift=3.0), STEPS, progress=False), len(calls)
+            with step_invariant_cache(model) as hooks:
+                out = denoise(fn, noise, FlowEulerScheduler(shift=3.0), STEPS, progress=False)
+            assert sum(h.calls for h in hooks) == len(calls)
+            return out, len(calls)
+    finally:
+        counting.remove()
+
+
+def test_text_embedding_runs_once_per_branch_and_the_result_is_bit_identical(model):
+    ref, ref_calls = generate(model, cached=False)
+    out, calls = generate(model, cached=True)
+    assert ref_calls == 2 * STEPS  # cond + uncond at every step
+    assert calls == 2  # once per branch
+    assert torch.equal(out, ref)
+
+
+def test_the_block_restores_the_model(model):
+    before = dict(model.text_embed.__dict__)
+    with step_invariant_cache(model):
+        assert "_mmkit_hooks" in model.text_embed.__dict__
+    assert model.text_embed.__dict__.keys() == before.keys()
+    assert step_invariant_modules(model) == [model.text_embed]  # t2v: no image_embed
+
+
+def test_a_changed_input_or_output_or_autograd_runs_the_module_again(model):
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad(), step_invariant_cache(model) as (hook,):
+        a = model.text_embed(x)
+        assert model.text_embed(x) is a and hook.calls == 1
+        x.mul_(2)  # in place: the version counter moves
+        b = model.text_embed(x)
+        assert hook.calls == 2 and not torch.equal(a, b)
+        assert torch.equal(b, type(model.text_embed).forward(model.text_embed, x))
+        b.add_(1)  # someone changed the stored output: not reused
+        c = model.text_embed(x)
+        assert hook.calls == 3 and c is not b
+        assert model.text_embed(x.clone()) is not c and hook.calls == 4  # equal values, other tensor
+    with step_invariant_cache(model) as (hook,):
+        y = model.text_embed(x)
+        model.text_embed(x)
+        assert hook.calls == 2 and y.requires_grad  # autograd: always runs
+
+
+def test_every_dit_family_names_its_conditioning_modules():
+    assert WanTransformer._step_invariant == ("text_embed", "image_embed")
+    assert OpenSoraPlanTransformer._step_invariant == ("text_embed",)
