@@ -144,11 +144,8 @@ def main(argv=None) -> int:
             args += ["--model.freeze_vision", "true"]
         args += ["--checkpoint.dir", str(ckpt)]
         args += ["--checkpoint.interval", "100", "--logging.metrics_file", str(ckpt / "metrics.jsonl")]
-        trainer = Trainer(parse_cli(args))
-        try:
+        with Trainer(parse_cli(args)) as trainer:
             trainer.fit()
-        finally:
-            trainer.close()
     print(f"[5/5] export -> {a.out}", flush=True)
     path, step = save_qwen_shapes_asset(ckpt, a.out)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, step {step}) in {time.time() - t0:.0f} s")

@@ -67,11 +67,8 @@ def step_train(a, out: Path, ctx: dict) -> None:
         + ["--train.steps", str(a.steps), "--checkpoint.dir", str(ckpt), "--checkpoint.interval", "50"]
         + ["--logging.metrics_file", str(metrics), "--optim.warmup_steps", str(min(10, a.steps))]
     )
-    trainer = Trainer(cfg)
-    try:
+    with Trainer(cfg) as trainer:
         losses = trainer.fit()
-    finally:
-        trainer.close()
     export_to_hf(ckpt, exported)  # the trained checkpoint as a diffusers folder, reloaded below
     pipe = load_pipeline(exported, task="t2v", device="auto", dtype="fp32")
     prompt = shapes.heldout_prompts[0]

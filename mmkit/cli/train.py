@@ -18,11 +18,8 @@ def run(a) -> int:
     from mmkit.train.trainer import Trainer
 
     cfg = parse_cli(a.overrides)  # every config error is raised here, before any compute
-    trainer = Trainer(cfg)
-    try:
+    with Trainer(cfg) as trainer:
         losses = trainer.fit()
-    finally:
-        trainer.close()
     if losses and trainer.rank == 0:
         print(f"trained to step {cfg.train.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0

@@ -76,9 +76,10 @@ def _counts(prep: dict) -> tuple[int, int]:
 
 
 class Trainer:
-    """Example:
+    """Example (the block leaves the process group however `fit` ends):
     cfg = parse_cli(["--config", "recipes/tiny/wan_t2v.toml", "--train.steps", "20"])
-    Trainer(cfg).fit()
+    with Trainer(cfg) as trainer:
+        losses = trainer.fit()
     """
 
     def __init__(self, cfg: Config):
@@ -355,6 +356,12 @@ class Trainer:
         if self.dims.dp > 1:
             dist.all_reduce(per_dp, group=self.mesh["dp"].get_group())
         return per_dp[0], int(per_dp[1]), int(per_dp[3]), int(per_dp[2])
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Leave the process group (with a barrier first: gloo can abort a rank exiting early)."""

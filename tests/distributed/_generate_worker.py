@@ -26,18 +26,21 @@ from mmkit.infer.parallel import InferenceParallel
 
 # generation settings: name -> (height, width, frames); "odd" has 3 x 3 x 3 = 27 tokens (patch 1x2x2)
 SIZES = {"base": (32, 32, 5), "odd": (48, 48, 9)}
-# case -> (InferenceParallel kwargs, size, reference key suffix)
-CASES = {
+# case -> (InferenceParallel kwargs, size, reference key suffix); the layouts every video family's test runs
+SHARED_CASES = {
     "ulysses2": (dict(ulysses=2), "base", ""),
     "ring2": (dict(ring=2), "base", ""),
     "cfg2": (dict(cfg=2), "base", ""),
     "ulysses2_27tokens": (dict(ulysses=2), "odd", ""),
     "ring2_27tokens": (dict(ring=2), "odd", ""),
     "ulysses2_dit_fsdp_t5_fsdp": (dict(ulysses=2, dit_fsdp=True, t5_fsdp=True), "base", ""),
+    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base", ""),
+}
+CASES = {
+    **SHARED_CASES,
     # 3 latent frames in chunks [0, 2) and [2, 3); the second decoded after 1 warm-up frame (approximate)
     "ulysses2_vae_parallel": (dict(ulysses=2, vae_parallel=True, vae_warmup=1), "odd", "_split"),
     "ulysses2_ring2": (dict(ulysses=2, ring=2), "base", ""),
-    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base", ""),
 }
 PROMPT, NEG = "a blue square", "blurry"
 

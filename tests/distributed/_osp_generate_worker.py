@@ -25,17 +25,8 @@ from _generate_worker import NEG, PROMPT  # noqa: F401 (the test imports them fr
 # name -> (height, width, frames). Tokens (patch 1x2x2 on 4x8x8 latents): "base" 4 x 2 x 4 = 32, a multiple
 # of Skiparse's k^2 x 2 = 32; "odd" 3 x 3 x 3 = 27, padded to 32 (2 ranks) or 64 (4 ranks: k^2 x 4)
 SIZES = {"base": (32, 64, 13), "odd": (48, 48, 9)}
-# case -> (InferenceParallel kwargs, size, reference key suffix)
-CASES = {
-    "ulysses2": (dict(ulysses=2), "base", ""),
-    "ring2": (dict(ring=2), "base", ""),
-    "cfg2": (dict(cfg=2), "base", ""),
-    "ulysses2_27tokens": (dict(ulysses=2), "odd", ""),
-    "ring2_27tokens": (dict(ring=2), "odd", ""),
-    "ulysses2_dit_fsdp_t5_fsdp": (dict(ulysses=2, dit_fsdp=True, t5_fsdp=True), "base", ""),
-    "ulysses2_ring2_27tokens": (dict(ulysses=2, ring=2), "odd", ""),
-    "cfg2_ulysses2": (dict(cfg=2, ulysses=2), "base", ""),
-}
+# case -> (InferenceParallel kwargs, size, reference key suffix): the shared layouts, hybrid on 27 tokens
+CASES = {**_generate_worker.SHARED_CASES, "ulysses2_ring2_27tokens": (dict(ulysses=2, ring=2), "odd", "")}
 gen_kwargs = functools.partial(_generate_worker.gen_kwargs, sizes=SIZES)  # (size, image) -> pipeline kwargs
 
 

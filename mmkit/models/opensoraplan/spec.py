@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmkit.models.common.video_rules import video_clip_errors
 from mmkit.registry import EstimatorInfo, FamilySpec, ModelShape, PPRule, TPRule
 
 
@@ -47,25 +48,8 @@ def _shape(cfg) -> ModelShape:
 
 def _validate(cfg, world: int) -> list[str]:
     """OpenSoraPlan's own config rules: clip geometry the WF-VAE (4x8x8) and the 2x2 patches accept."""
-    m, d = cfg.model, cfg.data
-    errs = []
-    if any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
-        errs.append(
-            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for opensoraplan"
-        )
-    if d.num_frames < 1 or (d.num_frames - 1) % 4:
-        k = max(0, round((d.num_frames - 1) / 4))
-        errs.append(
-            f"data.num_frames={d.num_frames!r}: must be 4k+1 (the WF-VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}"
-        )
-    for name in ("height", "width"):
-        v = getattr(d, name)
-        if v < 16 or v % 16:
-            errs.append(
-                f"data.{name}={v!r}: must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}"
-            )
-    if not 0.0 <= d.text_dropout <= 1.0:
-        errs.append(f"data.text_dropout={d.text_dropout!r}: is a probability; use a value in [0, 1]")
+    d = cfg.data
+    errs = video_clip_errors(cfg, "opensoraplan", "the WF-VAE")
     if d.mask_type_ratios is not None and (
         len(d.mask_type_ratios) != 6 or min(d.mask_type_ratios) < 0 or not sum(d.mask_type_ratios)
     ):

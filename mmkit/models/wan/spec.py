@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmkit.models.common.hf_io import read_json
+from mmkit.models.common.video_rules import video_clip_errors
 from mmkit.registry import EstimatorInfo, FamilySpec, ModelShape, PPRule, TPRule
 
 # diffusers pipeline classes of the Wan2.1 releases (model_index.json `_class_name`)
@@ -51,28 +52,7 @@ def _shape(cfg) -> ModelShape:
 
 def _validate(cfg, world: int) -> list[str]:
     """Wan's own config rules: video clip geometry the VAE and patching accept."""
-    m, d = cfg.model, cfg.data
-    errs = []
-    if any((m.freeze_vision, m.freeze_merger, m.freeze_llm)):
-        errs.append(
-            "model.freeze_vision/freeze_merger/freeze_llm: apply to qwen2_5_vl only; remove them for wan"
-        )
-    if d.num_frames < 1 or (d.num_frames - 1) % 4:
-        k = max(0, round((d.num_frames - 1) / 4))
-        errs.append(
-            f"data.num_frames={d.num_frames!r}: must be 4k+1 (the VAE's temporal stride), e.g. {4 * k + 1} or {4 * k + 5}"
-        )
-    for name in ("height", "width"):
-        v = getattr(d, name)
-        if v < 16 or v % 16:
-            errs.append(
-                f"data.{name}={v!r}: must be a positive multiple of 16 (VAE stride 8 x patch 2), e.g. {max(16, v // 16 * 16)}"
-            )
-    if d.train_fps <= 0:
-        errs.append(f"data.train_fps={d.train_fps!r}: must be > 0 frames per second")
-    if not 0.0 <= d.text_dropout <= 1.0:
-        errs.append(f"data.text_dropout={d.text_dropout!r}: is a probability; use a value in [0, 1]")
-    return errs
+    return video_clip_errors(cfg, "wan", "the VAE")
 
 
 def _tiny(task: str):
