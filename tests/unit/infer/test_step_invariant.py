@@ -87,3 +87,19 @@ def test_a_changed_input_or_output_or_autograd_runs_the_module_again(model):
 def test_every_dit_family_names_its_conditioning_modules():
     assert WanTransformer._step_invariant == ("text_embed", "image_embed")
     assert OpenSoraPlanTransformer._step_invariant == ("text_embed",)
+
+
+@pytest.mark.parametrize("family", ["wan", "opensoraplan"])
+def test_the_pipelines_embed_the_prompt_once_per_branch(family, tmp_path):
+    import mmkit
+
+    if family == "wan":
+        from mmkit.models.wan.tiny import create_tiny_wan as create
+    else:
+        from mmkit.models.opensoraplan.tiny import create_tiny_osp as create
+    pipe = mmkit.load_pipeline(create(tmp_path / family, task="t2v"), task="t2v")
+    calls = []
+    pipe.transformer.text_embed.fc2.register_forward_hook(lambda *_: calls.append(1))
+    pipe("a red cube", height=32, width=32, num_frames=5, num_inference_steps=3, seed=0, output_type="latent")
+    assert len(calls) == 2  # cond + uncond, not 2 x 3 steps
+    assert "_mmkit_hooks" not in pipe.transformer.text_embed.__dict__  # gone after the generation
