@@ -83,11 +83,8 @@ def main(argv=None) -> int:
         print(f"[4/5] training to step {a.steps} -> {ckpt}", flush=True)
         from mmkit.train.trainer import Trainer
 
-        trainer = Trainer(parse_cli(args + with_feats))
-        try:
+        with Trainer(parse_cli(args + with_feats)) as trainer:
             trainer.fit()
-        finally:
-            trainer.close()
     print(f"[5/5] export -> {a.out}", flush=True)
     heldout = json.loads((data / "heldout_prompts.json").read_text())
     path, step = save_shapes_asset(ckpt, a.out, heldout)
