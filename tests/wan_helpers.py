@@ -38,6 +38,24 @@ def perturbed_reference(i2v: bool = False, seed: int = 0, layers: int = 2):
     return ref
 
 
+def tiny_sampling_dit(layers: int) -> torch.nn.Module:
+    """mmkit's WanTransformer at a size for whole sampling loops in tests (4 latent channels, 8 text tokens
+    of width 16), every parameter perturbed (seed 0) so that no block is near the identity."""
+    from mmkit.models.wan.config import WanConfig
+    from mmkit.models.wan.model import WanTransformer
+
+    torch.manual_seed(0)
+    cfg = WanConfig(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=layers, text_len=8,
+    )  # fmt: skip
+    m = WanTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
 def hand_wan_loss(model, batch: dict, g: torch.Generator, cfg) -> tuple[float, list[tuple[float, bool]]]:
     """The summed Wan training loss of a precomputed-feature batch, written out sample by sample from the
     same per-sample generators the task uses (draw order: dropout, timestep, noise), for a `WanTaskConfig`.

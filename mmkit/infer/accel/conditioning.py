@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mmkit.infer.accel.hooks import HookRegistry, ModelHook
+from mmkit.infer.accel.cache.common import register, unregister
+from mmkit.infer.accel.hooks import ModelHook
 
 HOOK = "mmkit_step_invariant"
 
@@ -36,21 +37,18 @@ class StepInvariantHook(ModelHook):
     def __init__(self):
         self.calls = 0  # module evaluations (the rest were reused), for tests and benchmarks
 
-    def init_state(self) -> dict:
-        return {}
-
     def new_forward(self, module: nn.Module, *args, **kwargs):
         x = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(x, torch.Tensor) or torch.is_grad_enabled():
             self.calls += 1
             return self.call_inner(*args, **kwargs)
-        s = self.state
+        s, key = self.state, _key(x)
         out = s.get("out")
-        if out is not None and s["key"] == _key(x) and s["out_version"] == out._version:
+        if out is not None and s["key"] == key and s["out_version"] == out._version:
             return out
         self.calls += 1
         out = self.call_inner(x)
-        s.update(key=_key(x), input=x, out=out, out_version=out._version)
+        s.update(key=key, input=x, out=out, out_version=out._version)  # input held: its memory stays ours
         return out
 
 
@@ -75,12 +73,9 @@ def step_invariant_cache(transformer: nn.Module) -> Iterator[list[StepInvariantH
     hooks = []
     try:
         for m in mods:
-            hook = StepInvariantHook()
-            HookRegistry.get_or_create(m).register_hook(hook, HOOK)
-            hooks.append(hook)
+            hooks.append(StepInvariantHook())
+            register(m, hooks[-1], HOOK)
         yield hooks
     finally:
         for m in mods:
-            reg = m.__dict__.get("_mmkit_hooks")
-            if reg is not None and reg.get_hook(HOOK) is not None:
-                reg.remove_hook(HOOK)
+            unregister(m, HOOK)

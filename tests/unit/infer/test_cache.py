@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wan_helpers import tiny_sampling_dit
 
 from mmkit.infer.accel.cache import (
     AdaptiveCacheConfig,
@@ -30,24 +31,13 @@ from mmkit.infer.accel.cache.adaptive import (
 from mmkit.infer.accel.cache.common import step_counter
 from mmkit.infer.accel.hooks import HookRegistry, ModelHook, reset_all
 from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
-from mmkit.models.wan.config import WanConfig
-from mmkit.models.wan.model import WanTransformer
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = WanConfig(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
-        freq_dim=16, ffn_dim=32, num_layers=4, text_len=8,
-    )  # fmt: skip
-    m = WanTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
+    return tiny_sampling_dit(layers=4)
 
 
 def generate(model, guidance=4.0, steps=STEPS, seed=0):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wan_helpers import tiny_sampling_dit
 
 from mmkit.infer.accel.conditioning import step_invariant_cache, step_invariant_modules
 from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
 from mmkit.models.opensoraplan.model import OpenSoraPlanTransformer
-from mmkit.models.wan.config import WanConfig
 from mmkit.models.wan.model import WanTransformer
 
 STEPS = 6
@@ -18,16 +18,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = WanConfig(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
-        freq_dim=16, ffn_dim=32, num_layers=2, text_len=8,
-    )  # fmt: skip
-    m = WanTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
+    return tiny_sampling_dit(layers=2)
 
 
 def generate(model, cached: bool):
