@@ -21,8 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mmkit.infer.accel.cache.common import register, unregister
-from mmkit.infer.accel.hooks import ModelHook
+from mmkit.infer.accel.hooks import ModelHook, register, unregister
 
 HOOK = "mmkit_step_invariant"
 

@@ -220,6 +220,18 @@ def reset_all(module: nn.Module) -> None:
                 hook.reset_state()
 
 
+def register(module: nn.Module, hook: ModelHook, name: str) -> None:
+    """Add `hook` to `module` under `name`. Example: `register(block, CountBlock(counter), "mmkit_cache_dit")`."""
+    HookRegistry.get_or_create(module).register_hook(hook, name)
+
+
+def unregister(module: nn.Module, name: str) -> None:
+    """Remove the hook `name` from `module`, if it has one. Example: `unregister(block, "mmkit_cache_dit")`."""
+    registry = module.__dict__.get(_REGISTRY_ATTR)
+    if registry is not None and registry.get_hook(name) is not None:
+        registry.remove_hook(name)
+
+
 def call_as(module: nn.Module, fn: Callable, *args, **kwargs):
     """`fn(*args, **kwargs)` run as `module`'s forward: the hooks registered on `module` see the call
     (they may rewrite its arguments or output, or replace it) and `fn` runs where the module's own

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmkit.infer.accel.cache.common import register, repeated_blocks, step_counter
-from mmkit.infer.accel.hooks import ModelHook, token_sums
+from mmkit.infer.accel.cache.common import repeated_blocks, step_counter
+from mmkit.infer.accel.hooks import ModelHook, register, token_sums
 from mmkit.infer.guidance import current_cfg_branch
 
 HOOK = "mmkit_cache_adaptive"

@@ -22,12 +22,11 @@ from torch import nn
 from mmkit.infer.accel.cache.common import (
     CountBlock,
     check_schedule,
-    register,
     repeated_blocks,
     scheduled_cache_step,
     step_counter,
 )
-from mmkit.infer.accel.hooks import ModelHook
+from mmkit.infer.accel.hooks import ModelHook, register
 from mmkit.infer.guidance import current_cfg_branch, current_cfg_peers
 
 HOOK = "mmkit_cache_cfg"

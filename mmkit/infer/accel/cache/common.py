@@ -130,13 +130,3 @@ class CountBlock(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         self.counter.stats.blocks_run += 1
         return args, kwargs
-
-
-def register(module: nn.Module, hook: ModelHook, name: str) -> None:
-    HookRegistry.get_or_create(module).register_hook(hook, name)
-
-
-def unregister(module: nn.Module, name: str) -> None:
-    reg = module.__dict__.get("_mmkit_hooks")
-    if reg is not None and reg.get_hook(name) is not None:
-        reg.remove_hook(name)

@@ -17,12 +17,11 @@ from torch import nn
 from mmkit.infer.accel.cache.common import (
     CountBlock,
     check_schedule,
-    register,
     repeated_blocks,
     scheduled_cache_step,
     step_counter,
 )
-from mmkit.infer.accel.hooks import ModelHook
+from mmkit.infer.accel.hooks import ModelHook, register
 
 HOOK = "mmkit_cache_dit"
 
