@@ -154,10 +154,15 @@ class HookRegistry:
         self._saved_forward = module.__dict__.get("forward", _NONE)  # restored when the last hook goes
         self._stand_in: Callable | None = None  # `call_as`: what runs in place of the module's forward
 
+    @staticmethod
+    def get(module: nn.Module) -> HookRegistry | None:
+        """The module's registry, or None while it has no hooks. Example: `HookRegistry.get(block)`."""
+        return module.__dict__.get(_REGISTRY_ATTR)
+
     @classmethod
     def get_or_create(cls, module: nn.Module) -> HookRegistry:
         """The module's registry, attached to it until its last hook is removed."""
-        registry = module.__dict__.get(_REGISTRY_ATTR)
+        registry = cls.get(module)
         if registry is None:
             registry = module.__dict__[_REGISTRY_ATTR] = cls(module)
         return registry
@@ -227,7 +232,7 @@ def register(module: nn.Module, hook: ModelHook, name: str) -> None:
 
 def unregister(module: nn.Module, name: str) -> None:
     """Remove the hook `name` from `module`, if it has one. Example: `unregister(block, "mmkit_cache_dit")`."""
-    registry = module.__dict__.get(_REGISTRY_ATTR)
+    registry = HookRegistry.get(module)
     if registry is not None and registry.get_hook(name) is not None:
         registry.remove_hook(name)
 

@@ -20,6 +20,7 @@ from mmkit.infer.accel.cache.attention import AttentionCacheConfig, apply_attent
 from mmkit.infer.accel.cache.cfg import CFGCacheConfig, apply_cfg_cache
 from mmkit.infer.accel.cache.common import COUNTER, SkipStats
 from mmkit.infer.accel.cache.dit import DiTCacheConfig, apply_dit_cache
+from mmkit.infer.accel.hooks import HookRegistry, unregister
 
 METHODS = {
     "dit": (DiTCacheConfig, apply_dit_cache),
@@ -60,18 +61,14 @@ def remove_cache(transformer: nn.Module) -> None:
     Example: `remove_cache(pipe.transformer)`.
     """
     for m in transformer.modules():
-        reg = m.__dict__.get("_mmkit_hooks")
-        if reg is None:
-            continue
-        for name in [n for n in reg.hooks if n.startswith("mmkit_cache_") or n == COUNTER]:
-            reg.remove_hook(name)
-            if "_mmkit_hooks" not in m.__dict__:  # the last hook went: the registry is detached
-                break
+        reg = HookRegistry.get(m)
+        for name in [n for n in (reg.hooks if reg else ()) if n.startswith("mmkit_cache_") or n == COUNTER]:
+            unregister(m, name)
 
 
 def cache_stats(transformer: nn.Module) -> SkipStats:
     """Skip counts of the last generation (all branches). Example: `cache_stats(t).skipped_fraction`."""
-    reg = transformer.__dict__.get("_mmkit_hooks")
+    reg = HookRegistry.get(transformer)
     hook = reg.get_hook(COUNTER) if reg is not None else None
     return hook.stats if hook is not None else SkipStats()
 

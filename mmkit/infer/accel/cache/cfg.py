@@ -26,7 +26,7 @@ from mmkit.infer.accel.cache.common import (
     scheduled_cache_step,
     step_counter,
 )
-from mmkit.infer.accel.hooks import ModelHook, register
+from mmkit.infer.accel.hooks import HookRegistry, ModelHook, register
 from mmkit.infer.guidance import current_cfg_branch, current_cfg_peers
 
 HOOK = "mmkit_cache_cfg"
@@ -106,5 +106,5 @@ def apply_cfg_cache(transformer: nn.Module, cfg: CFGCacheConfig) -> None:
     blocks = repeated_blocks(transformer)
     register(transformer, _CFGHook(counter, cfg, len(blocks)), HOOK)
     for block in blocks:
-        if "_mmkit_hooks" not in block.__dict__:  # no block cache counts its evaluations
+        if HookRegistry.get(block) is None:  # no block cache counts its evaluations
             register(block, CountBlock(counter), HOOK)
