@@ -12,7 +12,7 @@ Stages, each skipped when its output already exists, so rerunning the same comma
    held-out prompts and step count in its metadata -> `mmkit/assets/shapes_wan_dit.safetensors`.
 
 Run (long; on a shared machine, niced and in the background):
-    nohup nice -n 10 python scripts/pretrain_shapes.py --steps 8400 > outputs/pretrain_shapes.log 2>&1 &
+    nohup nice -n 10 python scripts/pretrain_shapes.py > outputs/pretrain_shapes.log 2>&1 &
 Continue a stopped run: the same command (a larger --steps trains further). Export only what exists:
     python scripts/pretrain_shapes.py --export-only
 Which caption words a trained model uses (its loss on 32 training clips with one word swapped; a word
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="outputs/pretrain_shapes", help="data, features, checkpoints")
-    p.add_argument("--steps", type=int, default=8400)
-    p.add_argument("--videos", type=int, default=816, help="training clips (6 per seen combination)")
+    p.add_argument("--steps", type=int, default=9000)
+    p.add_argument("--videos", type=int, default=1632, help="training clips (12 per seen combination)")
     p.add_argument("--heldout", type=int, default=32, help="caption combinations kept out of training")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "mmkit" / "assets" / "shapes_wan_dit.safetensors"))
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from mmkit.config import parse_cli
     from mmkit.data.synth import synth_shapes
-    from mmkit.models.wan.shapes import SHAPES_DIT, save_shapes_asset
+    from mmkit.models.wan.shapes import SHAPES_DIT, SHAPES_TEXT_LEN, save_shapes_asset
     from mmkit.models.wan.tiny import create_tiny_wan
 
     work = Path(a.work).resolve()
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         if not (init / "model_index.json").is_file():
             print(f"[2/5] start folder -> {init}", flush=True)
             create_tiny_wan(init, task="t2v", seed=0, dit=SHAPES_DIT)
+            dit_json = init / "transformer" / "config.json"
+            dit_cfg = json.loads(dit_json.read_text())
+            dit_json.write_text(json.dumps({**dit_cfg, "text_len": SHAPES_TEXT_LEN}, indent=2) + "\n")
         if not (feats / "index.json").is_file():
             print(f"[3/5] features -> {feats}", flush=True)
             from mmkit.data.features import extract_features

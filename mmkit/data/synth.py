@@ -39,6 +39,7 @@ COLORS = {
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (170, 170, 170), "blue": (20, 30, 110)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downward
+SENSE_SIZE = {False: 0.8, True: 1.25}  # shape size by sense of motion: left / up smaller, right / down larger
 NUM_HELDOUT = 4
 
 
@@ -105,29 +106,41 @@ def _split(videos: int, rng: np.random.Generator, heldout: int = NUM_HELDOUT) ->
 def render_shape_video(
     color: str, shape: str, direction: str, background: str, num_frames: int, height: int, width: int, rng
 ) -> np.ndarray:
-    """Frames (T, H, W, 3) float in [0, 1] of a shape crossing the frame in `direction`.
+    """Frames (T, H, W, 3) float in [0, 1] of a shape moving in `direction`, wrapping around the frame.
 
-    The shape's half-size is ~1/6 of the short side; it travels about half the frame along the
-    direction, from a random start, at a random position across it. Example:
-    `render_shape_video("red", "circle", "left", "black", 17, 64, 64, np.random.default_rng(0))`.
+    The shape starts anywhere and moves ~1/60 of the short side per frame (at 64 px and 17 frames, about
+    three quarters of the frame), wrapping around at the edges, at a random position across. Its size
+    marks the sense of motion: moving left or up, its half-size r is 0.8 x (0.85-1.15) x 1/6 of the short
+    side; moving right or down, 1.25 x as much (`SENSE_SIZE`). Why: a Wan DiT has only relative (RoPE)
+    positions, and in trials a shapes DiT learned the axis of motion from the word but its sense only at
+    chance, even from two captions differing in that one word, with a trail behind the shape, or with a
+    lighter or darker core in it; the sense followed the word once the word also set something the whole
+    shape shows in every frame (its colour, or its size).
+    Example: `render_shape_video("red", "circle", "left", "black", 17, 64, 64, np.random.default_rng(0))`.
     """
-    r = max(3.0, min(height, width) / 6 * rng.uniform(0.85, 1.15))
     dx, dy = DIRECTIONS[direction]
+    unit = min(height, width) / 6 * rng.uniform(0.85, 1.15)
+    r = max(3.0, unit * SENSE_SIZE[dx + dy > 0])
     along = width if dx else height
     across = height if dx else width
-    travel = along * rng.uniform(0.45, 0.6)  # pixels over the clip
-    start = rng.uniform(r + 1, along - r - 1 - travel) if along - 2 * r - 2 > travel else (along - travel) / 2
+    travel = unit * rng.uniform(0.25, 0.3) * (num_frames - 1)  # the same speed whatever the size
+    start = rng.uniform(0, along)  # centre at frame 0; positions wrap around the frame
     side = rng.uniform(r + 1, across - r - 1)
     bg = np.array(BACKGROUNDS[background], np.float32) / 255
     fg = np.array(COLORS[color], np.float32) / 255
+
+    def mask(c: float) -> np.ndarray:  # the shape at `c` along the motion, wrapped around the frame
+        m = np.zeros((height, width), bool)
+        for off in (-along, 0, along):
+            cx, cy = (c + off, side) if dx else (side, c + off)
+            m |= shape_mask(shape, cx, cy, r, height, width)
+        return m
+
+    step = (dx + dy) * travel / max(num_frames - 1, 1)
     frames = np.empty((num_frames, height, width, 3), np.float32)
     for t in range(num_frames):
-        pos = start + travel * t / max(num_frames - 1, 1)
-        if dx < 0 or dy < 0:  # moving toward 0: run the same path backwards
-            pos = along - pos
-        cx, cy = (pos, side) if dx else (side, pos)
         frames[t] = bg
-        frames[t][shape_mask(shape, cx, cy, r, height, width)] = fg
+        frames[t][mask((start + step * t) % along)] = fg
     return frames
 
 

@@ -76,6 +76,13 @@ def _box_measures(box: np.ndarray) -> tuple[float, float]:
     return float(top / max(rows.sum(), 1.0)), corner
 
 
+def _circular_mean(pos: np.ndarray, size: int) -> float:
+    """Mean pixel coordinate on a circle of `size` pixels: a shape split across opposite edges (it left
+    the frame on one side and came back on the other) is located where it is, not between its halves."""
+    a = (pos + 0.5) * (2 * np.pi / size)
+    return float(np.arctan2(np.sin(a).mean(), np.cos(a).mean()) % (2 * np.pi) * size / (2 * np.pi) - 0.5)
+
+
 def detect(frames: np.ndarray) -> dict[str, str]:
     """What a clip shows: {"background", "color", "shape", "direction"} in the grammar's words.
 
@@ -106,7 +113,7 @@ def detect(frames: np.ndarray) -> dict[str, str]:
         n = int(m.sum())
         if n < _MIN_PIXELS:
             continue
-        centroids.append((t, xx[m].mean(), yy[m].mean()))
+        centroids.append((t, _circular_mean(xx[m], W), _circular_mean(yy[m], H)))
         rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
         inside = rows[0] > 0 and cols[0] > 0 and rows[-1] < H - 1 and cols[-1] < W - 1
         if inside:  # a shape cut by the frame edge has a misleading box
@@ -121,14 +128,13 @@ def detect(frames: np.ndarray) -> dict[str, str]:
             shape = "square"
 
     direction = "right"  # no track: an arbitrary fixed guess
-    if len(centroids) >= 2:
+    if len(centroids) >= 2:  # mean velocity from frame-to-frame moves, each the shortest way round
         c = np.array(centroids, np.float64)
-        t = c[:, 0] - c[:, 0].mean()
-        denom = float((t * t).sum()) or 1.0
-        vx, vy = (
-            float((t * (c[:, 1] - c[:, 1].mean())).sum() / denom),
-            float((t * (c[:, 2] - c[:, 2].mean())).sum() / denom),
-        )
+        moves = np.diff(c, axis=0)
+        for k, size in ((1, W), (2, H)):
+            moves[:, k] = (moves[:, k] + size / 2) % size - size / 2
+        span = float(c[-1, 0] - c[0, 0])
+        vx, vy = float(moves[:, 1].sum()) / span, float(moves[:, 2].sum()) / span
         if abs(vx) >= abs(vy):
             direction = "right" if vx >= 0 else "left"
         else:

@@ -155,7 +155,7 @@ class WanT2VPipeline:
         self.parallel, self.layout, self.dit = InferenceParallel(), None, None
         self.vae_scale_t = vae.config.scale_factor_temporal
         self.vae_scale_s = vae.config.scale_factor_spatial
-        self.max_sequence_length = 512
+        self.max_sequence_length = transformer.cfg.text_len  # the context length the DiT was trained with
 
     # ---- loading -----------------------------------------------------------------------
     @classmethod
@@ -228,7 +228,7 @@ class WanT2VPipeline:
     # ---- stages ------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> umT5 features (B, 512, text_dim), zero beyond each prompt's length."""
+        """Prompts -> umT5 features (B, text_len, text_dim) (512 for Wan2.1), zero beyond each prompt's length."""
         n = self.max_sequence_length
         prompts = [clean_prompt(p) for p in prompts]
         for p in prompts:
