@@ -35,11 +35,11 @@ colour and direction 100%, shape class 97% (the previous asset, phases 1-2 only:
 40 such clips), the ceiling of a DiT trained on these latents. File 1.35 MB. Each run prints
 its numbers and stores them in the file's metadata ("fit").
 
-The shipped file was fitted on the earlier clips (a random start, half the frame in 16 frames, no trail).
-The clips now move ~3 px per frame at 64 px, across the frame, with a faint trail (`render_shape_video`);
-on 32 of them (rendered frames, not mp4) the shipped file reconstructs 25.8 dB mean at 64 x 64 x 17
-(28.3 on the earlier motion) and 25.0 dB at 32 x 32 x 9 (25.4), and the detector reads the shape
-through it on 85% of 40 such clips (87.5% without the trail). A rerun fits the current clips.
+The shipped file was fitted on the earlier clips (a random start, half the frame in 16 frames, one size
+range). The clips now wrap around the frame at ~3 px per frame and their size marks the sense of motion
+(`render_shape_video`); through the shipped file the detector reads them at 100% for background, colour
+and direction and 85% for the shape class (48 clips at 64 x 64 x 17), and 4 demo-size clips (32 x 32 x 9)
+reconstruct at 20.5-27.5 dB. A rerun fits the current clips.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 the synthetic grammar (`mmkit.data.synth`):
 - the background: the colour of the border pixels (median over all frames), nearest named background;
 - the shape's colour: the median of the pixels far from the background, nearest named shape colour;
-- the shape class, on the frames where the shape lies inside the frame, from two measures of its
-  bounding box that survive the rounding a small VAE gives corners (medians over frames):
+- the shape class, on each frame rolled so that the shape's circular centroid is in the middle (a
+  shape that wrapped around an edge is whole again), from two measures of its bounding box that survive the rounding a small VAE gives corners (medians over frames):
   the share of the shape's pixels in the box's top half (an apex-up triangle ~0.25, a circle or square
   0.5) and how much of the box's corners (outside the inscribed ellipse, ~21% of the box) it fills
   (square 1, circle ~0); a square whose corners a decoder rounded keeps 0.2-0.8 of them;
@@ -113,10 +113,13 @@ def detect(frames: np.ndarray) -> dict[str, str]:
         n = int(m.sum())
         if n < _MIN_PIXELS:
             continue
-        centroids.append((t, _circular_mean(xx[m], W), _circular_mean(yy[m], H)))
+        cx, cy = _circular_mean(xx[m], W), _circular_mean(yy[m], H)
+        centroids.append((t, cx, cy))
+        # the frame rolled to put the shape in its middle: a shape that wrapped around an edge is whole again
+        m = np.roll(m, (H // 2 - round(cy), W // 2 - round(cx)), axis=(0, 1))
         rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
         inside = rows[0] > 0 and cols[0] > 0 and rows[-1] < H - 1 and cols[-1] < W - 1
-        if inside:  # a shape cut by the frame edge has a misleading box
+        if inside:  # a shape still touching the edge (larger than the frame, or noise) has a misleading box
             top, corner = _box_measures(m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
             tops.append(top)
             corners.append(corner)

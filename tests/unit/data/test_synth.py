@@ -81,6 +81,10 @@ def test_captions_match_the_drawn_video(shapes):
         assert nearest(frames[fg].mean(0), COLORS) == color
         whole = [m for m in fg if not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())]
         assert classify(whole[0]) == shape  # a frame where no edge cuts the shape
+        ys, xs = np.nonzero(whole[0])
+        r = (max(np.ptp(ys), np.ptp(xs)) + 1) / (1.6 if shape == "square" else 2.0)  # the half-size
+        # the size marks the sense: r 7.3-9.8 px moving left / up, 11.3-15.3 px moving right / down
+        assert (r > 10.5) == (direction in ("right", "down")), (it["cap"], r)
         pos = np.array(
             [[_circular_mean(np.nonzero(m)[1], 64), _circular_mean(np.nonzero(m)[0], 64)] for m in fg]
         )

