@@ -18,7 +18,8 @@ def test_prompts_pad_to_the_dits_text_len(wan_train_root, tmp_path):
     cfg_json = folder / "transformer" / "config.json"
     cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "text_len": 12}))
 
-    short, wan = load_pipeline(str(folder), task="t2v"), load_pipeline(str(wan_train_root / "wan"), task="t2v")
+    short = load_pipeline(str(folder), task="t2v")
+    wan = load_pipeline(str(wan_train_root / "wan"), task="t2v")
     assert (short.transformer.cfg.text_len, wan.transformer.cfg.text_len) == (12, 512)
     prompt = "a red circle moves left on a black background"
     n = len(short.tokenizer(prompt).input_ids)
