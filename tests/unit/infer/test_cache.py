@@ -261,6 +261,37 @@ def constant_calibration(rate: float) -> dict:
     return {"version": CALIBRATION_VERSION, "steps": 50, "magnitude": {"cond": curve}, "first_block": {}}
 
 
+def test_magnitude_signal_takes_one_decision_for_both_guidance_branches():
+    """Each branch reads the largest of the branches' rates, so cond and uncond skip the same steps
+    (a step where one branch is forecast and the other computed multiplies the forecast's error by the
+    guidance scale). With its own curve each, the slower-changing uncond would skip more steps here."""
+    curve = {"sigma": [1.0, 0.0]}
+    calib = constant_calibration(0.0)
+    calib["magnitude"] = {"cond": {**curve, "rate": [4.0, 4.0]}, "uncond": {**curve, "rate": [0.5, 0.5]}}
+    cfg = AdaptiveCacheConfig(threshold=0.01, max_skips=None, taylor=False, calibration=calib).validate()
+    decisions = {}
+    for branch in ("cond", "uncond"):
+        s = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}
+        for k, sig in enumerate(torch.linspace(0.9, 0.1, 41).tolist()):
+            s["step"], s["t_prev"], s["t"] = k + 1, s["t"], sig * 1000
+            skip, signal = decide(step_signal(cfg, s, None, branch), cfg.threshold)
+            s["err"], s["drift"] = (signal, s["drift_now"]) if skip else (0.0, 0.0)
+            decisions.setdefault(branch, []).append(skip)
+    assert decisions["cond"] == decisions["uncond"]
+    assert 0 < sum(decisions["cond"]) < len(decisions["cond"])  # some steps skipped, some run
+    # the same decisions as a calibration holding the faster curve alone
+    alone = AdaptiveCacheConfig(
+        threshold=0.01, max_skips=None, taylor=False, calibration=constant_calibration(4.0)
+    ).validate()
+    s, want = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}, []
+    for k, sig in enumerate(torch.linspace(0.9, 0.1, 41).tolist()):
+        s["step"], s["t_prev"], s["t"] = k + 1, s["t"], sig * 1000
+        skip, signal = decide(step_signal(alone, s, None, "cond"), alone.threshold)
+        s["err"], s["drift"] = (signal, s["drift_now"]) if skip else (0.0, 0.0)
+        want.append(skip)
+    assert decisions["cond"] == want
+
+
 @pytest.mark.parametrize("steps", [20, 30, 50])
 def test_magnitude_error_estimate_measures_sigma_not_steps(steps):
     """Skipping every step from sigma 0.8 to 0.6 (a span L = 0.2 in steps of h), the drift is rate * L

@@ -9,6 +9,10 @@ step resets both (as TeaCache and MagCache reset their accumulators). Two signal
 - `"magnitude"` (MagCache-like, needs a calibration; the default when one is given): no block runs
   to decide; the calibration's curve gives, per sigma, the whole residual's relative L1 change per
   unit of sigma, so each step adds `rate(sigma) * |d sigma|` to the drift. All blocks are skipped.
+  Every branch reads the largest of the branches' rates, so cond and uncond take one decision per
+  step: a step where one branch is forecast and the other computed multiplies the forecast's error by
+  the guidance scale (on the shapes model, per-branch curves disagreed on 24 of 50 steps at
+  threshold 0.005 and 4 prompts fell to 10-17 dB; with one decision, 23-36 dB).
 - `"first_block"` (the default without calibration): block 0 always runs; each step adds the relative
   L1 change of block 0's residual since the previous step, times the calibrated scale at this sigma
   (the skipped blocks' change per unit of block-0 change; 1.0 without calibration). Blocks 1..N-1
@@ -200,8 +204,8 @@ def step_signal(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, bran
             term *= cfg.scale
         elif cfg.calibration:
             term *= curve_at(cfg.calibration["first_block"][_key(cfg, branch)], "scale", sigma)
-    else:
-        term = curve_at(cfg.calibration["magnitude"][_key(cfg, branch)], "rate", sigma) * dsigma
+    else:  # every branch reads the largest of the branches' rates: one decision per step for all of them
+        term = max(curve_at(c, "rate", sigma) for c in cfg.calibration["magnitude"].values()) * dsigma
     s["drift_now"] = s.get("drift", 0.0) + term
     return s.get("err", 0.0) + s["drift_now"] * dsigma
 
