@@ -5,7 +5,8 @@ the synthetic grammar (`mmkit.data.synth`):
 - the background: the colour of the border pixels (median over all frames), nearest named background;
 - the shape's colour: the median of the pixels far from the background, nearest named shape colour;
 - the shape class, on each frame rolled so that the shape's circular centroid is in the middle (a
-  shape that wrapped around an edge is whole again), from two measures of its bounding box that survive the rounding a small VAE gives corners (medians over frames):
+  shape that wrapped around an edge is whole again), from two measures of its bounding box that
+  survive the rounding a small VAE gives corners (medians over frames):
   the share of the shape's pixels in the box's top half (an apex-up triangle ~0.25, a circle or square
   0.5) and how much of the box's corners (outside the inscribed ellipse, ~21% of the box) it fills
   (square 1, circle ~0); a square whose corners a decoder rounded keeps 0.2-0.8 of them;

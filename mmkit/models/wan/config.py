@@ -87,7 +87,7 @@ class WanConfig:
         """The diffusers config.json dict (with `_class_name`)."""
         d = {"_class_name": "WanTransformer3DModel"}
         for f in dataclasses.fields(self):
-            if f.name == "extra" or (f.name == "text_len" and self.text_len == 512):
+            if f.name == "extra" or (f.name == "text_len" and self.text_len == f.default):
                 continue  # text_len: only a non-default context length is written (diffusers ignores it)
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v

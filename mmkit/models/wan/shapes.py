@@ -25,8 +25,9 @@ SHAPES_ASSET = "shapes_wan_dit.safetensors"  # in mmkit/assets, written by scrip
 # The DiT size, chosen by measurement (README "The shapes model"): at 64x64 px x 17 frames (80 tokens)
 # its forward is >= 80% of `mmkit generate` time at 50 steps on a 2-core CPU.
 SHAPES_DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
-# The umT5 context the DiT reads: shapes captions are <= 16 tokens, so 20 instead of Wan2.1's 512. Each
-# cross-attention then projects 20 text tokens instead of 512, which made training ~30% faster per step.
+# The umT5 context the DiT reads: shapes captions are <= 16 tokens, so 20 instead of Wan2.1's 512, and
+# each cross-attention projects 20 text tokens instead of 512 (the run trained at 2.2-2.8 steps/s; the
+# earlier runs with 512 at 2.1-2.5 on the same machine, shared then).
 SHAPES_TEXT_LEN = 20
 SHAPES_VIDEO = {"height": 64, "width": 64, "num_frames": 17}  # what the model was trained on
 # the one prompt step caches calibrate on (`mmkit demo`, benchmarks/cache.py): not a held-out prompt

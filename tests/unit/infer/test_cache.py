@@ -268,28 +268,22 @@ def test_magnitude_signal_takes_one_decision_for_both_guidance_branches():
     curve = {"sigma": [1.0, 0.0]}
     calib = constant_calibration(0.0)
     calib["magnitude"] = {"cond": {**curve, "rate": [4.0, 4.0]}, "uncond": {**curve, "rate": [0.5, 0.5]}}
-    cfg = AdaptiveCacheConfig(threshold=0.01, max_skips=None, taylor=False, calibration=calib).validate()
-    decisions = {}
-    for branch in ("cond", "uncond"):
-        s = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}
+
+    def decisions(calibration: dict, branch: str) -> list[bool]:
+        cfg = AdaptiveCacheConfig(threshold=0.01, max_skips=None, taylor=False, calibration=calibration)
+        cfg.validate()
+        s, out = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}, []
         for k, sig in enumerate(torch.linspace(0.9, 0.1, 41).tolist()):
             s["step"], s["t_prev"], s["t"] = k + 1, s["t"], sig * 1000
             skip, signal = decide(step_signal(cfg, s, None, branch), cfg.threshold)
             s["err"], s["drift"] = (signal, s["drift_now"]) if skip else (0.0, 0.0)
-            decisions.setdefault(branch, []).append(skip)
-    assert decisions["cond"] == decisions["uncond"]
-    assert 0 < sum(decisions["cond"]) < len(decisions["cond"])  # some steps skipped, some run
-    # the same decisions as a calibration holding the faster curve alone
-    alone = AdaptiveCacheConfig(
-        threshold=0.01, max_skips=None, taylor=False, calibration=constant_calibration(4.0)
-    ).validate()
-    s, want = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}, []
-    for k, sig in enumerate(torch.linspace(0.9, 0.1, 41).tolist()):
-        s["step"], s["t_prev"], s["t"] = k + 1, s["t"], sig * 1000
-        skip, signal = decide(step_signal(alone, s, None, "cond"), alone.threshold)
-        s["err"], s["drift"] = (signal, s["drift_now"]) if skip else (0.0, 0.0)
-        want.append(skip)
-    assert decisions["cond"] == want
+            out.append(skip)
+        return out
+
+    cond = decisions(calib, "cond")
+    assert cond == decisions(calib, "uncond")
+    assert 0 < sum(cond) < len(cond)  # some steps skipped, some run
+    assert cond == decisions(constant_calibration(4.0), "cond")  # as with the faster curve alone
 
 
 @pytest.mark.parametrize("steps", [20, 30, 50])

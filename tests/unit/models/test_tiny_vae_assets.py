@@ -144,10 +144,8 @@ def test_fitted_vae_keeps_what_the_detector_reads_at_the_shapes_model_size(fitte
     # VAE, fitted on slower clips of one size range, smears a fast shape within each 4-frame latent, so the
     # detector may read a circle as a square or the reverse: on 48 such clips the shape reads 85% through it
     # (97% on the earlier slower clips), everything else 100%. Here: 4 of 6.
-    acc = tally.accuracy()
-    assert {k: acc[k] for k in ("background", "color", "direction")} == dict.fromkeys(
-        ("background", "color", "direction"), 1.0
-    ), tally.hits
+    acc, exact = tally.accuracy(), ("background", "color", "direction")
+    assert {k: acc[k] for k in exact} == dict.fromkeys(exact, 1.0), tally.hits
     assert tally.hits["shape"] >= 4, tally.hits
     with safe_open(str(asset_path(TINY_VAE_ASSET)), framework="pt") as f:
         fit = json.loads(f.metadata()["fit"])

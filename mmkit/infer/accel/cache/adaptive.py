@@ -82,8 +82,8 @@ class AdaptiveCacheConfig:
     `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
 
     With a 50-step calibration, the defaults skipped 64% of the block evaluations of the earlier shapes
-    Wan asset (the retrained one: docs/acceleration.md) at 50 steps at 35.8 dB mean PSNR (worst of 8 prompts 27.5 dB; 2.46x on the denoise loop) and
-    47% at 30 steps (37.6 dB, worst 28.3), against the uncached video of the same step count; at 20
+    Wan asset (the retrained one: docs/acceleration.md) at 50 steps at 35.8 dB mean PSNR (worst of 8
+    prompts 27.5 dB; 2.46x on the denoise loop) and 47% at 30 steps (37.6 dB, worst 28.3), against the uncached video of the same step count; at 20
     steps 35% at 35.3 dB with one prompt at 18.4 dB (`transfer_note` warns there).
     Example: `AdaptiveCacheConfig(calibration="calib.json")`, `AdaptiveCacheConfig(0.005, max_skips=3)`.
     """
