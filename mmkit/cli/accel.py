@@ -34,6 +34,12 @@ def add_arguments(p) -> None:
     c = sub.choices["calibrate"]
     c.add_argument("--prompt", required=True)
     c.add_argument("--out", default="calibration.json")
+    c.add_argument(
+        "--probes",
+        type=int,
+        default=12,
+        help="sensitivity probes, one generation each, skipping one step (0: none, every sigma weighs 1)",
+    )
 
 
 def run(a) -> int:
@@ -55,7 +61,9 @@ def run(a) -> int:
     if a.action == "calibrate":
         from mmkit.infer.accel.cache.adaptive import calibrate_adaptive
 
-        calib = calibrate_adaptive(pipe, a.prompt, a.steps, progress=not a.no_progress, **kw)
+        if a.probes < 0:
+            raise ValueError(f"--probes {a.probes}: a count >= 0 (0: no sensitivity probes)")
+        calib = calibrate_adaptive(pipe, a.prompt, a.steps, a.probes, progress=not a.no_progress, **kw)
         Path(a.out).write_text(json.dumps(calib, indent=1) + "\n")
         from mmkit.infer.accel.cache.adaptive import TRANSFER_MEASURED
 
@@ -64,6 +72,10 @@ def run(a) -> int:
             f"calibrated at {a.steps} steps (recorded in the file; its sigma-indexed curves serve "
             f"{lo}..{hi} steps without recalibration, measured); first-block scale {calib['first_block_scale']:.3f}"
         )
+        sens = calib.get("sensitivity")
+        if sens:
+            pairs = ", ".join(f"{x:.2f}: {w:.1f}" for x, w in zip(sens["sigma"], sens["weight"]))
+            print(f"sensitivity weight by sigma ({len(sens['sigma'])} probes): {pairs}")
         print(f"wrote {a.out}")
         return 0
     from mmkit.infer.accel.search import search_dit_cache

@@ -32,6 +32,7 @@ from mmkit.infer.accel.cache import (
     cache_stats,
     remove_cache,
 )
+from mmkit.infer.accel.cache.adaptive import CALIBRATION_VERSION
 from mmkit.infer.parallel import InferenceParallel
 
 # 45 tokens (3 x 3 x 5 patches): padded to 46 over 2 ranks, so the adaptive signal must mask padding;
@@ -41,11 +42,18 @@ KWARGS = dict(
     guidance_scale=3.0, seed=5, progress=False,
 )  # fmt: skip
 PROMPT = "a blue square"
+# the magnitude signal with a hand-made calibration (rate 1 per unit of sigma everywhere): it decides from
+# the timestep alone, and a skipped step returns the branch's last output without running the model
+MAGNITUDE_CALIB = {
+    "version": CALIBRATION_VERSION, "steps": 50, "first_block": {},
+    "magnitude": {"cond": {"sigma": [1.0, 0.0], "rate": [1.0, 1.0]}},
+}  # fmt: skip
 CACHES = {
     "dit": [DiTCacheConfig(step_start=1, step_interval=2, step_end=6, block_start=0, block_end=2)],
     "attention": [AttentionCacheConfig(step_start=1, step_interval=2, step_end=6)],
     "adaptive": [AdaptiveCacheConfig(threshold=0.2, warmup=1)],
     "adaptive_cfg": [AdaptiveCacheConfig(threshold=0.2, warmup=1), CFGCacheConfig(1, 2, 6)],
+    "magnitude": [AdaptiveCacheConfig(1.0, max_skips=1, sigma_max=1.0, calibration=MAGNITUDE_CALIB)],
 }
 # OpenSoraPlan: 27 tokens (3 x 3 x 3 patches), padded to Skiparse's k^2 x 2 = 32 over 2 ranks. Its
 # first-block signal runs higher (0.28-0.44 per step here): a threshold of 0.3 skips 2 of the 6 steps
@@ -58,7 +66,7 @@ FAMILIES = {"wan": ("t2v", KWARGS, CACHES), "osp": ("osp_t2v", OSP_KWARGS, OSP_C
 LAYOUTS = {
     "ulysses2": ("wan", dict(ulysses=2), [*CACHES, "dit"]),
     "cfg2": ("wan", dict(cfg=2), list(CACHES)),
-    "ring2": ("wan", dict(ring=2), ["adaptive"]),
+    "ring2": ("wan", dict(ring=2), ["adaptive", "magnitude"]),
     "osp_ulysses2": ("osp", dict(ulysses=2), list(CACHES)),
     "osp_ring2": ("osp", dict(ring=2), ["adaptive"]),
 }

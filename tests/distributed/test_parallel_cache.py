@@ -1,5 +1,5 @@
-"""Step caches under multi-process generation: DiTCache, AttentionCache, the adaptive cache and the CFG
-cache give the single-process cached frames (1e-5 max abs, fp32) under Ulysses, ring and CFG
+"""Step caches under multi-process generation: DiTCache, AttentionCache, the adaptive cache (first-block
+and magnitude signals) and the CFG cache give the single-process cached frames (1e-5 max abs, fp32) under Ulysses, ring and CFG
 parallelism, with the same (nonzero) skip counts on every rank as one process, for Wan and OpenSoraPlan
 (Skiparse padding under the adaptive signal). One 2-process launch (`_cache_parallel_worker.py`), then
 `mmkit generate --cache-config` under torchrun in the same launch.

@@ -4,6 +4,8 @@ guidance branch, reset between generations, and removal that restores the model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from wan_helpers import tiny_sampling_dit
@@ -234,7 +236,8 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert len(curve["sigma"]) == STEPS - 1 and curve["sigma"] == sorted(curve["sigma"], reverse=True)
     assert min(curve["rate"]) > 0 and len(calib["first_block"]["uncond"]["scale"]) == STEPS - 1
     cfg = AdaptiveCacheConfig(threshold=0.05, calibration=calib).validate()
-    assert cfg.signal == "magnitude" and cfg.taylor and cfg.max_skips == 4  # the calibrated defaults
+    # the calibrated defaults: output reused, no run limit, steps above sigma 0.94 run
+    assert cfg.signal == "magnitude" and not cfg.taylor and cfg.max_skips is None and cfg.sigma_max == 0.94
     apply_cache(model, AdaptiveCacheConfig(threshold=0.0, calibration=calib))
     try:
         assert torch.equal(generate(model), uncached) and cache_stats(model).blocks_skipped == 0
@@ -252,6 +255,39 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
         apply_cache(model, AdaptiveCacheConfig(signal="magnitude"))
     with pytest.raises(ValueError, match="rerun `mmkit accel calibrate`"):
         apply_cache(model, AdaptiveCacheConfig(calibration={**calib, "version": 1}))
+    assert no_hooks_left(model)
+
+
+def test_magnitude_skips_the_whole_model_call_and_reuses_its_output(model):
+    """A skipped step runs nothing of the model (no embedding, no block) and returns the branch's last
+    computed output; with `taylor`, the first-order step in sigma from the last two."""
+    ran, outs = [], []
+    h1 = model.text_embed.register_forward_pre_hook(lambda m, a: ran.append(1))
+    h2 = model.register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+    try:
+        for taylor in (False, True):
+            ran.clear()
+            outs.clear()
+            cfg = AdaptiveCacheConfig(1.0, max_skips=2, taylor=taylor, sigma_max=1.0)
+            apply_cache(model, dataclasses.replace(cfg, calibration=constant_calibration(0.0)))
+            try:
+                generate(model)
+                stats = cache_stats(model)
+            finally:
+                remove_cache(model)
+            computed = [0, 3, 6, 9]  # warm-up, then skip, skip, run, ...
+            assert len(ran) == 2 * len(computed) and stats.blocks_skipped == 2 * 6 * len(model.blocks)
+            cond, uncond = outs[0::2], outs[1::2]
+            for branch in (cond, uncond):
+                for step in (1, 2, 4, 5, 7, 8):
+                    last = max(c for c in computed if c < step)
+                    if not taylor:
+                        assert torch.equal(branch[step], branch[last])
+                    elif last > 0:
+                        assert not torch.equal(branch[step], branch[last])  # extrapolated
+    finally:
+        h1.remove()
+        h2.remove()
     assert no_hooks_left(model)
 
 
@@ -350,10 +386,10 @@ def test_max_skips_counts_steps_of_a_50_step_schedule(steps, limit, made_at):
 
 def test_transfer_note_names_the_calibration_step_count():
     calib = constant_calibration(1.0)
-    assert transfer_note(calib, 50) is None and transfer_note(calib, 30) is None
-    note = transfer_note(calib, 20)
-    assert "50 steps" in note and "--steps 20" in note and "--cache-threshold" in note
-    assert "from 30 to 50 steps" in transfer_note(calib, 8)
+    assert transfer_note(calib, 50) is None and transfer_note(calib, 20) is None
+    note = transfer_note(calib, 10)
+    assert "50 steps" in note and "--steps 10" in note and "accel calibrate --steps 10" in note
+    assert "from 20 to 50 steps" in transfer_note(calib, 8)
 
 
 def test_cfg_cache_reuses_the_uncond_delta_on_scheduled_steps(model, uncached):

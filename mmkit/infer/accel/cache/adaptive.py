@@ -1,22 +1,31 @@
-"""Adaptive step cache: each step decides from a cheap signal whether to run the blocks or reuse them.
+"""Adaptive step cache: each step decides from a cheap signal whether to run the model or reuse it.
 
 One knob, `threshold`, on an estimate of the error the skipped steps put into the sample. Per
 guidance branch, `drift` is the skipped residual's relative L1 change since the last computed step
-and each skipped step adds `drift * |d sigma|` to `err` (the residual's error times the sigma the
-step moves the sample by); a step is skipped while `err` stays below the threshold, and a computed
-step resets both (as TeaCache and MagCache reset their accumulators). Two signals give the drift:
+and each skipped step adds `weight(sigma) * drift * |d sigma|` to `err` (the residual's error times the
+sigma the step moves the sample by, times how much an error at that sigma changes the final video);
+a step is skipped while `err` stays below the threshold, and a computed step resets both (as TeaCache
+and MagCache reset their accumulators). Two signals give the drift:
 
-- `"magnitude"` (MagCache-like, needs a calibration; the default when one is given): no block runs
+- `"magnitude"` (MagCache-like, needs a calibration; the default when one is given): nothing runs
   to decide; the calibration's curve gives, per sigma, the whole residual's relative L1 change per
-  unit of sigma, so each step adds `rate(sigma) * |d sigma|` to the drift. All blocks are skipped.
-  Every branch reads the largest of the branches' rates, so cond and uncond take one decision per
-  step: a step where one branch is forecast and the other computed multiplies the forecast's error by
-  the guidance scale (on the shapes model, per-branch curves disagreed on 24 of 50 steps at
-  threshold 0.005 and 4 prompts fell to 10-17 dB; with one decision, 23-36 dB).
+  unit of sigma, so each step adds `rate(sigma) * |d sigma|` to the drift. A skipped step skips the
+  whole model call (embeddings and head too): the hook sits on the transformer and returns the last
+  computed output (or its Taylor step). Every branch reads the largest of the branches' rates, so cond
+  and uncond take one decision per step: a step where one branch is forecast and the other computed
+  multiplies the forecast's error by the guidance scale (on the shapes model, per-branch curves
+  disagreed on 24 of 50 steps at threshold 0.005 and 4 prompts fell to 10-17 dB; with one decision,
+  23-36 dB).
 - `"first_block"` (the default without calibration): block 0 always runs; each step adds the relative
   L1 change of block 0's residual since the previous step, times the calibrated scale at this sigma
   (the skipped blocks' change per unit of block-0 change; 1.0 without calibration). Blocks 1..N-1
-  are skipped.
+  are skipped and their residual reused.
+
+`weight(sigma)` is the calibration's sensitivity curve (`probe_sensitivity`, 1 without one): one
+generation per probed step that skips that step alone, its final latents' change divided by the
+error the signal estimates for that skip. On the shapes Wan model a skip at sigma 0.85-0.95 or in the
+last two steps changes the video 3-10x more than one in the middle, at the same estimated error;
+without the weight the cache skipped there as readily as in the middle.
 
 Why one calibration and threshold serve 20, 30 and 50 steps: the drift and the error are sums of
 (change per unit of sigma) x (sigma moved), so they measure sigma, not steps; the curves are indexed
@@ -28,10 +37,9 @@ Fewer steps skip a smaller fraction at the same threshold (each step moves furth
 Optional: `max_skips` consecutive skipped steps at most, counted in steps of a 50-step schedule: a run
 whose sigma steps are larger than a 50-step schedule's at the same sigma (read from the calibration's
 schedule and step count) allows proportionally fewer (`floor(max_skips * 50-step step / this step)`, at
-least 1), so a run of skips covers about the same sigma at 20, 30 or 50 steps (without it, 30 steps
-left the worst of 8 shapes prompts at 19 dB; with it, 28 dB); `taylor` forecasts the skipped residual as a
-first-order Taylor step in sigma from the last two computed residuals
-(`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`.
+least 1), so a run of skips covers about the same sigma at 20, 30 or 50 steps; `taylor` forecasts the
+reused tensor (the output, or the blocks' residual) as a first-order Taylor step in sigma from the last
+two computed ones (`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`.
 
 Multi-process: every rank of one video must take the same decision. Under sequence parallelism each
 rank holds a shard of the tokens; the first-block signal's sums run over the whole sequence's real
@@ -52,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mmkit.infer.accel.cache.common import repeated_blocks, step_counter
 from mmkit.infer.accel.hooks import ModelHook, register, token_sums
@@ -63,28 +72,28 @@ T_SCALE = 1000.0  # the model's timestep is sigma * 1000 (num_train_timesteps of
 
 
 # Per-signal defaults of the fields left None, chosen on the shapes Wan model at 50 steps (see
-# docs/acceleration.md, "Measured"): magnitude 0.01 with the Taylor forecast and at most 4 skips in
-# a row; first_block 0.005 without them.
+# docs/acceleration.md, "Measured"): magnitude 0.007 on the sensitivity-weighted error, the output
+# reused (no Taylor step), no limit on a run of skips, steps above sigma 0.94 always run; first_block
+# 0.005 without them, above sigma 0.95.
 DEFAULTS = {
-    "magnitude": {"threshold": 0.01, "taylor": True, "max_skips": 4},
-    "first_block": {"threshold": 0.005, "taylor": False, "max_skips": None},
+    "magnitude": {"threshold": 0.007, "taylor": False, "max_skips": None, "sigma_max": 0.94},
+    "first_block": {"threshold": 0.005, "taylor": False, "max_skips": None, "sigma_max": 0.95},
 }
-CALIBRATION_VERSION = 2  # sigma-indexed curves with the relative-change rate
+CALIBRATION_VERSION = 3  # sigma-indexed curves with the relative-change rate and the sensitivity probes
 
 
 @dataclass
 class AdaptiveCacheConfig:
-    """`threshold` (the one knob: the estimated error of the skipped steps, relative residual change
-    x sigma; <= 0 never skips), `signal` ("magnitude" with a calibration, else "first_block"),
-    `max_skips` in a row (None: unbounded), `taylor`, `warmup` first steps that always run, the
-    sigma guard band [`sigma_min`, `sigma_max`] outside which steps always run, `scale` (a constant
-    first-block scale instead of the calibrated curve) and `calibration` (a dict or JSON path from
-    `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
+    """`threshold` (the one knob: the estimated error of the skipped steps, sensitivity-weighted
+    relative residual change x sigma; <= 0 never skips), `signal` ("magnitude" with a calibration, else
+    "first_block"), `max_skips` in a row (None: unbounded), `taylor`, `warmup` first steps that always
+    run, the sigma guard band [`sigma_min`, `sigma_max`] outside which steps always run, `scale` (a
+    constant first-block scale instead of the calibrated curve) and `calibration` (a dict or JSON path
+    from `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
 
-    With a 50-step calibration, the defaults skipped 64% of the block evaluations of the earlier shapes
-    Wan asset (the retrained one: docs/acceleration.md) at 50 steps at 35.8 dB mean PSNR (worst of 8
-    prompts 27.5 dB; 2.46x on the denoise loop) and 47% at 30 steps (37.6 dB, worst 28.3), against the uncached video of the same step count; at 20
-    steps 35% at 35.3 dB with one prompt at 18.4 dB (`transfer_note` warns there).
+    With a 50-step calibration (12 sensitivity probes) on the retrained shapes Wan asset, the defaults
+    skip about 60% of the block evaluations at 50 steps at about 36 dB mean PSNR against the uncached
+    video (worst of 8 prompts about 29 dB); docs/acceleration.md has the benchmark's numbers.
     Example: `AdaptiveCacheConfig(calibration="calib.json")`, `AdaptiveCacheConfig(0.005, max_skips=3)`.
     """
 
@@ -93,7 +102,7 @@ class AdaptiveCacheConfig:
     max_skips: int | None = -1  # -1: the signal's default
     taylor: bool | None = None
     warmup: int = 1
-    sigma_max: float = 0.95
+    sigma_max: float | None = None
     sigma_min: float = 0.0
     scale: float | None = None
     calibration: dict | str | None = None
@@ -124,6 +133,8 @@ class AdaptiveCacheConfig:
             self.taylor = defaults["taylor"]
         if self.max_skips == -1:
             self.max_skips = defaults["max_skips"]
+        if self.sigma_max is None:
+            self.sigma_max = defaults["sigma_max"]
         if self.max_skips is not None and (not isinstance(self.max_skips, int) or self.max_skips < 0):
             raise ValueError(f"adaptive_cache.max_skips={self.max_skips!r}: an integer >= 0, or null")
         if not isinstance(self.warmup, int) or self.warmup < 1:
@@ -207,7 +218,19 @@ def step_signal(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, bran
     else:  # every branch reads the largest of the branches' rates: one decision per step for all of them
         term = max(curve_at(c, "rate", sigma) for c in cfg.calibration["magnitude"].values()) * dsigma
     s["drift_now"] = s.get("drift", 0.0) + term
-    return s.get("err", 0.0) + s["drift_now"] * dsigma
+    return s.get("err", 0.0) + sensitivity_at(cfg.calibration, sigma) * s["drift_now"] * dsigma
+
+
+def sensitivity_at(calibration: dict | None, sigma: float) -> float:
+    """The calibration's sensitivity weight at `sigma` (1.0 without a sensitivity curve): how much a
+    skipped step's error here changes the final latents, relative to the median step (`probe_sensitivity`).
+
+    Example: `sensitivity_at(load_calibration("calib.json"), 0.9)  # > 1: early steps weigh more`.
+    """
+    curve = (calibration or {}).get("sensitivity")
+    if not curve:
+        return 1.0
+    return curve_at(curve, "weight", sigma)
 
 
 MAX_SKIPS_STEPS = 50  # `max_skips` counts steps of a schedule of this many steps (Wan's default)
@@ -250,58 +273,89 @@ def _key(cfg: AdaptiveCacheConfig, branch: str) -> str:
     return branch if branch in curves else "cond"
 
 
+def _take_decision(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, recorder: dict | None) -> None:
+    """Decide this step for the current branch (signal -> run limit -> reduce -> decide) and update `s`.
+    A calibration's probe run (`recorder["force"]`, a set of steps) skips exactly those steps."""
+    branch = current_cfg_branch() or "cond"
+    signal = step_signal(cfg, s, r0, branch)
+    if cfg.max_skips is not None and s.get("run", 0) >= skip_limit(cfg, s):
+        signal = math.inf
+    force = (recorder or {}).get("force")
+    if force is not None:
+        signal = 0.0 if s["step"] in force and s.get("R") is not None else math.inf
+    skip, signal = decide(signal, cfg.threshold, cfg.process_group)
+    s["skip"] = skip
+    s["run"] = s.get("run", 0) + 1 if skip else 0
+    s["err"] = signal if skip else 0.0
+    s["drift"] = s["drift_now"] if skip else 0.0
+    if recorder is not None and r0 is not None and s.get("r0_prev") is not None:
+        recorder.setdefault("d", {})[(branch, s["step"])] = rel_l1(r0, s["r0_prev"])
+    s["r0_prev"], s["t_prev"] = r0, s["t"]
+
+
+def _forecast(cfg: AdaptiveCacheConfig, s: dict) -> torch.Tensor:
+    """The cached tensor `R` at this step: reused, or with `taylor` a first-order step in sigma from
+    the last two computed ones."""
+    R = s["R"]
+    if cfg.taylor and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
+        slope = (R - s["R_prev"]) / (s["t_R"] - s["t_R_prev"])
+        return R + slope * (s["t"] - s["t_R"])
+    return R.clone()  # the caller may write into what it gets
+
+
+def _store(s: dict, R: torch.Tensor) -> None:
+    s["R_prev"], s["t_R_prev"] = s.get("R"), s.get("t_R")
+    s["R"], s["t_R"] = R, s["t"]
+
+
+class _OutputHook(ModelHook):
+    """On the transformer (magnitude signal): decides each call from the timestep before anything runs;
+    a skipped call returns the forecast of the model's output (its last computed output, or the Taylor
+    step) and runs nothing, not even the embeddings and the head."""
+
+    def __init__(self, counter, cfg: AdaptiveCacheConfig, num_blocks: int, recorder=None):
+        self.counter, self.cfg, self.n, self.recorder = counter, cfg, num_blocks, recorder
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        s, stats = self.counter.state, self.counter.stats
+        _take_decision(self.cfg, s, None, self.recorder)
+        if s["skip"]:
+            stats.blocks_skipped += self.n
+            return _forecast(self.cfg, s)
+        stats.blocks_run += self.n
+        out = self.call_inner(*args, **kwargs)
+        _store(s, out)
+        return out
+
+
 class _AdaptiveHook(ModelHook):
-    """On every block; block 0 decides for the step, the region's first block adds the cached residual,
-    the last block stores the new residual."""
+    """On every block (first-block signal, and a calibration's recording run): block 0 decides for the
+    step, the region's first block (block 1) adds the cached residual, the last block stores the new
+    residual."""
 
     def __init__(self, counter, cfg: AdaptiveCacheConfig, index: int, num_blocks: int, recorder=None):
         self.counter, self.cfg, self.index, self.n = counter, cfg, index, num_blocks
-        self.start = 1 if cfg.signal == "first_block" else 0  # first block of the skipped region
+        self.start = 1  # first block of the skipped region
         self.recorder = recorder
-
-    # -- the decision, taken once per step at block 0: signal -> reduce -> decide ----------------------
-    def _decide(self, s: dict, r0: torch.Tensor | None) -> None:
-        cfg, branch = self.cfg, current_cfg_branch() or "cond"
-        signal = step_signal(cfg, s, r0, branch)
-        if cfg.max_skips is not None and s.get("run", 0) >= skip_limit(cfg, s):
-            signal = math.inf
-        skip, signal = decide(signal, cfg.threshold, cfg.process_group)
-        s["skip"] = skip
-        s["run"] = s.get("run", 0) + 1 if skip else 0
-        s["err"] = signal if skip else 0.0
-        s["drift"] = s["drift_now"] if skip else 0.0
-        if self.recorder is not None and r0 is not None and s.get("r0_prev") is not None:
-            self.recorder.setdefault("d", {})[(branch, s["step"])] = rel_l1(r0, s["r0_prev"])
-        s["r0_prev"], s["t_prev"] = r0, s["t"]
-
-    def _forecast(self, s: dict) -> torch.Tensor:
-        R = s["R"]
-        if self.cfg.taylor and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
-            slope = (R - s["R_prev"]) / (s["t_R"] - s["t_R_prev"])
-            return R + slope * (s["t"] - s["t_R"])
-        return R
 
     def new_forward(self, module: nn.Module, x, *rest, **kwargs):
         s, stats = self.counter.state, self.counter.stats
-        if self.index == 0 and self.start == 0:
-            self._decide(s, None)
         if self.index >= self.start and s.get("skip"):
             stats.blocks_skipped += 1
-            return x + self._forecast(s) if self.index == self.start else x
+            return x + _forecast(self.cfg, s) if self.index == self.start else x
         stats.blocks_run += 1
         if self.index == self.start:
             s["x_in"] = x
         out = self.call_inner(x, *rest, **kwargs)
-        if self.index == 0 and self.start == 1:
-            self._decide(s, out - x)  # block 0's residual, (B, S, D)
+        if self.index == 0:
+            _take_decision(self.cfg, s, out - x, self.recorder)  # block 0's residual, (B, S, D)
         if self.index == self.n - 1:
             R = out - s.pop("x_in")  # what the region added, (B, S, D)
             if self.recorder is not None and s.get("R") is not None:
                 a, b = R.float().abs().mean(), s["R"].float().abs().mean()
                 key = (current_cfg_branch() or "cond", s["step"])
                 self.recorder.setdefault("R", {})[key] = (s["t"], s["t_R"], rel_l1(R, s["R"]), float(a / b))
-            s["R_prev"], s["t_R_prev"] = s.get("R"), s.get("t_R")
-            s["R"], s["t_R"] = R, s["t"]
+            _store(s, R)
         return out
 
 
@@ -309,8 +363,11 @@ def apply_adaptive_cache(
     transformer: nn.Module, cfg: AdaptiveCacheConfig, recorder: dict | None = None
 ) -> None:
     """Install the adaptive cache; `remove_cache(transformer)` undoes it. `recorder` (a dict) collects
-    the per-step signals that `calibrate_adaptive` fits.
+    the per-step signals that `calibrate_adaptive` fits (first-block signal), or forces the skipped
+    steps of a sensitivity probe (`recorder["force"]`).
 
+    The magnitude signal hooks the transformer itself (a skipped call runs nothing); the first-block
+    signal hooks every block (block 0 runs to decide).
     Example: `apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.3, taylor=True))`.
     """
     cfg.validate()
@@ -318,6 +375,9 @@ def apply_adaptive_cache(
     if cfg.signal == "first_block" and len(blocks) < 2:
         raise ValueError("adaptive_cache.signal='first_block' needs a model with at least 2 blocks")
     counter = step_counter(transformer)
+    if cfg.signal == "magnitude":
+        register(transformer, _OutputHook(counter, cfg, len(blocks), recorder), HOOK)
+        return
     for i, block in enumerate(blocks):
         register(block, _AdaptiveHook(counter, cfg, i, len(blocks), recorder), HOOK)
 
@@ -348,8 +408,12 @@ def fit_calibration(recorder: dict, steps: int) -> dict:
     mag: dict[str, dict] = {}
     for (branch, step), (t, t_prev, change, ratio) in sorted(R.items(), key=lambda kv: kv[0][1]):
         dsigma = max(abs(t_prev - t) / T_SCALE, 1e-9)
-        curve = mag.setdefault(branch, {"sigma": [], "rate": [], "magnitude_rate": []})
+        curve = mag.setdefault(
+            branch, {"step": [], "sigma": [], "dsigma": [], "rate": [], "magnitude_rate": []}
+        )
+        curve["step"].append(step)
         curve["sigma"].append(t / T_SCALE)
+        curve["dsigma"].append(dsigma)
         curve["rate"].append(change / dsigma)
         curve["magnitude_rate"].append(abs(1.0 - ratio) / dsigma)
         if (branch, step) in d:
@@ -367,10 +431,10 @@ def fit_calibration(recorder: dict, steps: int) -> dict:
     }
 
 
-# step counts / calibration step count measured to keep the quality (shapes model, 8 prompts, threshold
-# 0.01: 50 -> 30 steps kept the worst prompt at 28 dB; at 20 steps one prompt fell to 18 dB at threshold
-# 0.01 or 0.005, with a 50-step or a 20-step calibration alike)
-TRANSFER_MEASURED = (0.6, 1.0)
+# step counts / calibration step count measured to keep the quality (shapes model, 8 prompts, the
+# defaults with a 50-step calibration and its sensitivity probes: 30 steps 38.1 dB mean, worst 31.4;
+# 20 steps 37.2, worst 30.3, against the uncached run of the same step count)
+TRANSFER_MEASURED = (0.4, 1.0)
 
 
 def transfer_note(calibration: dict, steps: int) -> str | None:
@@ -386,14 +450,77 @@ def transfer_note(calibration: dict, steps: int) -> str | None:
     return (
         f"warning: the cache calibration was made at {made_at} steps and this run has --steps {steps}; "
         f"its quality was measured from {round(lo * made_at)} to {made_at} steps only: check the quality "
-        f"against an uncached run; fewer steps may need a lower --cache-threshold (a recalibration, mmkit "
-        f"accel calibrate --steps {steps}, did not help at 20 steps on the shapes model)"
+        f"against an uncached run, or recalibrate at this step count (mmkit accel calibrate --steps {steps})"
     )
 
 
-def calibrate_adaptive(pipe, prompt: str, steps: int = 50, **gen_kwargs) -> dict:
-    """Calibration from one sample: one uncached generation with the signals recorded, then
-    `fit_calibration`. The result (a dict, JSON-ready) goes to `AdaptiveCacheConfig(calibration=...)`.
+PROBES = 12  # default sensitivity probes of a calibration (each one generation)
+
+
+def probe_steps(steps: int, probes: int) -> list[int]:
+    """The steps a calibration probes: `probes` spread evenly over steps 1..steps-1, the last included.
+
+    Example: `probe_steps(50, 12) == [1, 5, 10, 14, 18, 23, 27, 31, 36, 40, 45, 49]`.
+    """
+    if probes <= 0 or steps < 2:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(1, steps - 1, min(probes, steps - 1))})
+
+
+def probe_sensitivity(
+    pipe, prompt: str, calibration: dict, probes: int = PROBES, reference=None, **gen_kwargs
+) -> dict:
+    """The calibration's `sensitivity` curve, measured: per probed step k, one generation that skips step
+    k alone (the magnitude signal's forecast), and the relative L2 change of its final latents against
+    the uncached run's, divided by the error the signal estimates for that one skip (the largest
+    branch rate at sigma_k x d sigma_k^2); normalised to a median of 1. A skipped step's estimated
+    error is multiplied by this weight at its sigma, so skips go where they change the video least:
+    on the shapes Wan model the early steps (sigma 0.85-0.95) and the last two weigh 3-10x the middle.
+
+    Example: `calib["sensitivity"] = probe_sensitivity(pipe, "a red circle moves left", calib, 12, seed=0)`.
+    """
+    from mmkit.infer.accel.cache import remove_cache
+
+    steps = calibration["steps"]
+    curves = list(calibration["magnitude"].values())
+    first = curves[0]  # every branch ran the same schedule
+    sigma_of = dict(zip(first["step"], zip(first["sigma"], first["dsigma"])))  # step -> (sigma, d sigma)
+    show = gen_kwargs.pop("progress", True)
+    kw = dict(gen_kwargs, num_inference_steps=steps, output_type="latent", progress=False)
+    ref = (reference if reference is not None else pipe(prompt, **kw).frames).float()  # final latents
+    base = {**calibration, "sensitivity": None}
+    sig_out, weight, err = [], [], []
+    for k in tqdm(probe_steps(steps, probes), desc="sensitivity probes", unit="probe", disable=not show):
+        if k not in sigma_of:
+            continue
+        cfg = AdaptiveCacheConfig(1.0, "magnitude", None, False, sigma_max=1.0, calibration=base)
+        apply_adaptive_cache(pipe.transformer, cfg, {"force": {k}})
+        try:
+            out = pipe(prompt, **kw).frames.float()
+        finally:
+            remove_cache(pipe.transformer)
+        change = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+        sigma, dsigma = sigma_of[k]
+        estimate = max(curve_at(c, "rate", sigma) for c in curves) * dsigma * dsigma
+        sig_out.append(sigma)
+        err.append(change)
+        weight.append(change / max(estimate, 1e-12))
+    if not weight:
+        return {}
+    median = float(np.median(weight)) or 1.0
+    return {
+        "sigma": sig_out,
+        "weight": [w / median for w in weight],
+        "latent_change": err,
+        "steps": probe_steps(steps, probes),
+    }
+
+
+def calibrate_adaptive(pipe, prompt: str, steps: int = 50, probes: int = PROBES, **gen_kwargs) -> dict:
+    """Calibration from one sample: one uncached generation with the signals recorded
+    (`fit_calibration`), then `probes` generations that each skip one step (`probe_sensitivity`; 0: no
+    sensitivity curve, every sigma weighs 1). The result (a dict, JSON-ready) goes to
+    `AdaptiveCacheConfig(calibration=...)`.
 
     Example: `calib = calibrate_adaptive(pipe, "a red circle moves left", steps=50, height=480, width=832)`.
     """
@@ -402,7 +529,10 @@ def calibrate_adaptive(pipe, prompt: str, steps: int = 50, **gen_kwargs) -> dict
     recorder: dict = {}
     apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.0), recorder)
     try:
-        pipe(prompt, num_inference_steps=steps, output_type="latent", **gen_kwargs)
+        ref = pipe(prompt, num_inference_steps=steps, output_type="latent", **gen_kwargs).frames
     finally:
         remove_cache(pipe.transformer)
-    return fit_calibration(recorder, steps)
+    calib = fit_calibration(recorder, steps)
+    if probes > 0 and calib["magnitude"]:
+        calib["sensitivity"] = probe_sensitivity(pipe, prompt, calib, probes, ref, **gen_kwargs)
+    return calib
