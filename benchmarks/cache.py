@@ -60,7 +60,7 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         "dit (MindIE 20/2/47, blocks N/3..N)": [DiTCacheConfig(s20, 2, s47, n_blocks // 3, n_blocks)],
         "attention (MindIE 20/2/47)": [AttentionCacheConfig(s20, 2, s47)],
     }
-    for th in (0.004, 0.006, 0.007, 0.008, 0.01, 0.012):
+    for th in (0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.012):
         tag = " (default)" if th == DEFAULTS["magnitude"]["threshold"] else ""
         out[f"adaptive magnitude th={th}{tag}"] = [AdaptiveCacheConfig(th, calibration=calib)]
     # without the sensitivity weights: the same signal with every sigma weighing 1, and the previous
@@ -69,10 +69,13 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
     for th in (0.003, 0.005):
         out[f"adaptive magnitude th={th} unweighted"] = [AdaptiveCacheConfig(th, calibration=flat)]
     out["adaptive magnitude th=0.01 unweighted, Taylor, max 4 skips, sigma_max 0.95"] = [
-        AdaptiveCacheConfig(0.01, max_skips=4, taylor=True, sigma_max=0.95, calibration=flat)
+        AdaptiveCacheConfig(0.01, max_skips=4, forecast="taylor", sigma_max=0.95, calibration=flat)
+    ]
+    default = DEFAULTS["magnitude"]["threshold"]
+    out[f"adaptive magnitude th={default}, forecast reuse"] = [
+        AdaptiveCacheConfig(default, forecast="reuse", calibration=calib)
     ]
     out["adaptive first_block th=0.005"] = [AdaptiveCacheConfig(0.005, "first_block", calibration=calib)]
-    default = DEFAULTS["magnitude"]["threshold"]
     out[f"adaptive magnitude th={default} + cfg"] = [
         AdaptiveCacheConfig(default, calibration=calib),
         CFGCacheConfig(scaled(10, steps), 2, steps - 1),

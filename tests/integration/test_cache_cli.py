@@ -82,7 +82,9 @@ def test_search_writes_best_resumes_and_generate_reuses_it(model, tmp_path, caps
     assert written["steps"] == 6 and "calibrated at 6 steps" in text
     sens = written["sensitivity"]  # one probe per step 1..5, each a generation that skipped that step
     assert sens["steps"] == [1, 2, 3, 4, 5] and len(sens["weight"]) == 5 and min(sens["latent_change"]) > 0
-    assert np.median(sens["weight"]) == pytest.approx(1.0) and "sensitivity weight by sigma (5 probes)" in text
+    assert (
+        np.median(sens["weight"]) == pytest.approx(1.0) and "sensitivity weight by sigma (5 probes)" in text
+    )
     for steps, warned in (("6", False), ("2", True)):  # 2 steps is outside the measured 0.4x..1x
         run = [*gen, "--steps", steps, "--cache", "adaptive", "--cache-calibration", str(calib)]
         assert main(run + ["--out", str(tmp_path / f"d{steps}.npy")]) == 0

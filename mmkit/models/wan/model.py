@@ -431,6 +431,9 @@ class WanTransformer(nn.Module):
 
     _repeated_blocks = ("blocks",)  # ModuleLists of identical blocks (activation checkpointing, FSDP units)
     _step_invariant = ("text_embed", "image_embed")  # inputs fixed over sampling (infer/accel/conditioning)
+    # the output is the flow velocity v = noise - x0 for the input latents (first out_channels channels)
+    # x = (1 - sigma) x0 + sigma noise, sigma = timestep / 1000 (the adaptive cache's "noise" forecast)
+    _prediction = "flow"
 
     def __init__(self, cfg: WanConfig):
         super().__init__()

@@ -85,7 +85,7 @@ def uncached(model):
         DiTCacheConfig(step_start=0, step_interval=1, step_end=STEPS, block_start=1, block_end=3),
         AttentionCacheConfig(step_start=0, step_interval=1, step_end=STEPS),
         AdaptiveCacheConfig(threshold=0.0),
-        AdaptiveCacheConfig(threshold=1e9, max_skips=0, taylor=True),
+        AdaptiveCacheConfig(threshold=1e9, max_skips=0, forecast="taylor"),
         CFGCacheConfig(step_start=0, step_interval=1, step_end=STEPS),
     ],
     ids=["dit", "attention", "adaptive", "adaptive_max0", "cfg"],
@@ -219,8 +219,13 @@ def test_adaptive_threshold_trades_skips_for_error_and_taylor_forecasts(model, u
     high, f_high = run(AdaptiveCacheConfig(threshold=0.5))
     assert f_low < f_high
     assert (low - uncached).abs().mean() < (high - uncached).abs().mean()
-    taylor, f_t = run(AdaptiveCacheConfig(threshold=0.5, taylor=True))
+    taylor, f_t = run(AdaptiveCacheConfig(threshold=0.5, forecast="taylor"))
     assert f_t == f_high and not torch.equal(taylor, high)  # same decisions, forecast residual
+    with pytest.raises(ValueError, match="needs signal='magnitude'"):
+        apply_cache(model, AdaptiveCacheConfig(threshold=0.5, forecast="noise"))
+    with pytest.raises(ValueError, match="forecast='tailor'"):
+        apply_cache(model, AdaptiveCacheConfig(threshold=0.5, forecast="tailor"))
+    assert no_hooks_left(model)
 
 
 def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
@@ -236,8 +241,10 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert len(curve["sigma"]) == STEPS - 1 and curve["sigma"] == sorted(curve["sigma"], reverse=True)
     assert min(curve["rate"]) > 0 and len(calib["first_block"]["uncond"]["scale"]) == STEPS - 1
     cfg = AdaptiveCacheConfig(threshold=0.05, calibration=calib).validate()
-    # the calibrated defaults: output reused, no run limit, steps above sigma 0.94 run
-    assert cfg.signal == "magnitude" and not cfg.taylor and cfg.max_skips is None and cfg.sigma_max == 0.94
+    # the calibrated defaults: the forecast follows the model ("noise" here), no run limit, sigma <= 0.94
+    assert (
+        cfg.signal == "magnitude" and cfg.forecast is None and cfg.max_skips is None and cfg.sigma_max == 0.94
+    )
     apply_cache(model, AdaptiveCacheConfig(threshold=0.0, calibration=calib))
     try:
         assert torch.equal(generate(model), uncached) and cache_stats(model).blocks_skipped == 0
@@ -258,33 +265,46 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert no_hooks_left(model)
 
 
-def test_magnitude_skips_the_whole_model_call_and_reuses_its_output(model):
-    """A skipped step runs nothing of the model (no embedding, no block) and returns the branch's last
-    computed output; with `taylor`, the first-order step in sigma from the last two."""
-    ran, outs = [], []
+def test_magnitude_skips_the_whole_model_call_and_forecasts_its_output(model):
+    """A skipped step runs nothing of the model (no embedding, no block) and returns a forecast of the
+    branch's output from its last computed ones: the output itself ("reuse"), the first-order step in
+    sigma ("taylor"), or the velocity that keeps the last predicted noise ("noise", the default for a
+    flow-velocity model: hand-computed here from the sampler's inputs)."""
+    ran, calls = [], []
     h1 = model.text_embed.register_forward_pre_hook(lambda m, a: ran.append(1))
-    h2 = model.register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+    h2 = model.register_forward_hook(lambda m, a, o: calls.append((a[0].clone(), float(a[1][0]), o.clone())))
+    computed = [0, 3, 6, 9]  # warm-up, then skip, skip, run, ...
     try:
-        for taylor in (False, True):
+        for forecast in ("reuse", "taylor", "noise", None):
             ran.clear()
-            outs.clear()
-            cfg = AdaptiveCacheConfig(1.0, max_skips=2, taylor=taylor, sigma_max=1.0)
+            calls.clear()
+            cfg = AdaptiveCacheConfig(1.0, max_skips=2, forecast=forecast, sigma_max=1.0)
             apply_cache(model, dataclasses.replace(cfg, calibration=constant_calibration(0.0)))
             try:
                 generate(model)
                 stats = cache_stats(model)
             finally:
                 remove_cache(model)
-            computed = [0, 3, 6, 9]  # warm-up, then skip, skip, run, ...
             assert len(ran) == 2 * len(computed) and stats.blocks_skipped == 2 * 6 * len(model.blocks)
-            cond, uncond = outs[0::2], outs[1::2]
-            for branch in (cond, uncond):
+            for branch in (calls[0::2], calls[1::2]):  # cond, uncond
                 for step in (1, 2, 4, 5, 7, 8):
                     last = max(c for c in computed if c < step)
-                    if not taylor:
-                        assert torch.equal(branch[step], branch[last])
-                    elif last > 0:
-                        assert not torch.equal(branch[step], branch[last])  # extrapolated
+                    x, t, out = branch[step]
+                    x_k, t_k, v_k = branch[last]
+                    if forecast == "reuse":
+                        assert torch.equal(out, v_k)
+                    elif forecast == "taylor":
+                        if last > 0:
+                            _, t_j, v_j = branch[last - 3]
+                            want = v_k + (v_k - v_j) / (t_k - t_j) * (t - t_k)
+                            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                        else:
+                            assert torch.equal(out, v_k)  # one computed step: nothing to extrapolate
+                    else:
+                        s, s_k = t / 1000, t_k / 1000
+                        want = (x_k + (1 - s_k) * v_k - x) / (1 - s)
+                        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                        assert not torch.equal(out, v_k)
     finally:
         h1.remove()
         h2.remove()
@@ -306,7 +326,7 @@ def test_magnitude_signal_takes_one_decision_for_both_guidance_branches():
     calib["magnitude"] = {"cond": {**curve, "rate": [4.0, 4.0]}, "uncond": {**curve, "rate": [0.5, 0.5]}}
 
     def decisions(calibration: dict, branch: str) -> list[bool]:
-        cfg = AdaptiveCacheConfig(threshold=0.01, max_skips=None, taylor=False, calibration=calibration)
+        cfg = AdaptiveCacheConfig(threshold=0.01, max_skips=None, calibration=calibration)
         cfg.validate()
         s, out = {"step": 0, "t": 1000.0, "R": torch.ones(1), "t_prev": None}, []
         for k, sig in enumerate(torch.linspace(0.9, 0.1, 41).tolist()):

@@ -37,9 +37,15 @@ Fewer steps skip a smaller fraction at the same threshold (each step moves furth
 Optional: `max_skips` consecutive skipped steps at most, counted in steps of a 50-step schedule: a run
 whose sigma steps are larger than a 50-step schedule's at the same sigma (read from the calibration's
 schedule and step count) allows proportionally fewer (`floor(max_skips * 50-step step / this step)`, at
-least 1), so a run of skips covers about the same sigma at 20, 30 or 50 steps; `taylor` forecasts the
-reused tensor (the output, or the blocks' residual) as a first-order Taylor step in sigma from the last
-two computed ones (`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`) instead of reusing `R_k`.
+least 1), so a run of skips covers about the same sigma at 20, 30 or 50 steps.
+
+`forecast`, what a skipped step returns: `"reuse"` the last computed tensor (the output, or the blocks'
+residual); `"taylor"` a first-order step in sigma from the last two computed ones
+(`R_k + (R_k - R_j) / (t_k - t_j) * (t - t_k)`); `"noise"` (magnitude signal, models that predict the
+flow velocity: `_prediction = "flow"` on the transformer, as Wan) holds the predicted noise of the last
+computed step, `eps_k = x_k + (1 - sigma_k) v_k`, and returns the velocity that matches it at this
+step's input, `(eps_k - x) / (1 - sigma)`; the predicted clean sample moves with the input. None: `"noise"`
+where the model predicts flow velocity, else `"reuse"`.
 
 Multi-process: every rank of one video must take the same decision. Under sequence parallelism each
 rank holds a shard of the tokens; the first-block signal's sums run over the whole sequence's real
@@ -72,12 +78,12 @@ T_SCALE = 1000.0  # the model's timestep is sigma * 1000 (num_train_timesteps of
 
 
 # Per-signal defaults of the fields left None, chosen on the shapes Wan model at 50 steps (see
-# docs/acceleration.md, "Measured"): magnitude 0.007 on the sensitivity-weighted error, the output
-# reused (no Taylor step), no limit on a run of skips, steps above sigma 0.94 always run; first_block
-# 0.005 without them, above sigma 0.95.
+# docs/acceleration.md, "Measured"): magnitude 0.008 on the sensitivity-weighted error, no limit on a
+# run of skips, steps above sigma 0.94 always run; first_block 0.005, above sigma 0.95.
+FORECASTS = ("reuse", "taylor", "noise")
 DEFAULTS = {
-    "magnitude": {"threshold": 0.007, "taylor": False, "max_skips": None, "sigma_max": 0.94},
-    "first_block": {"threshold": 0.005, "taylor": False, "max_skips": None, "sigma_max": 0.95},
+    "magnitude": {"threshold": 0.008, "max_skips": None, "sigma_max": 0.94},
+    "first_block": {"threshold": 0.005, "max_skips": None, "sigma_max": 0.95},
 }
 CALIBRATION_VERSION = 3  # sigma-indexed curves with the relative-change rate and the sensitivity probes
 
@@ -86,7 +92,8 @@ CALIBRATION_VERSION = 3  # sigma-indexed curves with the relative-change rate an
 class AdaptiveCacheConfig:
     """`threshold` (the one knob: the estimated error of the skipped steps, sensitivity-weighted
     relative residual change x sigma; <= 0 never skips), `signal` ("magnitude" with a calibration, else
-    "first_block"), `max_skips` in a row (None: unbounded), `taylor`, `warmup` first steps that always
+    "first_block"), `max_skips` in a row (None: unbounded), `forecast` ("reuse", "taylor", "noise"; None:
+    "noise" for flow-velocity models under the magnitude signal, else "reuse"), `warmup` first steps that always
     run, the sigma guard band [`sigma_min`, `sigma_max`] outside which steps always run, `scale` (a
     constant first-block scale instead of the calibrated curve) and `calibration` (a dict or JSON path
     from `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
@@ -100,7 +107,7 @@ class AdaptiveCacheConfig:
     threshold: float | None = None
     signal: str | None = None
     max_skips: int | None = -1  # -1: the signal's default
-    taylor: bool | None = None
+    forecast: str | None = None
     warmup: int = 1
     sigma_max: float | None = None
     sigma_min: float = 0.0
@@ -129,8 +136,15 @@ class AdaptiveCacheConfig:
         defaults = DEFAULTS[self.signal]
         if self.threshold is None:
             self.threshold = defaults["threshold"]
-        if self.taylor is None:
-            self.taylor = defaults["taylor"]
+        if self.forecast is not None and self.forecast not in FORECASTS:
+            raise ValueError(
+                f"adaptive_cache.forecast={self.forecast!r}: choose one of {FORECASTS} (or null)"
+            )
+        if self.forecast == "noise" and self.signal != "magnitude":
+            raise ValueError(
+                "adaptive_cache.forecast='noise' holds the model's predicted noise and needs "
+                "signal='magnitude'; the first-block signal forecasts the blocks' residual ('reuse' or 'taylor')"
+            )
         if self.max_skips == -1:
             self.max_skips = defaults["max_skips"]
         if self.sigma_max is None:
@@ -293,11 +307,17 @@ def _take_decision(cfg: AdaptiveCacheConfig, s: dict, r0: torch.Tensor | None, r
     s["r0_prev"], s["t_prev"] = r0, s["t"]
 
 
-def _forecast(cfg: AdaptiveCacheConfig, s: dict) -> torch.Tensor:
-    """The cached tensor `R` at this step: reused, or with `taylor` a first-order step in sigma from
-    the last two computed ones."""
+def _forecast(forecast: str, s: dict, x: torch.Tensor | None = None) -> torch.Tensor:
+    """The cached tensor `R` at this step: reused, a first-order step in sigma from the last two
+    computed ones (`"taylor"`), or (`"noise"`, `R` a flow velocity) the velocity that keeps the last
+    computed step's predicted noise at this step's input latents `x`."""
     R = s["R"]
-    if cfg.taylor and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
+    sigma, sigma_k = s["t"] / T_SCALE, s["t_R"] / T_SCALE
+    if forecast == "noise" and x is not None and 1.0 - sigma > 1e-3:
+        x, x_k = x[:, : R.shape[1]].to(R.dtype), s["x_R"]
+        eps = x_k + (1.0 - sigma_k) * R  # the noise predicted at the last computed step
+        return (eps - x) / (1.0 - sigma)
+    if forecast == "taylor" and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
         slope = (R - s["R_prev"]) / (s["t_R"] - s["t_R_prev"])
         return R + slope * (s["t"] - s["t_R"])
     return R.clone()  # the caller may write into what it gets
@@ -313,18 +333,22 @@ class _OutputHook(ModelHook):
     a skipped call returns the forecast of the model's output (its last computed output, or the Taylor
     step) and runs nothing, not even the embeddings and the head."""
 
-    def __init__(self, counter, cfg: AdaptiveCacheConfig, num_blocks: int, recorder=None):
+    def __init__(self, counter, cfg: AdaptiveCacheConfig, num_blocks: int, forecast: str, recorder=None):
         self.counter, self.cfg, self.n, self.recorder = counter, cfg, num_blocks, recorder
+        self.forecast = forecast
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         s, stats = self.counter.state, self.counter.stats
+        x = args[0] if args else next(iter(kwargs.values()))  # the latents (B, C, T, H, W)
         _take_decision(self.cfg, s, None, self.recorder)
         if s["skip"]:
             stats.blocks_skipped += self.n
-            return _forecast(self.cfg, s)
+            return _forecast(self.forecast, s, x)
         stats.blocks_run += self.n
         out = self.call_inner(*args, **kwargs)
         _store(s, out)
+        if self.forecast == "noise":
+            s["x_R"] = x[:, : out.shape[1]].to(out.dtype)
         return out
 
 
@@ -342,7 +366,7 @@ class _AdaptiveHook(ModelHook):
         s, stats = self.counter.state, self.counter.stats
         if self.index >= self.start and s.get("skip"):
             stats.blocks_skipped += 1
-            return x + _forecast(self.cfg, s) if self.index == self.start else x
+            return x + _forecast(self.cfg.forecast or "reuse", s) if self.index == self.start else x
         stats.blocks_run += 1
         if self.index == self.start:
             s["x_in"] = x
@@ -368,15 +392,22 @@ def apply_adaptive_cache(
 
     The magnitude signal hooks the transformer itself (a skipped call runs nothing); the first-block
     signal hooks every block (block 0 runs to decide).
-    Example: `apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.3, taylor=True))`.
+    Example: `apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.3, forecast="taylor"))`.
     """
     cfg.validate()
     blocks = repeated_blocks(transformer)
     if cfg.signal == "first_block" and len(blocks) < 2:
         raise ValueError("adaptive_cache.signal='first_block' needs a model with at least 2 blocks")
+    flow = getattr(transformer, "_prediction", None) == "flow"
+    if cfg.forecast == "noise" and not flow:
+        raise ValueError(
+            f"adaptive_cache.forecast='noise' needs a model that predicts the flow velocity "
+            f"(`_prediction = 'flow'`); {type(transformer).__name__} does not declare it: use 'reuse' or 'taylor'"
+        )
     counter = step_counter(transformer)
     if cfg.signal == "magnitude":
-        register(transformer, _OutputHook(counter, cfg, len(blocks), recorder), HOOK)
+        forecast = cfg.forecast or ("noise" if flow else "reuse")
+        register(transformer, _OutputHook(counter, cfg, len(blocks), forecast, recorder), HOOK)
         return
     for i, block in enumerate(blocks):
         register(block, _AdaptiveHook(counter, cfg, i, len(blocks), recorder), HOOK)
@@ -468,7 +499,7 @@ def probe_steps(steps: int, probes: int) -> list[int]:
 
 
 def probe_sensitivity(
-    pipe, prompt: str, calibration: dict, probes: int = PROBES, reference=None, **gen_kwargs
+    pipe, prompt: str, calibration: dict, probes: int = PROBES, reference=None, forecast=None, **gen_kwargs
 ) -> dict:
     """The calibration's `sensitivity` curve, measured: per probed step k, one generation that skips step
     k alone (the magnitude signal's forecast), and the relative L2 change of its final latents against
@@ -493,7 +524,7 @@ def probe_sensitivity(
     for k in tqdm(probe_steps(steps, probes), desc="sensitivity probes", unit="probe", disable=not show):
         if k not in sigma_of:
             continue
-        cfg = AdaptiveCacheConfig(1.0, "magnitude", None, False, sigma_max=1.0, calibration=base)
+        cfg = AdaptiveCacheConfig(1.0, "magnitude", None, forecast, sigma_max=1.0, calibration=base)
         apply_adaptive_cache(pipe.transformer, cfg, {"force": {k}})
         try:
             out = pipe(prompt, **kw).frames.float()
