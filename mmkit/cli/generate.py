@@ -60,7 +60,9 @@ def add_arguments(p) -> None:
     c.add_argument(
         "--cache-config", help="cache JSON ({'method': ..., fields}; `mmkit accel search` writes one)"
     )
-    c.add_argument("--cache-threshold", type=float, help="adaptive threshold (0.008 calibrated; 0.005 uncalibrated)")
+    c.add_argument(
+        "--cache-threshold", type=float, help="adaptive threshold (0.008 calibrated; 0.005 uncalibrated)"
+    )
     c.add_argument("--cache-calibration", help="adaptive cache calibration JSON (`mmkit accel calibrate`)")
     c.add_argument(
         "--attention-backend", default="sdpa", help="sdpa (default), auto, static, or a kernel name"
