@@ -141,7 +141,7 @@ def step_cache(a, out: Path, ctx: dict) -> None:
 
     pipe, prompts = ctx["shapes_pipe"], ctx["shapes_eval"].prompts
     size = dict(height=64, width=64, num_frames=17, progress=False)
-    print("  calibrating the cache on one prompt: 1 recorded generation + 12 one-skip sensitivity probes")
+    print("  calibrating the cache on one prompt: a recorded generation, then 12 one-skip sensitivity probes")
     calib = calibrate_adaptive(pipe, SHAPES_CALIB_PROMPT, a.shapes_steps, seed=0, **size)
     kw = {**size, "num_inference_steps": a.shapes_steps}
     cfg = AdaptiveCacheConfig(calibration=calib)

@@ -22,6 +22,8 @@ from mmkit.infer.accel.cache import (
 )
 from mmkit.infer.accel.cache.adaptive import (
     CALIBRATION_VERSION,
+    REPLAY,
+    _Replay,
     apply_adaptive_cache,
     calibration_step,
     decide,
@@ -31,7 +33,7 @@ from mmkit.infer.accel.cache.adaptive import (
     transfer_note,
 )
 from mmkit.infer.accel.cache.common import step_counter
-from mmkit.infer.accel.hooks import HookRegistry, ModelHook, reset_all
+from mmkit.infer.accel.hooks import HookRegistry, ModelHook, register, reset_all
 from mmkit.infer.samplers import FlowEulerScheduler, cfg_velocity, denoise
 
 STEPS = 10
@@ -308,6 +310,40 @@ def test_magnitude_skips_the_whole_model_call_and_forecasts_its_output(model):
     finally:
         h1.remove()
         h2.remove()
+    assert no_hooks_left(model)
+
+
+def test_probe_replay_follows_the_recorded_run_and_runs_the_model_from_its_step(model, uncached):
+    """A calibration probe replays the recorded outputs before its step: the same final latents as a
+    probe that runs every step, with the model run only from the probed step on."""
+    outputs = {}
+    register(model, _Replay(step_counter(model), outputs), REPLAY)
+    try:
+        assert torch.equal(generate(model), uncached)  # recording changes nothing
+    finally:
+        remove_cache(model)
+    assert sorted(outputs) == sorted((b, k) for b in ("cond", "uncond") for k in range(STEPS))
+    ran = []
+    hook = model.text_embed.register_forward_pre_hook(lambda m, a: ran.append(1))
+
+    def probe(replay: bool):
+        ran.clear()
+        cfg = AdaptiveCacheConfig(1.0, "magnitude", sigma_max=1.0, calibration=constant_calibration(1.0))
+        apply_adaptive_cache(model, cfg, {"force": {4}})
+        if replay:
+            register(model, _Replay(step_counter(model), outputs, until=4), REPLAY)
+        try:
+            return generate(model), cache_stats(model).blocks_skipped, len(ran)
+        finally:
+            remove_cache(model)
+
+    try:
+        (fast, skipped, ran_fast), (full, skipped_full, ran_full) = probe(True), probe(False)
+    finally:
+        hook.remove()
+    assert torch.equal(fast, full) and not torch.equal(fast, uncached)  # step 4 skipped, exactly as without
+    assert skipped == skipped_full == 2 * len(model.blocks)
+    assert ran_full == 2 * (STEPS - 1) and ran_fast == 2 * (STEPS - 5)  # steps 5..9 run; 0..3 replayed
     assert no_hooks_left(model)
 
 

@@ -485,7 +485,7 @@ def transfer_note(calibration: dict, steps: int) -> str | None:
     )
 
 
-PROBES = 12  # default sensitivity probes of a calibration (each one generation)
+PROBES = 12  # default sensitivity probes of a calibration (each a run from its step to the end)
 
 
 def probe_steps(steps: int, probes: int) -> list[int]:
@@ -498,8 +498,38 @@ def probe_steps(steps: int, probes: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(1, steps - 1, min(probes, steps - 1))})
 
 
+class _Replay(ModelHook):
+    """On the transformer, inside the cache hooks. Recording (`until` None): keeps each call's output on
+    the CPU by (branch, step). Probing: returns the recorded output of every step before `until` instead
+    of running the model, so a probe follows the recorded trajectory exactly up to its probed step and
+    runs the model only from there (a probe at step k costs steps - k model steps, not steps)."""
+
+    def __init__(self, counter, outputs: dict, until: int | None = None):
+        self.counter, self.outputs, self.until = counter, outputs, until
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        key = (current_cfg_branch() or "cond", self.counter.state["step"])
+        if self.until is not None:
+            if key[1] < self.until and key in self.outputs:
+                return self.outputs[key].to(args[0].device, copy=True)
+            return self.call_inner(*args, **kwargs)
+        out = self.call_inner(*args, **kwargs)
+        self.outputs[key] = out.detach().to("cpu", copy=True)
+        return out
+
+
+REPLAY = "mmkit_cache_replay"  # hook name (removed by remove_cache with the caches)
+
+
 def probe_sensitivity(
-    pipe, prompt: str, calibration: dict, probes: int = PROBES, reference=None, forecast=None, **gen_kwargs
+    pipe,
+    prompt: str,
+    calibration: dict,
+    probes: int = PROBES,
+    reference=None,
+    outputs: dict | None = None,
+    forecast=None,
+    **gen_kwargs,
 ) -> dict:
     """The calibration's `sensitivity` curve, measured: per probed step k, one generation that skips step
     k alone (the magnitude signal's forecast), and the relative L2 change of its final latents against
@@ -507,6 +537,11 @@ def probe_sensitivity(
     branch rate at sigma_k x d sigma_k^2); normalised to a median of 1. A skipped step's estimated
     error is multiplied by this weight at its sigma, so skips go where they change the video least:
     on the shapes Wan model the steps above sigma 0.9 weigh 3.5-7x the median, the last one 2.4x.
+
+    `reference` (the uncached run's final latents) and `outputs` (its model outputs by (branch, step),
+    as `_Replay` records them) come from the calibration's recorded run; without them one uncached run
+    records both. The probes replay the recorded outputs before their step (`_Replay`), so the 12
+    probes of a 50-step calibration cost about 6 generations, not 12.
 
     Example: `calib["sensitivity"] = probe_sensitivity(pipe, "a red circle moves left", calib, 12, seed=0)`.
     """
@@ -518,7 +553,14 @@ def probe_sensitivity(
     sigma_of = dict(zip(first["step"], zip(first["sigma"], first["dsigma"])))  # step -> (sigma, d sigma)
     show = gen_kwargs.pop("progress", True)
     kw = dict(gen_kwargs, num_inference_steps=steps, output_type="latent", progress=False)
-    ref = (reference if reference is not None else pipe(prompt, **kw).frames).float()  # final latents
+    if reference is None or outputs is None:
+        outputs = {}
+        register(pipe.transformer, _Replay(step_counter(pipe.transformer), outputs), REPLAY)
+        try:
+            reference = pipe(prompt, **kw).frames
+        finally:
+            remove_cache(pipe.transformer)
+    ref = reference.float()  # final latents
     base = {**calibration, "sensitivity": None}
     sig_out, weight, err = [], [], []
     for k in tqdm(probe_steps(steps, probes), desc="sensitivity probes", unit="probe", disable=not show):
@@ -526,6 +568,7 @@ def probe_sensitivity(
             continue
         cfg = AdaptiveCacheConfig(1.0, "magnitude", None, forecast, sigma_max=1.0, calibration=base)
         apply_adaptive_cache(pipe.transformer, cfg, {"force": {k}})
+        register(pipe.transformer, _Replay(step_counter(pipe.transformer), outputs, until=k), REPLAY)
         try:
             out = pipe(prompt, **kw).frames.float()
         finally:
@@ -549,8 +592,9 @@ def probe_sensitivity(
 
 def calibrate_adaptive(pipe, prompt: str, steps: int = 50, probes: int = PROBES, **gen_kwargs) -> dict:
     """Calibration from one sample: one uncached generation with the signals recorded
-    (`fit_calibration`), then `probes` generations that each skip one step (`probe_sensitivity`; 0: no
-    sensitivity curve, every sigma weighs 1). The result (a dict, JSON-ready) goes to
+    (`fit_calibration`), then `probes` runs that each skip one step (`probe_sensitivity`, replaying the
+    recorded outputs before it: about probes / 2 generations in all; 0: no sensitivity curve, every
+    sigma weighs 1). The result (a dict, JSON-ready) goes to
     `AdaptiveCacheConfig(calibration=...)`.
 
     Example: `calib = calibrate_adaptive(pipe, "a red circle moves left", steps=50, height=480, width=832)`.
@@ -558,12 +602,15 @@ def calibrate_adaptive(pipe, prompt: str, steps: int = 50, probes: int = PROBES,
     from mmkit.infer.accel.cache import remove_cache
 
     recorder: dict = {}
+    outputs: dict = {}  # the model's outputs by (branch, step), replayed by the probes
     apply_adaptive_cache(pipe.transformer, AdaptiveCacheConfig(threshold=0.0), recorder)
+    if probes > 0:
+        register(pipe.transformer, _Replay(step_counter(pipe.transformer), outputs), REPLAY)
     try:
         ref = pipe(prompt, num_inference_steps=steps, output_type="latent", **gen_kwargs).frames
     finally:
         remove_cache(pipe.transformer)
     calib = fit_calibration(recorder, steps)
     if probes > 0 and calib["magnitude"]:
-        calib["sensitivity"] = probe_sensitivity(pipe, prompt, calib, probes, ref, **gen_kwargs)
+        calib["sensitivity"] = probe_sensitivity(pipe, prompt, calib, probes, ref, outputs, **gen_kwargs)
     return calib
