@@ -60,7 +60,7 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         "dit (MindIE 20/2/47, blocks N/3..N)": [DiTCacheConfig(s20, 2, s47, n_blocks // 3, n_blocks)],
         "attention (MindIE 20/2/47)": [AttentionCacheConfig(s20, 2, s47)],
     }
-    for th in (0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.012):
+    for th in (0.006, 0.008, 0.01, 0.012, 0.015):
         tag = " (default)" if th == DEFAULTS["magnitude"]["threshold"] else ""
         out[f"adaptive magnitude th={th}{tag}"] = [AdaptiveCacheConfig(th, calibration=calib)]
     # without the sensitivity weights: the same signal with every sigma weighing 1, and the previous
@@ -72,9 +72,10 @@ def mmkit_settings(n_blocks: int, steps: int, calib: dict) -> dict:
         AdaptiveCacheConfig(0.01, max_skips=4, forecast="taylor", sigma_max=0.95, calibration=flat)
     ]
     default = DEFAULTS["magnitude"]["threshold"]
-    out[f"adaptive magnitude th={default}, forecast reuse"] = [
-        AdaptiveCacheConfig(default, forecast="reuse", calibration=calib)
-    ]
+    for forecast in ("noise", "reuse"):  # the default forecast on Wan is noise_taylor
+        out[f"adaptive magnitude th={default}, forecast {forecast}"] = [
+            AdaptiveCacheConfig(default, forecast=forecast, calibration=calib)
+        ]
     out["adaptive first_block th=0.005"] = [AdaptiveCacheConfig(0.005, "first_block", calibration=calib)]
     out[f"adaptive magnitude th={default} + cfg"] = [
         AdaptiveCacheConfig(default, calibration=calib),

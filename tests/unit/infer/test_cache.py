@@ -243,7 +243,7 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
     assert len(curve["sigma"]) == STEPS - 1 and curve["sigma"] == sorted(curve["sigma"], reverse=True)
     assert min(curve["rate"]) > 0 and len(calib["first_block"]["uncond"]["scale"]) == STEPS - 1
     cfg = AdaptiveCacheConfig(threshold=0.05, calibration=calib).validate()
-    # the calibrated defaults: the forecast follows the model ("noise" here), no run limit, sigma <= 0.94
+    # the calibrated defaults: the forecast follows the model ("noise_taylor" here), no run limit, sigma <= 0.94
     assert (
         cfg.signal == "magnitude" and cfg.forecast is None and cfg.max_skips is None and cfg.sigma_max == 0.94
     )
@@ -270,14 +270,15 @@ def test_magnitude_signal_from_a_one_sample_calibration(model, uncached):
 def test_magnitude_skips_the_whole_model_call_and_forecasts_its_output(model):
     """A skipped step runs nothing of the model (no embedding, no block) and returns a forecast of the
     branch's output from its last computed ones: the output itself ("reuse"), the first-order step in
-    sigma ("taylor"), or the velocity that keeps the last predicted noise ("noise", the default for a
-    flow-velocity model: hand-computed here from the sampler's inputs)."""
+    sigma ("taylor"), the velocity that keeps the last predicted noise ("noise"), or the noise moved by
+    half its last slope ("noise_taylor", the default for a flow-velocity model), each hand-computed here
+    from the sampler's inputs and the model's outputs."""
     ran, calls = [], []
     h1 = model.text_embed.register_forward_pre_hook(lambda m, a: ran.append(1))
     h2 = model.register_forward_hook(lambda m, a, o: calls.append((a[0].clone(), float(a[1][0]), o.clone())))
     computed = [0, 3, 6, 9]  # warm-up, then skip, skip, run, ...
     try:
-        for forecast in ("reuse", "taylor", "noise", None):
+        for forecast in ("reuse", "taylor", "noise", "noise_taylor", None):
             ran.clear()
             calls.clear()
             cfg = AdaptiveCacheConfig(1.0, max_skips=2, forecast=forecast, sigma_max=1.0)
@@ -293,19 +294,22 @@ def test_magnitude_skips_the_whole_model_call_and_forecasts_its_output(model):
                     last = max(c for c in computed if c < step)
                     x, t, out = branch[step]
                     x_k, t_k, v_k = branch[last]
+                    s, s_k = t / 1000, t_k / 1000
+                    eps_k = x_k + (1 - s_k) * v_k  # the noise predicted at the last computed step
+                    if last > 0:  # a computed step before it: the slopes
+                        x_j, t_j, v_j = branch[last - 3]
+                        s_j = t_j / 1000
+                        eps_j = x_j + (1 - s_j) * v_j
                     if forecast == "reuse":
-                        assert torch.equal(out, v_k)
+                        want = v_k
                     elif forecast == "taylor":
-                        if last > 0:
-                            _, t_j, v_j = branch[last - 3]
-                            want = v_k + (v_k - v_j) / (t_k - t_j) * (t - t_k)
-                            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-                        else:
-                            assert torch.equal(out, v_k)  # one computed step: nothing to extrapolate
-                    else:
-                        s, s_k = t / 1000, t_k / 1000
-                        want = (x_k + (1 - s_k) * v_k - x) / (1 - s)
-                        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                        want = v_k + (v_k - v_j) / (t_k - t_j) * (t - t_k) if last > 0 else v_k
+                    elif forecast == "noise" or last == 0:
+                        want = (eps_k - x) / (1 - s)
+                    else:  # noise_taylor (and None: the model predicts flow velocity)
+                        want = (eps_k + 0.5 * (eps_k - eps_j) / (s_k - s_j) * (s - s_k) - x) / (1 - s)
+                    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                    if forecast not in ("reuse", "taylor"):
                         assert not torch.equal(out, v_k)
     finally:
         h1.remove()

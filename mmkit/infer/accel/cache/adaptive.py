@@ -80,9 +80,10 @@ T_SCALE = 1000.0  # the model's timestep is sigma * 1000 (num_train_timesteps of
 # Per-signal defaults of the fields left None, chosen on the shapes Wan model at 50 steps (see
 # docs/acceleration.md, "Measured"): magnitude 0.008 on the sensitivity-weighted error, no limit on a
 # run of skips, steps above sigma 0.94 always run; first_block 0.005, above sigma 0.95.
-FORECASTS = ("reuse", "taylor", "noise")
+FORECASTS = ("reuse", "taylor", "noise", "noise_taylor")
+NOISE_SLOPE = 0.5  # the share of the predicted noise's last slope "noise_taylor" extrapolates (measured)
 DEFAULTS = {
-    "magnitude": {"threshold": 0.008, "max_skips": None, "sigma_max": 0.94},
+    "magnitude": {"threshold": 0.01, "max_skips": None, "sigma_max": 0.94},
     "first_block": {"threshold": 0.005, "max_skips": None, "sigma_max": 0.95},
 }
 CALIBRATION_VERSION = 3  # sigma-indexed curves with the relative-change rate and the sensitivity probes
@@ -140,9 +141,9 @@ class AdaptiveCacheConfig:
             raise ValueError(
                 f"adaptive_cache.forecast={self.forecast!r}: choose one of {FORECASTS} (or null)"
             )
-        if self.forecast == "noise" and self.signal != "magnitude":
+        if self.forecast in ("noise", "noise_taylor") and self.signal != "magnitude":
             raise ValueError(
-                "adaptive_cache.forecast='noise' holds the model's predicted noise and needs "
+                f"adaptive_cache.forecast={self.forecast!r} forecasts the model's predicted noise and needs "
                 "signal='magnitude'; the first-block signal forecasts the blocks' residual ('reuse' or 'taylor')"
             )
         if self.max_skips == -1:
@@ -313,9 +314,13 @@ def _forecast(forecast: str, s: dict, x: torch.Tensor | None = None) -> torch.Te
     computed step's predicted noise at this step's input latents `x`."""
     R = s["R"]
     sigma, sigma_k = s["t"] / T_SCALE, s["t_R"] / T_SCALE
-    if forecast == "noise" and x is not None and 1.0 - sigma > 1e-3:
+    if forecast in ("noise", "noise_taylor") and x is not None and 1.0 - sigma > 1e-3:
         x, x_k = x[:, : R.shape[1]].to(R.dtype), s["x_R"]
         eps = x_k + (1.0 - sigma_k) * R  # the noise predicted at the last computed step
+        if forecast == "noise_taylor" and s.get("x_R_prev") is not None and s["t_R"] != s["t_R_prev"]:
+            sigma_j = s["t_R_prev"] / T_SCALE
+            eps_j = s["x_R_prev"] + (1.0 - sigma_j) * s["R_prev"]  # ... and at the one before
+            eps = eps + NOISE_SLOPE * (eps - eps_j) / (sigma_k - sigma_j) * (sigma - sigma_k)
         return (eps - x) / (1.0 - sigma)
     if forecast == "taylor" and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
         slope = (R - s["R_prev"]) / (s["t_R"] - s["t_R_prev"])
@@ -350,11 +355,12 @@ class _OutputHook(ModelHook):
         stats.blocks_run += self.n
         out = self.call_inner(*args, **kwargs)
         _store(s, out)
-        if self.forecast == "noise":
+        if self.forecast in ("noise", "noise_taylor"):
             if x is None:
                 raise ValueError(
                     "adaptive_cache.forecast='noise': the model call gave no latents (first argument)"
                 )
+            s["x_R_prev"] = s.get("x_R")
             s["x_R"] = x[:, : out.shape[1]].to(out.dtype)
         return out
 
@@ -406,14 +412,14 @@ def apply_adaptive_cache(
     if cfg.signal == "first_block" and len(blocks) < 2:
         raise ValueError("adaptive_cache.signal='first_block' needs a model with at least 2 blocks")
     flow = getattr(transformer, "_prediction", None) == "flow"
-    if cfg.forecast == "noise" and not flow:
+    if cfg.forecast in ("noise", "noise_taylor") and not flow:
         raise ValueError(
-            f"adaptive_cache.forecast='noise' needs a model that predicts the flow velocity "
+            f"adaptive_cache.forecast={cfg.forecast!r} needs a model that predicts the flow velocity "
             f"(`_prediction = 'flow'`); {type(transformer).__name__} does not declare it: use 'reuse' or 'taylor'"
         )
     counter = step_counter(transformer)
     if cfg.signal == "magnitude":
-        forecast = cfg.forecast or ("noise" if flow else "reuse")
+        forecast = cfg.forecast or ("noise_taylor" if flow else "reuse")
         register(transformer, _OutputHook(counter, cfg, len(blocks), forecast, recorder), HOOK)
         return
     for i, block in enumerate(blocks):
