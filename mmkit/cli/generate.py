@@ -61,7 +61,7 @@ def add_arguments(p) -> None:
         "--cache-config", help="cache JSON ({'method': ..., fields}; `mmkit accel search` writes one)"
     )
     c.add_argument(
-        "--cache-threshold", type=float, help="adaptive threshold (0.008 calibrated; 0.005 uncalibrated)"
+        "--cache-threshold", type=float, help="adaptive threshold (0.01 calibrated; 0.005 uncalibrated)"
     )
     c.add_argument("--cache-calibration", help="adaptive cache calibration JSON (`mmkit accel calibrate`)")
     c.add_argument(
