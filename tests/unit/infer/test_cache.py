@@ -446,10 +446,10 @@ def test_max_skips_counts_steps_of_a_50_step_schedule(steps, limit, made_at):
 
 def test_transfer_note_names_the_calibration_step_count():
     calib = constant_calibration(1.0)
-    assert transfer_note(calib, 50) is None and transfer_note(calib, 20) is None
-    note = transfer_note(calib, 10)
-    assert "50 steps" in note and "--steps 10" in note and "accel calibrate --steps 10" in note
-    assert "from 20 to 50 steps" in transfer_note(calib, 8)
+    assert transfer_note(calib, 50) is None and transfer_note(calib, 30) is None
+    note = transfer_note(calib, 20)
+    assert "50 steps" in note and "--steps 20" in note and "--cache-threshold" in note
+    assert "from 30 to 50 steps" in transfer_note(calib, 8)
 
 
 def test_cfg_cache_reuses_the_uncond_delta_on_scheduled_steps(model, uncached):

@@ -24,8 +24,8 @@ and MagCache reset their accumulators). Two signals give the drift:
 `weight(sigma)` is the calibration's sensitivity curve (`probe_sensitivity`, 1 without one): one
 generation per probed step that skips that step alone, its final latents' change divided by the
 error the signal estimates for that skip. On the shapes Wan model a skip above sigma 0.9 changes the
-final latents 3.5-7x more than the median step at the same estimated error, and one at the last step
-2.4x more; without the weight the cache skipped there as readily as in the middle.
+final latents 3.5-8.7x more than the median step at the same estimated error, and one at the last step
+3x more; without the weight the cache skipped there as readily as in the middle.
 
 Why one calibration and threshold serve 20, 30 and 50 steps: the drift and the error are sums of
 (change per unit of sigma) x (sigma moved), so they measure sigma, not steps; the curves are indexed
@@ -106,8 +106,8 @@ class AdaptiveCacheConfig:
     from `calibrate_adaptive`). None fields take the signal's `DEFAULTS`.
 
     With a 50-step calibration (12 sensitivity probes) on the retrained shapes Wan asset, the defaults
-    skipped 62% of the block evaluations at 50 steps (2.51x on the denoise loop) at 36.3 dB mean PSNR
-    against the uncached video, worst of 8 prompts 27.7 dB (docs/acceleration.md, "Measured").
+    skipped 64% of the block evaluations at 50 steps (2.58x on the denoise loop) at 37.9 dB mean PSNR
+    against the uncached video, worst of 8 prompts 31.0 dB (docs/acceleration.md, "Measured").
     Example: `AdaptiveCacheConfig(calibration="calib.json")`, `AdaptiveCacheConfig(0.005, max_skips=3)`.
     """
 
@@ -489,9 +489,10 @@ def fit_calibration(recorder: dict, steps: int) -> dict:
 
 
 # step counts / calibration step count measured to keep the quality (shapes model, 8 prompts, the
-# defaults with a 50-step calibration and its sensitivity probes: 30 steps 35.1 dB mean, worst 28.9;
-# 20 steps 36.0, worst 29.9, against the uncached run of the same step count)
-TRANSFER_MEASURED = (0.4, 1.0)
+# defaults with a 50-step calibration and its sensitivity probes, against the uncached run of the same
+# step count: 30 steps 35.1 dB mean, worst 28.9; 20 steps 33.9, worst 21.2, where threshold 0.007
+# kept 36.5, worst 28.9, and a 20-step calibration 35.5, worst 28.6)
+TRANSFER_MEASURED = (0.6, 1.0)
 
 
 def transfer_note(calibration: dict, steps: int) -> str | None:
@@ -507,7 +508,8 @@ def transfer_note(calibration: dict, steps: int) -> str | None:
     return (
         f"warning: the cache calibration was made at {made_at} steps and this run has --steps {steps}; "
         f"its quality was measured from {round(lo * made_at)} to {made_at} steps only: check the quality "
-        f"against an uncached run, or recalibrate at this step count (mmkit accel calibrate --steps {steps})"
+        f"against an uncached run; fewer steps may need a lower --cache-threshold or a calibration at this step "
+        f"count (on the shapes model at 20 steps: threshold 0.007, or mmkit accel calibrate --steps {steps})"
     )
 
 
@@ -562,7 +564,7 @@ def probe_sensitivity(
     the uncached run's, divided by the error the signal estimates for that one skip (the largest
     branch rate at sigma_k x d sigma_k^2); normalised to a median of 1. A skipped step's estimated
     error is multiplied by this weight at its sigma, so skips go where they change the video least:
-    on the shapes Wan model the steps above sigma 0.9 weigh 3.5-7x the median, the last one 2.4x.
+    on the shapes Wan model the steps above sigma 0.9 weigh 3.5-8.7x the median, the last one 3x.
 
     `reference` (the uncached run's final latents) and `outputs` (its model outputs by (branch, step),
     as `_Replay` records them) come from the calibration's recorded run; without them one uncached run
