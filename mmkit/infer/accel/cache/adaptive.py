@@ -327,13 +327,11 @@ def _forecast(forecast: str, s: dict, x: torch.Tensor | None = None) -> torch.Te
     R = s["R"]
     sigma, sigma_k = s["t"] / T_SCALE, s["t_R"] / T_SCALE
     if forecast in ("noise", "noise_taylor") and x is not None and 1.0 - sigma > 1e-3:
-        x, x_k = x[:, : R.shape[1]].to(R.dtype), s["x_R"]
-        eps = x_k + (1.0 - sigma_k) * R  # the noise predicted at the last computed step
-        if forecast == "noise_taylor" and s.get("x_R_prev") is not None and s["t_R"] != s["t_R_prev"]:
-            sigma_j = s["t_R_prev"] / T_SCALE
-            eps_j = s["x_R_prev"] + (1.0 - sigma_j) * s["R_prev"]  # ... and at the one before
-            eps = eps + NOISE_SLOPE * (eps - eps_j) / (sigma_k - sigma_j) * (sigma - sigma_k)
-        return (eps - x) / (1.0 - sigma)
+        eps = s["eps"]  # the noise predicted at the last computed step
+        if forecast == "noise_taylor" and s.get("eps_prev") is not None and s["t_R"] != s["t_R_prev"]:
+            sigma_j = s["t_R_prev"] / T_SCALE  # ... and at the one before
+            eps = eps + NOISE_SLOPE * (eps - s["eps_prev"]) / (sigma_k - sigma_j) * (sigma - sigma_k)
+        return (eps - x[:, : R.shape[1]].to(R.dtype)) / (1.0 - sigma)
     if forecast == "taylor" and s.get("R_prev") is not None and s["t_R"] != s["t_R_prev"]:
         slope = (R - s["R_prev"]) / (s["t_R"] - s["t_R_prev"])
         return R + slope * (s["t"] - s["t_R"])
@@ -371,10 +369,13 @@ class _OutputHook(ModelHook):
         if self.forecast in ("noise", "noise_taylor"):
             if x is None:
                 raise ValueError(
-                    "adaptive_cache.forecast='noise': the model call gave no latents (first argument)"
+                    f"adaptive_cache.forecast={self.forecast!r}: the model call gave no latents (first argument)"
                 )
-            s["x_R_prev"] = s.get("x_R")
-            s["x_R"] = x[:, : out.shape[1]].to(out.dtype)
+            # the predicted noise eps_k = x_k + (1 - sigma_k) v_k, once per computed step
+            s["eps_prev"], s["eps"] = (
+                s.get("eps"),
+                x[:, : out.shape[1]].to(out.dtype) + (1.0 - s["t"] / T_SCALE) * out,
+            )
         return out
 
 
